@@ -1,0 +1,202 @@
+"""Camera conventions and the conversions between them (numpy, batched).
+
+LightningFT keeps every camera in the **OpenCV** convention: a point X in
+FLAME model space (meters) maps to camera space by ``x = R @ X + t`` with
+camera axes x right, y down, z forward (into the scene), and projects to
+pixels as ``(fx * x/z + cx, fy * y/z + cy)``. ``R [...,3,3]`` and
+``t [...,3]`` are world-to-camera ("extrinsics", w2c).
+
+The consumers of our exports use two other conventions:
+
+- **OpenGL / NeRF** (Blender, instant-ngp, nerface, VHAP/GaussianAvatars
+  ``transforms.json``): camera axes x right, y up, z backward (the camera looks
+  along -z). ``transform_matrix`` is the 4x4 *camera-to-world* (c2w) matrix.
+  The camera axes differ from OpenCV's by ``diag(1, -1, -1)``.
+- **PyTorch3D** (``PerspectiveCameras``; metrical-tracker, lightning_track):
+  camera axes x left, y up, z forward (``diag(-1, -1, 1)`` from OpenCV), and
+  points are *row vectors*: ``X_view = X_world @ R + T``. So the stored ``R``
+  is the transpose of the column-vector rotation. Intrinsics may be in NDC
+  units: with ``s = min(H, W) / 2``, ``focal_ndc = focal_px / s`` and
+  ``principal_ndc = -(principal_px - (W/2, H/2)) / s`` (the sign because NDC
+  +x points left and +y up). These are the formulas of PyTorch3D's
+  ``opencv_from_cameras_projection`` / ``cameras_from_opencv_projection``
+  (pytorch3d/renderer/camera_conversions.py), inverted here.
+
+Rotations in PyTorch3D's 6D representation (``matrix_to_rotation_6d``) are
+the first two *rows* of the matrix, flattened; decoding runs Gram-Schmidt on
+them (Zhou et al. 2019).
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import numpy as np
+
+# Axis flips between camera conventions; each is its own inverse.
+OPENCV_TO_OPENGL = np.diag([1.0, -1.0, -1.0])
+OPENCV_TO_PYTORCH3D = np.diag([-1.0, -1.0, 1.0])
+
+
+# ----------------------------------------------------------------------------
+# Rigid transforms
+
+
+def rigid_matrix(R: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """4x4 matrices [...,4,4] from rotations R [...,3,3] and translations t [...,3]."""
+    R = np.asarray(R, dtype=np.float64)
+    t = np.asarray(t, dtype=np.float64)
+    M = np.zeros(R.shape[:-2] + (4, 4))
+    M[..., :3, :3] = R
+    M[..., :3, 3] = t
+    M[..., 3, 3] = 1.0
+    return M
+
+
+def invert_rigid(M: np.ndarray) -> np.ndarray:
+    """Inverse [...,4,4] of rigid 4x4 matrices [...,4,4] (rotation + translation)."""
+    M = np.asarray(M, dtype=np.float64)
+    Rt = np.swapaxes(M[..., :3, :3], -1, -2)
+    return rigid_matrix(Rt, -np.einsum("...ij,...j->...i", Rt, M[..., :3, 3]))
+
+
+def opencv_to_opengl_c2w(R: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """OpenGL camera-to-world [...,4,4] from OpenCV world-to-camera R [...,3,3], t [...,3].
+
+    The NeRF ``transform_matrix``: its columns are the camera's x (right),
+    y (up) and z (backward) axes and its position, in world coordinates.
+    """
+    c2w_cv = invert_rigid(rigid_matrix(R, t))
+    flip = np.eye(4)
+    flip[:3, :3] = OPENCV_TO_OPENGL
+    return c2w_cv @ flip
+
+
+def opengl_c2w_to_opencv(c2w: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """OpenCV world-to-camera (R [...,3,3], t [...,3]) from OpenGL camera-to-world [...,4,4]."""
+    c2w_cv = np.array(c2w, dtype=np.float64)
+    c2w_cv[..., :3, :3] = c2w_cv[..., :3, :3] @ OPENCV_TO_OPENGL
+    w2c = invert_rigid(c2w_cv)
+    return w2c[..., :3, :3], w2c[..., :3, 3]
+
+
+def opencv_to_pytorch3d(R: np.ndarray, t: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """PyTorch3D (R [...,3,3], T [...,3]) from OpenCV world-to-camera R, t.
+
+    PyTorch3D maps row vectors, ``X_view = X @ R_p3d + T_p3d``, into axes
+    (left, up, forward): ``R_p3d = R^T diag(-1,-1,1)``, ``T_p3d = diag(-1,-1,1) t``.
+    """
+    R = np.asarray(R, dtype=np.float64)
+    t = np.asarray(t, dtype=np.float64)
+    return np.swapaxes(R, -1, -2) @ OPENCV_TO_PYTORCH3D, t @ OPENCV_TO_PYTORCH3D
+
+
+def pytorch3d_to_opencv(R_p3d: np.ndarray, T_p3d: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """OpenCV world-to-camera (R [...,3,3], t [...,3]) from PyTorch3D R, T."""
+    R_p3d = np.asarray(R_p3d, dtype=np.float64)
+    T_p3d = np.asarray(T_p3d, dtype=np.float64)
+    return OPENCV_TO_PYTORCH3D @ np.swapaxes(R_p3d, -1, -2), T_p3d @ OPENCV_TO_PYTORCH3D
+
+
+# ----------------------------------------------------------------------------
+# Intrinsics
+
+
+def intrinsic_matrix(focal_px: np.ndarray, principal_px: np.ndarray) -> np.ndarray:
+    """K [...,3,3] from focal lengths [...,2] (fx, fy) and principal points [...,2] (cx, cy), pixels."""
+    f = np.asarray(focal_px, dtype=np.float64)
+    p = np.asarray(principal_px, dtype=np.float64)
+    K = np.zeros(np.broadcast_shapes(f.shape, p.shape)[:-1] + (3, 3))
+    K[..., 0, 0], K[..., 1, 1] = f[..., 0], f[..., 1]
+    K[..., 0, 2], K[..., 1, 2] = p[..., 0], p[..., 1]
+    K[..., 2, 2] = 1.0
+    return K
+
+
+def pixel_to_ndc_intrinsics(
+    focal_px: np.ndarray, principal_px: np.ndarray, image_size_hw: np.ndarray
+) -> Tuple[np.ndarray, np.ndarray]:
+    """PyTorch3D NDC (focal [...,2], principal point [...,2]) from pixel intrinsics.
+
+    image_size_hw [...,2] is (H, W) in pixels; NDC units are half the shorter
+    image side, and NDC +x/+y point left/up.
+    """
+    hw = np.asarray(image_size_hw, dtype=np.float64)
+    wh = hw[..., ::-1]
+    scale = hw.min(axis=-1, keepdims=True) / 2.0
+    focal_ndc = np.asarray(focal_px, dtype=np.float64) / scale
+    principal_ndc = -(np.asarray(principal_px, dtype=np.float64) - wh / 2.0) / scale
+    return focal_ndc, principal_ndc
+
+
+def ndc_to_pixel_intrinsics(
+    focal_ndc: np.ndarray, principal_ndc: np.ndarray, image_size_hw: np.ndarray
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Pixel (focal [...,2], principal point [...,2]) from PyTorch3D NDC intrinsics."""
+    hw = np.asarray(image_size_hw, dtype=np.float64)
+    wh = hw[..., ::-1]
+    scale = hw.min(axis=-1, keepdims=True) / 2.0
+    focal_px = np.asarray(focal_ndc, dtype=np.float64) * scale
+    principal_px = -np.asarray(principal_ndc, dtype=np.float64) * scale + wh / 2.0
+    return focal_px, principal_px
+
+
+def focal_to_fov(focal_px: np.ndarray, size_px: np.ndarray) -> np.ndarray:
+    """Full field of view (radians) along an image side of size_px pixels."""
+    return 2.0 * np.arctan(np.asarray(size_px, dtype=np.float64) / (2.0 * np.asarray(focal_px, dtype=np.float64)))
+
+
+def fov_to_focal(fov_rad: np.ndarray, size_px: np.ndarray) -> np.ndarray:
+    """Focal length (pixels) from the full field of view along a side of size_px pixels."""
+    return np.asarray(size_px, dtype=np.float64) / (2.0 * np.tan(np.asarray(fov_rad, dtype=np.float64) / 2.0))
+
+
+# ----------------------------------------------------------------------------
+# Projection and rotation representations
+
+
+def project_opencv(points: np.ndarray, R: np.ndarray, t: np.ndarray, K: np.ndarray) -> np.ndarray:
+    """Pixels [...,N,2] of points [...,N,3] under OpenCV extrinsics R [...,3,3], t [...,3], K [...,3,3]."""
+    cam = np.einsum("...ij,...nj->...ni", R, points) + np.asarray(t)[..., None, :]
+    uvw = np.einsum("...ij,...nj->...ni", K, cam)
+    return uvw[..., :2] / uvw[..., 2:3]
+
+
+def matrix_to_rotation_6d(R: np.ndarray) -> np.ndarray:
+    """PyTorch3D 6D rotation [...,6]: the first two rows of R [...,3,3], flattened."""
+    R = np.asarray(R)
+    return R[..., :2, :].reshape(R.shape[:-2] + (6,))
+
+
+def rotation_6d_to_matrix(d6: np.ndarray) -> np.ndarray:
+    """Rotation matrices [...,3,3] from PyTorch3D 6D vectors [...,6] (Gram-Schmidt on rows)."""
+    d6 = np.asarray(d6, dtype=np.float64)
+    a1, a2 = d6[..., :3], d6[..., 3:]
+    b1 = a1 / np.linalg.norm(a1, axis=-1, keepdims=True)
+    b2 = a2 - (b1 * a2).sum(-1, keepdims=True) * b1
+    b2 = b2 / np.linalg.norm(b2, axis=-1, keepdims=True)
+    b3 = np.cross(b1, b2)
+    return np.stack([b1, b2, b3], axis=-2)
+
+
+def axis_angle_to_matrix(aa: np.ndarray) -> np.ndarray:
+    """Rotation matrices [...,3,3] from axis-angle vectors [...,3] (radians)."""
+    aa = np.asarray(aa, dtype=np.float64)
+    theta = np.linalg.norm(aa, axis=-1, keepdims=True)
+    safe = np.where(theta > 1e-12, theta, 1.0)
+    k = aa / safe
+    K = np.zeros(aa.shape[:-1] + (3, 3))
+    K[..., 0, 1], K[..., 0, 2] = -k[..., 2], k[..., 1]
+    K[..., 1, 0], K[..., 1, 2] = k[..., 2], -k[..., 0]
+    K[..., 2, 0], K[..., 2, 1] = -k[..., 1], k[..., 0]
+    s, c = np.sin(theta)[..., None], np.cos(theta)[..., None]
+    return np.eye(3) + s * K + (1 - c) * (K @ K)
+
+
+def matrix_to_axis_angle(R: np.ndarray) -> np.ndarray:
+    """Axis-angle vectors [...,3] (angle in [0, pi]) from rotation matrices [...,3,3]."""
+    from scipy.spatial.transform import Rotation
+
+    R = np.asarray(R, dtype=np.float64)
+    flat = Rotation.from_matrix(R.reshape(-1, 3, 3)).as_rotvec()
+    return flat.reshape(R.shape[:-2] + (3,))
