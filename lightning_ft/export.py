@@ -1,0 +1,730 @@
+"""Exports of a tracking result for avatar pipelines (see docs/formats.md).
+
+Every exporter reads the same `tracking.npz` + `meta.json` (OpenCV cameras,
+FLAME model space in meters) and converts cameras through
+`lightning_ft.cameras`. Formats:
+
+- ``vhap``: VHAP's `tracked_flame_params.npz` plus the NeRF-style dataset that
+  VHAP's `export_as_nerf_dataset.py` writes and GaussianAvatars trains on.
+- ``metrical``: metrical-tracker's `checkpoint/<00000>.frame` files (INSTA,
+  FlashAvatar).
+- ``lightning``: the original LightningTrack's per-frame pickle (GPAvatar,
+  GAGAvatar), PyTorch3D camera, vertices scaled by 5.
+- ``nerface``: `transforms_{train,val,test}.json` with expressions.
+- ``mesh``: per-frame OBJ in OpenCV camera space and the neutral identity mesh.
+
+Each output folder gets `export_info.json` with the FLAME version and model
+hash, and the list of approximations made (e.g. a neck rotation folded into
+the camera for a format without a neck joint).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
+
+import numpy as np
+
+from . import cameras as cam
+from .errors import LightningFTError, UsageError
+
+log = logging.getLogger(__name__)
+
+FrameSource = Union[Callable[[int], np.ndarray], Sequence[np.ndarray], Iterable[np.ndarray]]
+
+
+class ResultFileError(UsageError):
+    """A tracking result folder is missing files or they are unreadable."""
+
+
+# ----------------------------------------------------------------------------
+# FLAME versions
+
+
+# Released files whose hash is known here; none can be downloaded on these
+# machines, so entries are added when someone checks a real file.
+KNOWN_FLAME_SHA256: Dict[str, str] = {}
+
+FLAME_VERSIONS = ("2020", "2023", "2023-open", "unknown")
+
+
+def normalize_flame_version(label: Optional[str]) -> str:
+    """One of FLAME_VERSIONS from a free-form label ('FLAME 2020', 'flame2023_open', ...)."""
+    if not label:
+        return "unknown"
+    s = str(label).lower().replace(" ", "").replace("_", "").replace("-", "")
+    if "2023" in s and "open" in s:
+        return "2023-open"
+    if "2023" in s:
+        return "2023"
+    if "2020" in s:
+        return "2020"
+    return "unknown"
+
+
+def detect_flame_version(model_data: Any, path: Optional[Path] = None) -> str:
+    """FLAME release ('2020', '2023', '2023-open' or 'unknown') of a model file.
+
+    model_data: the raw dict unpickled from the model file, or a
+    `flame.FlameModelData`. Signals, strongest first: an explicit version
+    entry in the file; the file's sha256 among KNOWN_FLAME_SHA256; the file
+    name as released ('flame2023.pkl', 'flame2023_no_jaw.pkl', 'FLAME2023 Open'
+    names, 'generic_model.pkl' for 2020). The arrays alone do not tell 2020
+    and 2023 apart: both have 5023 vertices, 300 shape + 100 expression
+    components, 5 joints and 36 pose correctives.
+    """
+    raw = model_data if isinstance(model_data, dict) else {}
+    for key in ("flame_version", "version"):
+        label = raw.get(key)
+        if isinstance(label, bytes):
+            label = label.decode("latin1")
+        if isinstance(label, str) and normalize_flame_version(label) != "unknown":
+            return normalize_flame_version(label)
+    sha = getattr(model_data, "sha256", None)
+    if sha and sha in KNOWN_FLAME_SHA256:
+        return KNOWN_FLAME_SHA256[sha]
+    path = Path(path) if path is not None else getattr(model_data, "path", None)
+    if path is not None:
+        name = Path(path).name.lower()
+        from_name = normalize_flame_version(name + " " + Path(path).parent.name.lower())
+        if from_name != "unknown":
+            return from_name
+        if name == "generic_model.pkl":
+            return "2020"
+    return "unknown"
+
+
+# ----------------------------------------------------------------------------
+# Reading a result folder
+
+
+TRACKING_KEYS = ("frame_ids", "valid", "shape", "expression", "jaw_pose", "neck_pose", "eye_pose",
+                 "rotation", "translation", "focal_length", "principal_point", "image_size",
+                 "crop_boxes", "lmk68", "lmk_dense", "fps")
+
+
+@dataclass
+class TrackingResult:
+    """A loaded tracking.npz + meta.json.
+
+    frame_ids [T] source frame index; valid [T] bool; shape [n_shape];
+    expression [T,n_exp]; jaw_pose, neck_pose [T,3] and eye_pose [T,6]
+    axis-angle radians; rotation [T,3,3], translation [T,3] (meters): FLAME
+    model space to OpenCV camera; focal_length [2] (fx, fy) and
+    principal_point [2] (cx, cy) in pixels of the crop of image_size [2]
+    (H, W); crop_boxes [T,4] source pixels; lmk68 [T,68,2], lmk_dense
+    [T,478,2] detected crop pixels; fps; texture [n_tex] and lighting
+    [T,9,3] or [9,3] when synthesis ran. meta: meta.json as a dict.
+    """
+
+    path: Path
+    arrays: Dict[str, np.ndarray]
+    meta: Dict[str, Any]
+
+    def __getattr__(self, name: str) -> Any:
+        arrays = self.__dict__.get("arrays", {})
+        if name in arrays:
+            return arrays[name]
+        raise AttributeError(name)
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.arrays["frame_ids"].shape[0])
+
+    @property
+    def height(self) -> int:
+        return int(self.arrays["image_size"][0])
+
+    @property
+    def width(self) -> int:
+        return int(self.arrays["image_size"][1])
+
+    @property
+    def flame_info(self) -> Dict[str, Any]:
+        return dict(self.meta.get("flame", {}))
+
+    @property
+    def flame_version(self) -> str:
+        return normalize_flame_version(self.flame_info.get("version"))
+
+    @property
+    def video_name(self) -> str:
+        video = self.meta.get("video", {})
+        return Path(video.get("path", "video")).stem or "video"
+
+
+def load_tracking(result_dir: Path) -> TrackingResult:
+    """Read RESULT_DIR/tracking.npz and RESULT_DIR/meta.json, checking keys and shapes."""
+    result_dir = Path(result_dir)
+    npz_path, meta_path = result_dir / "tracking.npz", result_dir / "meta.json"
+    if not npz_path.is_file():
+        raise ResultFileError(f"{npz_path}: not found; pass the folder that `lightning-ft track` wrote")
+    try:
+        with np.load(npz_path, allow_pickle=False) as d:
+            arrays = {k: d[k] for k in d.files}
+    except Exception as exc:  # zipfile/ValueError/OSError for truncated or foreign files
+        raise ResultFileError(f"{npz_path}: unreadable ({type(exc).__name__}: {exc}); re-run tracking") from None
+    missing = [k for k in TRACKING_KEYS if k not in arrays]
+    if missing:
+        raise ResultFileError(f"{npz_path}: missing keys {', '.join(missing)}; re-run tracking")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        raise ResultFileError(f"{meta_path}: not found; it is written beside tracking.npz by tracking") from None
+    except (OSError, ValueError) as exc:
+        raise ResultFileError(f"{meta_path}: not valid JSON ({exc}); re-run tracking") from None
+    T = arrays["frame_ids"].shape[0]
+    expected = {"valid": (T,), "jaw_pose": (T, 3), "neck_pose": (T, 3), "eye_pose": (T, 6),
+                "rotation": (T, 3, 3), "translation": (T, 3), "focal_length": (2,),
+                "principal_point": (2,), "image_size": (2,), "crop_boxes": (T, 4)}
+    for key, shp in expected.items():
+        if tuple(arrays[key].shape) != shp:
+            raise ResultFileError(f"{npz_path}: '{key}' has shape {arrays[key].shape}, expected {shp}")
+    if arrays["expression"].ndim != 2 or arrays["expression"].shape[0] != T or arrays["shape"].ndim != 1:
+        raise ResultFileError(f"{npz_path}: 'expression' must be [T,n_exp] and 'shape' [n_shape]")
+    arrays["valid"] = arrays["valid"].astype(bool)
+    return TrackingResult(path=result_dir, arrays=arrays, meta=meta)
+
+
+# ----------------------------------------------------------------------------
+# FLAME evaluation needed by the exporters
+
+
+@dataclass
+class FlameEvaluation:
+    """FLAME evaluated with zero global rotation, per tracking frame.
+
+    vertices [T,V,3] and landmarks in model space (meters); root [T,3] and
+    neck [T,3] joint positions at rest (they depend on shape and expression);
+    faces [F,3].
+    """
+
+    vertices: np.ndarray
+    root: np.ndarray
+    neck: np.ndarray
+    faces: np.ndarray
+    neutral_vertices: np.ndarray
+
+
+def load_flame_for(result: TrackingResult):
+    """Build `flame.FLAME` from the paths recorded in meta.json ('flame' entry)."""
+    from .flame import FLAME
+
+    info = result.flame_info
+    model_path = info.get("model_path")
+    if not model_path:
+        raise ResultFileError(f"{result.path / 'meta.json'}: no flame.model_path; pass the FLAME model explicitly")
+    folder = Path(model_path).parent
+    lmk = Path(info.get("landmark_embedding_path", folder / "landmark_embedding.npy"))
+    mp = Path(info.get("mediapipe_embedding_path", folder / "mediapipe_landmark_embedding.npz"))
+    return FLAME(Path(model_path), lmk, mp, n_shape=int(info.get("n_shape", result.shape.shape[0])),
+                 n_exp=int(info.get("n_exp", result.expression.shape[1])), dtype=_torch().float64)
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def evaluate_flame(result: TrackingResult, flame) -> FlameEvaluation:
+    """Evaluate `flame` on every frame with zero global rotation (batched, float64)."""
+    torch = _torch()
+    info = result.flame_info
+    if info.get("sha256") and getattr(flame, "sha256", None) and flame.sha256 != info["sha256"]:
+        raise UsageError(
+            f"{result.path / 'meta.json'}: tracked with FLAME sha256 {info['sha256'][:12]}..., but the model "
+            f"given for export ({getattr(flame.data, 'path', '?')}) has {flame.sha256[:12]}...; use the same file"
+        )
+    dtype = flame.v_template.dtype
+    T = result.n_frames
+    t = lambda a: torch.as_tensor(np.asarray(a), dtype=dtype)  # noqa: E731
+    shape = t(result.shape)[None].expand(T, -1)
+    with torch.no_grad():
+        out = flame(shape=shape, expression=t(result.expression), jaw_pose=t(result.jaw_pose),
+                    neck_pose=t(result.neck_pose), eye_pose=t(result.eye_pose))
+        neutral = flame(shape=shape[:1])
+    return FlameEvaluation(
+        vertices=out.vertices.double().numpy(), root=out.joints[:, 0].double().numpy(),
+        neck=out.joints[:, 1].double().numpy(), faces=flame.faces.numpy().astype(np.int64),
+        neutral_vertices=neutral.vertices[0].double().numpy(),
+    )
+
+
+# ----------------------------------------------------------------------------
+# Atomic file writing
+
+
+def _atomic_write(path: Path, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _write_json(path: Path, obj: Any) -> Path:
+    return _atomic_write(path, json.dumps(obj, indent=2).encode())
+
+
+def _write_npz(path: Path, **arrays: np.ndarray) -> Path:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return _atomic_write(path, buf.getvalue())
+
+
+def _write_image(path: Path, rgb: np.ndarray, size_wh: Optional[tuple] = None) -> Path:
+    from PIL import Image
+
+    img = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8))
+    if size_wh is not None and img.size != tuple(size_wh):
+        img = img.resize(tuple(size_wh), Image.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG" if path.suffix.lower() == ".png" else "JPEG", quality=95)
+    return _atomic_write(path, buf.getvalue())
+
+
+def _obj_text(vertices: np.ndarray, faces: np.ndarray) -> str:
+    lines = [f"v {x:.8f} {y:.8f} {z:.8f}" for x, y, z in vertices]
+    lines += [f"f {a + 1} {b + 1} {c + 1}" for a, b, c in faces]
+    return "\n".join(lines) + "\n"
+
+
+class _Frames:
+    """Random access to the crop images [H,W,3] uint8 RGB, or none at all."""
+
+    def __init__(self, source: Optional[FrameSource], n_frames: int):
+        self.n = n_frames
+        if source is None or callable(source):
+            self.get = source
+        else:
+            frames = list(source)
+            if len(frames) != n_frames:
+                raise UsageError(f"export: got {len(frames)} frame images for {n_frames} tracked frames")
+            self.get = frames.__getitem__
+
+    @property
+    def available(self) -> bool:
+        return self.get is not None
+
+    def __call__(self, i: int) -> np.ndarray:
+        img = np.asarray(self.get(i))
+        if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+            raise UsageError(f"export: frame {i} is {img.shape} {img.dtype}, expected [H,W,3] uint8 RGB")
+        return img
+
+
+# ----------------------------------------------------------------------------
+# Shared conversions
+
+
+def _pad(a: np.ndarray, n: int, what: str, fmt: str) -> np.ndarray:
+    """Zero-pad the last axis to n components (exact: extra components are 0)."""
+    if a.shape[-1] > n:
+        raise UsageError(f"export {fmt}: tracking has {a.shape[-1]} {what} components, the format holds {n}; "
+                         f"track with at most {n}")
+    return np.concatenate([a, np.zeros(a.shape[:-1] + (n - a.shape[-1],), a.dtype)], axis=-1)
+
+
+def _fold_neck(result: TrackingResult, flame_eval: FlameEvaluation, notes: List[str], fmt: str):
+    """Extrinsics (R [T,3,3], t [T,3]) with the neck rotation folded in, for formats without a neck.
+
+    The head turns about the neck joint: x = R (R_n (X - J_n) + J_n) + t.
+    Exact for vertices skinned only to the neck's subtree; the neck's
+    pose-corrective offsets are lost, so a non-zero neck is recorded.
+    """
+    R, t = result.rotation.astype(np.float64), result.translation.astype(np.float64)
+    neck_angle = np.linalg.norm(result.neck_pose, axis=-1)
+    if not np.any(neck_angle > 1e-8):
+        return R, t
+    Rn = cam.axis_angle_to_matrix(result.neck_pose)
+    J = flame_eval.neck
+    R_new = R @ Rn
+    t_new = t + np.einsum("tij,tj->ti", R, J - np.einsum("tij,tj->ti", Rn, J))
+    msg = (f"{fmt}: the format has no neck joint; neck rotation (up to {np.degrees(neck_angle.max()):.2f} deg) "
+           "was folded into the camera about the neck joint (neck pose correctives dropped)")
+    log.warning(msg)
+    notes.append(msg)
+    return R_new, t_new
+
+
+def _record_dropped(values: np.ndarray, what: str, fmt: str, notes: List[str]) -> None:
+    mag = float(np.abs(values).max()) if values.size else 0.0
+    if mag > 1e-8:
+        msg = f"{fmt}: the format has no {what}; dropped (max |value| {mag:.4f})"
+        log.warning(msg)
+        notes.append(msg)
+
+
+def _require_images_note(frames: _Frames, fmt: str, notes: List[str]) -> None:
+    if not frames.available:
+        msg = f"{fmt}: no frame images were given; image files were not written"
+        log.warning(msg)
+        notes.append(msg)
+
+
+def _valid_indices(result: TrackingResult, notes: List[str], fmt: str) -> np.ndarray:
+    idx = np.flatnonzero(result.valid)
+    if len(idx) < result.n_frames:
+        notes.append(f"{fmt}: {result.n_frames - len(idx)} frames without a valid fit were left out")
+    if len(idx) == 0:
+        raise UsageError(f"{result.path / 'tracking.npz'}: no valid frames to export")
+    return idx
+
+
+# ----------------------------------------------------------------------------
+# vhap (VHAP -> GaussianAvatars)
+
+
+VHAP_N_SHAPE, VHAP_N_EXPR = 300, 100
+
+
+def export_vhap(result: TrackingResult, out_dir: Path, flame_eval: FlameEvaluation, frames: _Frames,
+                notes: List[str]) -> List[Path]:
+    """VHAP's tracked_flame_params.npz and the NeRF dataset of export_as_nerf_dataset.py.
+
+    World frame: the OpenGL camera frame shifted so the mean head translation
+    is at the origin (as VHAP relocates FLAME); the camera is static with
+    transform_matrix = [[I, -mean], [0, 1]]. FLAME rotation is applied by LBS
+    about the root joint J0, so translation = t_gl + R_gl J0 - J0 - mean.
+    """
+    out_dir = Path(out_dir)
+    idx = _valid_indices(result, notes, "vhap")
+    H, W = result.height, result.width
+    fx, fy = (float(v) for v in result.focal_length)
+    cx, cy = (float(v) for v in result.principal_point)
+    R_gl = cam.OPENCV_TO_OPENGL @ result.rotation[idx].astype(np.float64)
+    t_gl = result.translation[idx].astype(np.float64) @ cam.OPENCV_TO_OPENGL
+    J0 = flame_eval.root[idx]
+    trans = t_gl + np.einsum("tij,tj->ti", R_gl, J0) - J0
+    mean = trans.mean(axis=0)
+    trans = trans - mean
+    rotation = cam.matrix_to_axis_angle(R_gl)
+    shape = _pad(result.shape.astype(np.float32), VHAP_N_SHAPE, "shape", "vhap")
+    expr = _pad(result.expression[idx].astype(np.float32), VHAP_N_EXPR, "expression", "vhap")
+    params = {
+        "rotation": rotation.astype(np.float32), "translation": trans.astype(np.float32),
+        "neck_pose": result.neck_pose[idx].astype(np.float32), "jaw_pose": result.jaw_pose[idx].astype(np.float32),
+        "eyes_pose": result.eye_pose[idx].astype(np.float32), "shape": shape, "expr": expr,
+    }
+    written = [_write_npz(out_dir / "tracked_flame_params.npz", **params,
+                          timestep_id=np.array([f"{int(f):05d}" for f in result.frame_ids[idx]]),
+                          n_processed_frames=np.array(len(idx)),
+                          # VHAP stores focal length divided by max(H, W).
+                          focal_length=np.array([fx / max(H, W)], dtype=np.float32))]
+    c2w = np.eye(4)
+    c2w[:3, 3] = -mean
+    intr = {"cx": cx, "cy": cy, "fl_x": fx, "fl_y": fy, "h": H, "w": W,
+            "camera_angle_x": float(cam.focal_to_fov(fx, W)), "camera_angle_y": float(cam.focal_to_fov(fy, H))}
+    _require_images_note(frames, "vhap", notes)
+    frame_items = []
+    for ti, i in enumerate(idx):
+        item = {"timestep_index": ti, "timestep_index_original": int(i),
+                "timestep_id": f"{int(result.frame_ids[i]):05d}", "camera_index": 0, "camera_id": "0",
+                **intr, "transform_matrix": c2w.tolist(),
+                "file_path": f"images/{ti:05d}_00.png", "flame_param_path": f"flame_param/{ti:05d}.npz"}
+        frame_items.append(item)
+        written.append(_write_npz(out_dir / item["flame_param_path"],
+                                  **{k: (v if k == "shape" else v[[ti]]) for k, v in params.items()}))
+        if frames.available:
+            written.append(_write_image(out_dir / item["file_path"], frames(int(i))))
+    canonical = {"translation": np.zeros((1, 3), np.float32), "rotation": np.zeros((1, 3), np.float32),
+                 "neck_pose": np.zeros((1, 3), np.float32), "jaw_pose": np.array([[0.3, 0, 0]], np.float32),
+                 "eyes_pose": np.zeros((1, 6), np.float32), "shape": shape,
+                 "expr": np.zeros((1, VHAP_N_EXPR), np.float32)}
+    written.append(_write_npz(out_dir / "canonical_flame_param.npz", **canonical))
+    db = {"frames": frame_items, **intr, "timestep_indices": list(range(len(idx))), "camera_indices": [0]}
+    written.append(_write_json(out_dir / "transforms.json", db))
+    # VHAP's split: the first 70% of timesteps train, the rest test; one
+    # camera, so an empty validation set.
+    n_train = int(np.ceil(len(idx) * 0.7))
+    base = {k: v for k, v in db.items() if k not in ("frames", "timestep_indices", "camera_indices")}
+    splits = {"train": (frame_items[:n_train], list(range(n_train)), [0]),
+              "val": ([], list(range(n_train)), []),
+              "test": (frame_items[n_train:], list(range(n_train, len(idx))), [0])}
+    for name, (items, ts, cams) in splits.items():
+        written.append(_write_json(out_dir / f"transforms_{name}.json",
+                                   {**base, "frames": items, "timestep_indices": ts, "camera_indices": cams}))
+    return written
+
+
+# ----------------------------------------------------------------------------
+# metrical (metrical-tracker -> INSTA, FlashAvatar)
+
+
+METRICAL_N_SHAPE, METRICAL_N_EXP, METRICAL_N_TEX = 300, 100, 140
+
+
+def export_metrical(result: TrackingResult, out_dir: Path, flame_eval: FlameEvaluation, frames: _Frames,
+                    notes: List[str]) -> List[Path]:
+    """checkpoint/<00000>.frame files (torch.save of a dict of numpy arrays) and input/<00000>.png.
+
+    World = FLAME model space with identity global and neck rotation; the
+    camera carries the head pose: PyTorch3D R (6D), T and NDC focal /
+    principal point, plus the same camera in OpenCV form (R, t, K).
+    """
+    torch = _torch()
+    out_dir = Path(out_dir)
+    idx = _valid_indices(result, notes, "metrical")
+    R, t = _fold_neck(result, flame_eval, notes, "metrical")
+    H, W = result.height, result.width
+    focal_ndc, pp_ndc = cam.pixel_to_ndc_intrinsics(result.focal_length, result.principal_point, [H, W])
+    fl = focal_ndc[:1] if np.isclose(focal_ndc[0], focal_ndc[1], rtol=0, atol=1e-12) else focal_ndc
+    K = cam.intrinsic_matrix(result.focal_length, result.principal_point)
+    shape = _pad(result.shape.astype(np.float32)[None], METRICAL_N_SHAPE, "shape", "metrical")
+    exp = _pad(result.expression.astype(np.float32), METRICAL_N_EXP, "expression", "metrical")
+    tex_src = result.arrays.get("texture")
+    tex = np.zeros((1, METRICAL_N_TEX), np.float32)
+    if tex_src is not None:
+        notes.append("metrical: texture coefficients are LightningFT's texture space, not metrical-tracker's BFM albedo")
+        tex[0, :min(METRICAL_N_TEX, tex_src.shape[-1])] = tex_src[:METRICAL_N_TEX]
+    light = result.arrays.get("lighting")
+    eye6 = cam.matrix_to_rotation_6d(cam.axis_angle_to_matrix(result.eye_pose.reshape(-1, 2, 3))).reshape(-1, 12)
+    jaw6 = cam.matrix_to_rotation_6d(cam.axis_angle_to_matrix(result.jaw_pose))
+    R_p3d, T_p3d = cam.opencv_to_pytorch3d(R, t)
+    _require_images_note(frames, "metrical", notes)
+    written = []
+    for n, i in enumerate(idx):
+        frame_id = f"{n:05d}"
+        sh = np.zeros((1, 9, 3), np.float32)
+        if light is not None:
+            sh[0] = light[i] if light.ndim == 3 else light
+        payload = {
+            "flame": {"exp": exp[[i]], "shape": shape, "tex": tex, "sh": sh,
+                      "eyes": eye6[[i]].astype(np.float32), "eyelids": np.zeros((1, 2), np.float32),
+                      "jaw": jaw6[[i]].astype(np.float32)},
+            "camera": {"R": cam.matrix_to_rotation_6d(R_p3d[[i]]).astype(np.float32),
+                       "t": T_p3d[[i]].astype(np.float32), "fl": fl[None].astype(np.float32),
+                       "pp": pp_ndc[None].astype(np.float32)},
+            "opencv": {"R": R[[i]].astype(np.float32), "t": t[[i]].astype(np.float32),
+                       "K": K[None].astype(np.float32)},
+            "img_size": np.array([H, W], dtype=np.int64),
+            "frame_id": frame_id,
+            "global_step": 0,
+        }
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        written.append(_atomic_write(out_dir / "checkpoint" / f"{frame_id}.frame", buf.getvalue()))
+        if frames.available:
+            written.append(_write_image(out_dir / "input" / f"{frame_id}.png", frames(int(i))))
+    return written
+
+
+# ----------------------------------------------------------------------------
+# lightning (original LightningTrack -> GPAvatar, GAGAvatar)
+
+
+LIGHTNING_IMAGE_SIZE = 512
+LIGHTNING_VERTS_SCALE = 5.0
+LIGHTNING_N_SHAPE, LIGHTNING_N_EXP = 100, 50
+
+
+def export_lightning(result: TrackingResult, out_dir: Path, flame_eval: FlameEvaluation, frames: _Frames,
+                     notes: List[str]) -> List[Path]:
+    """lightning.pkl: {'<video>_<index>': {...}} as LightningTrack writes, plus calibration.json.
+
+    Per frame: bbox [4] float32 (x0, y0, x1, y1) as fractions of the image,
+    mica_shape / emoca_shape [100], emoca_expression [50], emoca_pose [6]
+    (global 0, jaw), transform_matrix [3,4] = [R | T] of PyTorch3D for
+    vertices scaled by 5. Images: images/<name>.png at 512x512.
+    """
+    H, W = result.height, result.width
+    if H != W:
+        raise UsageError(f"export lightning: LightningTrack uses square 512x512 frames; the crop is {W}x{H}")
+    out_dir = Path(out_dir)
+    idx = _valid_indices(result, notes, "lightning")
+    R, t = _fold_neck(result, flame_eval, notes, "lightning")
+    _record_dropped(result.eye_pose[idx], "eye rotation", "lightning", notes)
+    R_p3d, T_p3d = cam.opencv_to_pytorch3d(R, t * LIGHTNING_VERTS_SCALE)
+    transform = np.concatenate([R_p3d, T_p3d[..., None]], axis=-1).astype(np.float32)
+    # NDC intrinsics are unchanged by resizing the square crop to 512.
+    focal_ndc, pp_ndc = cam.pixel_to_ndc_intrinsics(result.focal_length, result.principal_point, [H, W])
+    shape = _pad(result.shape.astype(np.float32), LIGHTNING_N_SHAPE, "shape", "lightning")
+    expr = _pad(result.expression.astype(np.float32), LIGHTNING_N_EXP, "expression", "lightning")
+    _require_images_note(frames, "lightning", notes)
+    lmk = result.lmk68.astype(np.float64)
+    records, written = {}, []
+    for i in idx:
+        name = f"{result.video_name}_{int(result.frame_ids[i])}"
+        bbox = np.array([lmk[i, :, 0].min() / W, lmk[i, :, 1].min() / H,
+                         lmk[i, :, 0].max() / W, lmk[i, :, 1].max() / H], np.float32)
+        records[name] = {
+            "bbox": bbox, "mica_shape": shape.copy(), "emoca_shape": shape.copy(),
+            "emoca_expression": expr[i], "emoca_pose": np.concatenate([np.zeros(3, np.float32),
+                                                                       result.jaw_pose[i].astype(np.float32)]),
+            "transform_matrix": transform[i],
+        }
+        if frames.available:
+            written.append(_write_image(out_dir / "images" / f"{name}.png", frames(int(i)),
+                                        (LIGHTNING_IMAGE_SIZE, LIGHTNING_IMAGE_SIZE)))
+    written.insert(0, _atomic_write(out_dir / "lightning.pkl", pickle.dumps(records, protocol=4)))
+    calibration = {"focal_length": [float(v) for v in focal_ndc], "principal_point": [float(v) for v in pp_ndc],
+                   "verts_scale": LIGHTNING_VERTS_SCALE, "image_size": LIGHTNING_IMAGE_SIZE,
+                   "note": "PyTorch3D PerspectiveCameras, NDC units, image_size 512x512"}
+    written.insert(1, _write_json(out_dir / "calibration.json", calibration))
+    return written
+
+
+# ----------------------------------------------------------------------------
+# nerface
+
+
+def _nerface_splits(n: int) -> Dict[str, np.ndarray]:
+    """Train on the first ~90% of frames, test on the rest; val repeats the test
+    frames (nerface's loader cannot read an empty split)."""
+    n_test = max(1, int(round(0.1 * n))) if n >= 2 else 0
+    order = np.arange(n)
+    test = order[n - n_test:] if n_test else order[-1:]
+    return {"train": order[: n - n_test] if n_test else order, "val": test, "test": test}
+
+
+def export_nerface(result: TrackingResult, out_dir: Path, flame_eval: FlameEvaluation, frames: _Frames,
+                   notes: List[str]) -> List[Path]:
+    """transforms_{train,val,test}.json: OpenGL camera-to-world per frame (head fixed at the
+    FLAME origin), expression = FLAME expression followed by jaw pose, global
+    intrinsics [fx, fy, cx, cy] in pixels; images <split>/f_<0000>.png."""
+    out_dir = Path(out_dir)
+    idx = _valid_indices(result, notes, "nerface")
+    R, t = _fold_neck(result, flame_eval, notes, "nerface")
+    _record_dropped(result.eye_pose[idx], "eye rotation", "nerface", notes)
+    c2w = cam.opencv_to_opengl_c2w(R, t)
+    fx, fy = (float(v) for v in result.focal_length)
+    cx, cy = (float(v) for v in result.principal_point)
+    expression = np.concatenate([result.expression, result.jaw_pose], axis=1).astype(np.float64)
+    _require_images_note(frames, "nerface", notes)
+    written = []
+    for split, members in _nerface_splits(len(idx)).items():
+        items = []
+        for k in members:
+            i = int(idx[k])
+            file_path = f"./{split}/f_{int(result.frame_ids[i]):04d}"
+            items.append({"file_path": file_path, "transform_matrix": c2w[i].tolist(),
+                          "expression": expression[i].tolist()})
+            if frames.available:
+                written.append(_write_image(out_dir / f"{file_path}.png", frames(i)))
+        meta = {"camera_angle_x": float(cam.focal_to_fov(fx, result.width)),
+                "intrinsics": [fx, fy, cx, cy], "frames": items}
+        written.append(_write_json(out_dir / f"transforms_{split}.json", meta))
+    notes.append(f"nerface: expression vectors have {expression.shape[1]} values "
+                 f"({result.expression.shape[1]} FLAME expression + 3 jaw); set the network's expression size")
+    return written
+
+
+# ----------------------------------------------------------------------------
+# mesh
+
+
+def export_mesh(result: TrackingResult, out_dir: Path, flame_eval: FlameEvaluation, frames: _Frames,
+                notes: List[str]) -> List[Path]:
+    """meshes/<00000>.obj per frame in OpenCV camera space (meters) and identity.obj,
+    the neutral identity mesh (shape only, zero expression and pose) in model space."""
+    out_dir = Path(out_dir)
+    idx = _valid_indices(result, notes, "mesh")
+    faces = flame_eval.faces
+    written = [_atomic_write(out_dir / "identity.obj", _obj_text(flame_eval.neutral_vertices, faces).encode())]
+    R, t = result.rotation.astype(np.float64), result.translation.astype(np.float64)
+    for i in idx:
+        verts = flame_eval.vertices[i] @ R[i].T + t[i]
+        written.append(_atomic_write(out_dir / "meshes" / f"{int(result.frame_ids[i]):05d}.obj",
+                                     _obj_text(verts, faces).encode()))
+    return written
+
+
+# ----------------------------------------------------------------------------
+# Registry and entry point
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """An export target: `writer(result, out_dir, flame_eval, frames, notes) -> files`.
+
+    expected_flame: the FLAME release the consumer's own FLAME code loads by
+    default, or None when the consumer never evaluates FLAME itself.
+    """
+
+    name: str
+    writer: Callable[..., List[Path]]
+    consumers: str
+    expected_flame: Optional[str]
+
+
+FORMATS: Dict[str, ExportFormat] = {
+    "vhap": ExportFormat("vhap", export_vhap, "GaussianAvatars (VHAP's NeRF dataset export)", "2023"),
+    "metrical": ExportFormat("metrical", export_metrical, "INSTA, FlashAvatar (metrical-tracker)", "2020"),
+    "lightning": ExportFormat("lightning", export_lightning, "GPAvatar, GAGAvatar (LightningTrack)", "2020"),
+    "nerface": ExportFormat("nerface", export_nerface, "NeRFace", None),
+    "mesh": ExportFormat("mesh", export_mesh, "any mesh tool (OBJ)", None),
+}
+
+
+def check_flame_version(result: TrackingResult, fmt: ExportFormat, allow_mismatch: bool,
+                        notes: List[str]) -> None:
+    """Refuse (UsageError) when the consumer evaluates a different FLAME release than the tracking used."""
+    if fmt.expected_flame is None:
+        return
+    have = result.flame_version
+    if have == "unknown":
+        msg = (f"{fmt.name}: the FLAME version of the tracking is not recorded; {fmt.consumers} expects "
+               f"FLAME {fmt.expected_flame}; check that you train with the same model file")
+        log.warning(msg)
+        notes.append(msg)
+        return
+    if have != fmt.expected_flame:
+        if not allow_mismatch:
+            raise UsageError(
+                f"{result.path / 'meta.json'}: tracked with FLAME {have}, but {fmt.consumers} evaluates FLAME "
+                f"{fmt.expected_flame}; the same parameters give a different mesh there. Track with FLAME "
+                f"{fmt.expected_flame}, or point the consumer at your model and pass allow_version_mismatch"
+            )
+        notes.append(f"{fmt.name}: FLAME {have} exported for a consumer that defaults to {fmt.expected_flame} "
+                     "(allowed by the user)")
+
+
+def export(result_dir: Path, formats: List[str], out_dir: Optional[Path] = None, frames: Optional[FrameSource] = None,
+           flame=None, allow_version_mismatch: bool = False) -> List[Path]:
+    """Export RESULT_DIR's tracking into each format; returns the files written.
+
+    out_dir defaults to RESULT_DIR/export; each format goes to out_dir/<format>.
+    frames: the crop images (RGB uint8 [H,W,3], one per tracked frame) as a
+    sequence, iterable or callable(i). flame: a `flame.FLAME`; when None it
+    is built from the paths in meta.json.
+    """
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise UsageError(f"export: unknown format {', '.join(unknown) or '(none)'}; choose from {', '.join(FORMATS)}")
+    result = load_tracking(Path(result_dir))
+    out_dir = Path(out_dir) if out_dir is not None else result.path / "export"
+    frame_source = _Frames(frames, result.n_frames)
+    for name in formats:  # refuse before writing anything
+        check_flame_version(result, FORMATS[name], allow_version_mismatch, [])
+    if flame is None:
+        flame = load_flame_for(result)
+    flame_eval = evaluate_flame(result, flame)
+    written: List[Path] = []
+    for name in formats:
+        fmt = FORMATS[name]
+        notes: List[str] = []
+        check_flame_version(result, fmt, allow_version_mismatch, notes)
+        target = out_dir / name
+        files = fmt.writer(result, target, flame_eval, frame_source, notes)
+        info = {"format": name, "consumers": fmt.consumers, "source": str(result.path),
+                "flame": {"version": result.flame_info.get("version"), "sha256": result.flame_info.get("sha256"),
+                          "consumer_expects": fmt.expected_flame},
+                "n_frames": int(result.valid.sum()), "notes": notes}
+        files.append(_write_json(target / "export_info.json", info))
+        written.extend(files)
+    return written

@@ -1,0 +1,347 @@
+"""Exports: each file set is read back with its consumer's loading logic
+(re-implemented here from the consumer's public code) and the FLAME landmarks
+projected through the exported camera, in that format's own convention, must
+land on the native tracking.npz projection to 1e-3 px."""
+
+import json
+import pickle
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.spatial.transform import Rotation
+
+from lightning_ft import export as ex
+from lightning_ft.errors import LightningFTError, UsageError
+from lightning_ft.flame import FLAME
+from lightning_ft.synthetic.flame_files import write_synthetic_flame
+
+torch.set_num_threads(1)
+
+T, H, W = 5, 96, 96
+FOCAL = np.array([310.0, 298.0])
+PRINCIPAL = np.array([50.5, 44.25])
+TOL_PX = 1e-3
+
+
+@pytest.fixture(scope="module")
+def flame_files(tmp_path_factory):
+    return write_synthetic_flame(tmp_path_factory.mktemp("flame"), n_vertices=700, seed=3)
+
+
+@pytest.fixture(scope="module")
+def flame(flame_files):
+    return FLAME(flame_files.model, flame_files.landmark_embedding, flame_files.mediapipe_embedding,
+                 n_shape=20, n_exp=10, dtype=torch.float64)
+
+
+def make_result(folder: Path, flame, version="FLAME 2023", neck=False, seed=0, invalid=()):
+    """A tracking.npz + meta.json of the documented contract, with images."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    head = Rotation.from_rotvec(rng.normal(scale=0.25, size=(T, 3))).as_matrix()
+    rotation = np.diag([1.0, -1.0, -1.0]) @ head  # facing an OpenCV camera
+    translation = np.stack([rng.uniform(-0.02, 0.02, T), rng.uniform(-0.02, 0.02, T), rng.uniform(0.5, 0.7, T)], 1)
+    valid = np.ones(T, bool)
+    valid[list(invalid)] = False
+    arrays = dict(
+        frame_ids=np.arange(T) * 2 + 10, valid=valid,
+        shape=rng.normal(scale=0.8, size=20).astype(np.float32),
+        expression=rng.normal(scale=0.8, size=(T, 10)).astype(np.float32),
+        jaw_pose=np.stack([rng.uniform(0, 0.3, T), rng.normal(scale=0.02, size=T), np.zeros(T)], 1).astype(np.float32),
+        neck_pose=(rng.normal(scale=0.15, size=(T, 3)) if neck else np.zeros((T, 3))).astype(np.float32),
+        eye_pose=rng.normal(scale=0.1, size=(T, 6)).astype(np.float32),
+        rotation=rotation.astype(np.float32), translation=translation.astype(np.float32),
+        focal_length=FOCAL.astype(np.float32), principal_point=PRINCIPAL.astype(np.float32),
+        image_size=np.array([H, W]), crop_boxes=np.tile([100.0, 50.0, 300.0, 250.0], (T, 1)),
+        lmk68=rng.uniform(20, 70, size=(T, 68, 2)).astype(np.float32),
+        lmk_dense=rng.uniform(20, 70, size=(T, 478, 2)).astype(np.float32), fps=np.array(25.0),
+    )
+    np.savez(folder / "tracking.npz", **arrays)
+    meta = {"flame": {"version": version, "sha256": flame.sha256, "model_path": str(flame.data.path),
+                      "n_shape": 20, "n_exp": 10},
+            "video": {"path": "/data/clips/obama.mp4"}}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    images = [rng.integers(0, 255, size=(H, W, 3), dtype=np.uint8) for _ in range(T)]
+    return folder, images
+
+
+def tracked_landmarks(flame, npz, global_pose=None, jaw=None, eyes=None, neck=None):
+    """Model-space FLAME landmarks [T,L,3]: the 51 static iBUG points and the dense points."""
+    t = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float64))  # noqa: E731
+    n = npz["expression"].shape[0]
+    out = flame(shape=t(npz["shape"])[None].expand(n, -1), expression=t(npz["expression"]),
+                global_pose=None if global_pose is None else t(global_pose),
+                neck_pose=t(npz["neck_pose"] if neck is None else neck),
+                jaw_pose=t(npz["jaw_pose"] if jaw is None else jaw),
+                eye_pose=t(npz["eye_pose"] if eyes is None else eyes))
+    return torch.cat([out.lmk68[:, 17:], out.lmk_dense], 1).numpy()
+
+
+def native_projection(flame, result_dir):
+    """The tracking.npz contract: (x,y,z) = R X + t, pixel = (fx x/z + cx, fy y/z + cy)."""
+    npz = dict(np.load(result_dir / "tracking.npz"))
+    X = tracked_landmarks(flame, npz)
+    x = np.einsum("tij,tnj->tni", npz["rotation"].astype(np.float64), X) + npz["translation"][:, None]
+    return npz, npz["focal_length"] * x[..., :2] / x[..., 2:] + npz["principal_point"]
+
+
+# ----------------------------------------------------------------------------
+# vhap: GaussianAvatars' readCamerasFromTransforms + VHAP's FlameHead
+
+
+def test_vhap_round_trip_and_loader(tmp_path, flame):
+    result_dir, images = make_result(tmp_path / "res", flame, version="FLAME 2023")
+    ex.export(result_dir, ["vhap"], tmp_path / "out", frames=images, flame=flame)
+    root = tmp_path / "out" / "vhap"
+    npz, native = native_projection(flame, result_dir)
+
+    tracked = np.load(root / "tracked_flame_params.npz")
+    assert {"rotation", "translation", "neck_pose", "jaw_pose", "eyes_pose", "shape", "expr", "timestep_id",
+            "n_processed_frames", "focal_length"} <= set(tracked.files)
+    assert tracked["expr"].shape == (T, 100) and tracked["shape"].shape == (300,)
+    assert int(tracked["n_processed_frames"]) == T
+
+    frames = []
+    for split in ("train", "val", "test"):
+        frames += json.loads((root / f"transforms_{split}.json").read_text())["frames"]
+    assert len(frames) == T
+    for frame in frames:
+        i = frame["timestep_index_original"]
+        # GaussianAvatars: OpenGL c2w -> COLMAP/OpenCV, then invert.
+        c2w = np.array(frame["transform_matrix"], dtype=np.float64)
+        c2w[:3, 1:3] *= -1
+        w2c = np.linalg.inv(c2w)
+        assert np.isclose(tracked["focal_length"].item() * max(frame["h"], frame["w"]), frame["fl_x"], rtol=1e-6)
+        assert Image.open(root / frame["file_path"]).size == (frame["w"], frame["h"])
+        np.testing.assert_array_equal(np.asarray(Image.open(root / frame["file_path"])), images[i])
+        p = dict(np.load(root / frame["flame_param_path"]))
+        assert p["rotation"].shape == (1, 3) and p["eyes_pose"].shape == (1, 6) and p["expr"].shape == (1, 100)
+        # VHAP's FlameHead: LBS with `rotation` as the root joint, then + translation.
+        X = tracked_landmarks(flame, {"shape": p["shape"][:20], "expression": p["expr"][:, :10],
+                                      "neck_pose": p["neck_pose"], "jaw_pose": p["jaw_pose"],
+                                      "eye_pose": p["eyes_pose"]}, global_pose=p["rotation"])[0]
+        X = X + p["translation"][0]
+        x = X @ w2c[:3, :3].T + w2c[:3, 3]
+        px = np.stack([frame["fl_x"] * x[:, 0] / x[:, 2] + frame["cx"], frame["fl_y"] * x[:, 1] / x[:, 2] + frame["cy"]], 1)
+        assert np.abs(px - native[i]).max() < TOL_PX
+    info = json.loads((root / "export_info.json").read_text())
+    assert info["flame"]["version"] == "FLAME 2023" and info["flame"]["sha256"] == flame.sha256
+
+
+# ----------------------------------------------------------------------------
+# metrical: FlashAvatar's reader (opencv R, t, K) and metrical-tracker's PyTorch3D camera
+
+
+def decode_6d(d6):
+    """PyTorch3D rotation_6d_to_matrix: Gram-Schmidt on the two stored rows."""
+    a1, a2 = d6[..., :3], d6[..., 3:]
+    b1 = a1 / np.linalg.norm(a1, axis=-1, keepdims=True)
+    b2 = a2 - (b1 * a2).sum(-1, keepdims=True) * b1
+    b2 /= np.linalg.norm(b2, axis=-1, keepdims=True)
+    return np.stack([b1, b2, np.cross(b1, b2)], -2)
+
+
+def test_metrical_round_trip_and_loader(tmp_path, flame):
+    result_dir, images = make_result(tmp_path / "res", flame, version="FLAME 2020", invalid=(2,))
+    ex.export(result_dir, ["metrical"], tmp_path / "out", frames=images, flame=flame)
+    root = tmp_path / "out" / "metrical"
+    npz, native = native_projection(flame, result_dir)
+    ckpts = sorted((root / "checkpoint").glob("*.frame"))
+    assert [p.name for p in ckpts] == [f"{n:05d}.frame" for n in range(T - 1)]
+    kept = [i for i in range(T) if i != 2]
+    for ckpt, i in zip(ckpts, kept):
+        payload = torch.load(ckpt, weights_only=False)
+        fl = payload["flame"]
+        assert fl["exp"].shape == (1, 100) and fl["shape"].shape == (1, 300) and fl["eyes"].shape == (1, 12)
+        assert fl["jaw"].shape == (1, 6) and fl["eyelids"].shape == (1, 2) and fl["sh"].shape == (1, 9, 3)
+        assert payload["frame_id"] == ckpt.stem
+        assert (root / "input" / f"{payload['frame_id']}.png").is_file()
+        # Metrical's FLAME: identity global and neck rotation, 6D jaw and eyes.
+        jaw = Rotation.from_matrix(decode_6d(fl["jaw"].astype(np.float64))).as_rotvec()
+        eyes = Rotation.from_matrix(decode_6d(fl["eyes"].reshape(2, 6).astype(np.float64))).as_rotvec().reshape(1, 6)
+        X = tracked_landmarks(flame, {"shape": fl["shape"][0, :20], "expression": fl["exp"][:, :10],
+                                      "neck_pose": np.zeros((1, 3))}, jaw=jaw, eyes=eyes)[0]
+        # FlashAvatar: w2cR = opencv['R'][0], w2cT = opencv['t'][0], K = opencv['K'][0].
+        R, t, K = payload["opencv"]["R"][0], payload["opencv"]["t"][0], payload["opencv"]["K"][0]
+        uvw = (X @ R.T.astype(np.float64) + t) @ K.T.astype(np.float64)
+        assert np.abs(uvw[:, :2] / uvw[:, 2:] - native[i]).max() < TOL_PX
+        # metrical-tracker: PerspectiveCameras(R=rotation_6d_to_matrix(R), T=t, focal_length=fl,
+        # principal_point=pp, image_size=img_size).transform_points_screen.
+        c = payload["camera"]
+        Hs, Ws = payload["img_size"]
+        Rp = decode_6d(c["R"][0].astype(np.float64))
+        Xv = X @ Rp + c["t"][0]
+        ndc = c["fl"][0] * Xv[:, :2] / Xv[:, 2:] + c["pp"][0]
+        s = min(Hs, Ws) / 2
+        px = np.stack([Ws / 2 - ndc[:, 0] * s, Hs / 2 - ndc[:, 1] * s], 1)
+        assert np.abs(px - native[i]).max() < TOL_PX
+    info = json.loads((root / "export_info.json").read_text())
+    assert any("left out" in n for n in info["notes"])
+
+
+def test_metrical_neck_is_folded_and_recorded(tmp_path, flame):
+    result_dir, _ = make_result(tmp_path / "res", flame, version="FLAME 2020", neck=True)
+    ex.export(result_dir, ["metrical"], tmp_path / "out", frames=None, flame=flame)
+    info = json.loads((tmp_path / "out" / "metrical" / "export_info.json").read_text())
+    assert any("neck" in n for n in info["notes"]) and any("no frame images" in n for n in info["notes"])
+    assert not (tmp_path / "out" / "metrical" / "input").exists()
+
+
+# ----------------------------------------------------------------------------
+# lightning: LightningTrack's pickle, PyTorch3D camera on 512x512 frames, vertices x5
+
+
+def test_lightning_round_trip_and_loader(tmp_path, flame):
+    result_dir, images = make_result(tmp_path / "res", flame, version="FLAME 2020")
+    npz = dict(np.load(result_dir / "tracking.npz"))
+    npz["eye_pose"][:] = 0  # LightningTrack's FLAME has no eyes
+    np.savez(result_dir / "tracking.npz", **npz)
+    ex.export(result_dir, ["lightning"], tmp_path / "out", frames=images, flame=flame)
+    root = tmp_path / "out" / "lightning"
+    npz, native = native_projection(flame, result_dir)
+    with open(root / "lightning.pkl", "rb") as f:
+        data = pickle.load(f)
+    calib = json.loads((root / "calibration.json").read_text())
+    names = sorted(data, key=lambda x: int(x.split("_")[-1]))
+    assert names == [f"obama_{int(i)}" for i in npz["frame_ids"]]
+    size = calib["image_size"]
+    for i, name in enumerate(names):
+        d = data[name]
+        assert d["transform_matrix"].shape == (3, 4) and d["emoca_pose"].shape == (6,)
+        assert d["mica_shape"].shape == (100,) and d["emoca_expression"].shape == (50,)
+        assert Image.open(root / "images" / f"{name}.png").size == (size, size)
+        X = tracked_landmarks(flame, {"shape": d["mica_shape"][:20], "expression": d["emoca_expression"][None, :10],
+                                      "neck_pose": np.zeros((1, 3)), "eye_pose": np.zeros((1, 6))},
+                              global_pose=d["emoca_pose"][None, :3], jaw=d["emoca_pose"][None, 3:])[0]
+        X = X * calib["verts_scale"]
+        M = d["transform_matrix"].astype(np.float64)
+        Xv = X @ M[:, :3] + M[:, 3]
+        ndc = np.asarray(calib["focal_length"]) * Xv[:, :2] / Xv[:, 2:] + np.asarray(calib["principal_point"])
+        px512 = size / 2 - ndc * size / 2
+        assert np.abs(px512 * W / size - native[i]).max() < TOL_PX
+
+
+def test_lightning_refuses_non_square_crop(tmp_path, flame):
+    result_dir, _ = make_result(tmp_path / "res", flame, version="FLAME 2020")
+    npz = dict(np.load(result_dir / "tracking.npz"))
+    npz["image_size"] = np.array([H, W + 10])
+    np.savez(result_dir / "tracking.npz", **npz)
+    with pytest.raises(UsageError, match="square"):
+        ex.export(result_dir, ["lightning"], tmp_path / "out", flame=flame)
+
+
+# ----------------------------------------------------------------------------
+# nerface: load_flame_data + its ray generation (OpenGL camera, -z forward)
+
+
+def test_nerface_round_trip_and_loader(tmp_path, flame):
+    result_dir, images = make_result(tmp_path / "res", flame, version="unknown")
+    ex.export(result_dir, ["nerface"], tmp_path / "out", frames=images, flame=flame)
+    root = tmp_path / "out" / "nerface"
+    npz, native = native_projection(flame, result_dir)
+    X = tracked_landmarks(flame, npz)  # nerface's head stays in FLAME model space
+    seen = set()
+    for split in ("train", "val", "test"):
+        meta = json.loads((root / f"transforms_{split}.json").read_text())
+        fx, fy, cx, cy = meta["intrinsics"]
+        assert meta["frames"], split
+        for frame in meta["frames"]:
+            img = np.asarray(Image.open(root / (frame["file_path"] + ".png")))
+            i = int(np.flatnonzero(npz["frame_ids"] == int(re.search(r"f_(\d+)", frame["file_path"]).group(1)))[0])
+            np.testing.assert_array_equal(img, images[i])
+            assert len(frame["expression"]) == 13
+            c2w = np.array(frame["transform_matrix"])
+            # nerface rays: d = ((u - cx)/fx, -(v - cy)/fy, -1) rotated by c2w.
+            x = (X[i] - c2w[:3, 3]) @ c2w[:3, :3]
+            px = np.stack([cx + fx * x[:, 0] / -x[:, 2], cy - fy * x[:, 1] / -x[:, 2]], 1)
+            assert np.abs(px - native[i]).max() < TOL_PX
+            seen.add(i)
+    assert seen == set(range(T))
+    assert np.isclose(0.5 * W / np.tan(0.5 * meta["camera_angle_x"]), fx)
+    info = json.loads((root / "export_info.json").read_text())
+    assert info["flame"]["consumer_expects"] is None
+
+
+# ----------------------------------------------------------------------------
+# mesh
+
+
+def read_obj(path):
+    v, f = [], []
+    for line in Path(path).read_text().splitlines():
+        parts = line.split()
+        if parts and parts[0] == "v":
+            v.append([float(p) for p in parts[1:4]])
+        elif parts and parts[0] == "f":
+            f.append([int(p.split("/")[0]) - 1 for p in parts[1:4]])
+    return np.array(v), np.array(f)
+
+
+def test_mesh_round_trip(tmp_path, flame):
+    result_dir, _ = make_result(tmp_path / "res", flame)
+    ex.export(result_dir, ["mesh"], tmp_path / "out", flame=flame)
+    root = tmp_path / "out" / "mesh"
+    npz, native = native_projection(flame, result_dir)
+    faces_idx = torch.cat([flame.static_faces, flame.dense_faces]).numpy()
+    bary = torch.cat([flame.static_bary, flame.dense_bary]).numpy()
+    for i, fid in enumerate(npz["frame_ids"]):
+        v, f = read_obj(root / "meshes" / f"{int(fid):05d}.obj")
+        lmk = np.einsum("lk,lkc->lc", bary, v[f[faces_idx]])
+        px = npz["focal_length"] * lmk[:, :2] / lmk[:, 2:] + npz["principal_point"]
+        assert np.abs(px - native[i]).max() < TOL_PX
+    v, f = read_obj(root / "identity.obj")
+    assert v.shape == (flame.n_vertices, 3) and f.shape == tuple(flame.faces.shape)
+
+
+# ----------------------------------------------------------------------------
+# Errors, versions
+
+
+def test_missing_and_corrupt_tracking(tmp_path, flame):
+    with pytest.raises(LightningFTError, match="tracking.npz"):
+        ex.export(tmp_path / "nothing", ["mesh"], flame=flame)
+    result_dir, _ = make_result(tmp_path / "res", flame)
+    (result_dir / "tracking.npz").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(LightningFTError, match="tracking.npz"):
+        ex.export(result_dir, ["mesh"], flame=flame)
+
+
+def test_unknown_format(tmp_path, flame):
+    result_dir, _ = make_result(tmp_path / "res", flame)
+    with pytest.raises(UsageError, match="unknown format obj"):
+        ex.export(result_dir, ["obj"], flame=flame)
+
+
+def test_version_mismatch_refused_unless_allowed(tmp_path, flame):
+    result_dir, _ = make_result(tmp_path / "res", flame, version="FLAME 2020")
+    with pytest.raises(UsageError, match="FLAME 2023"):
+        ex.export(result_dir, ["mesh", "vhap"], tmp_path / "out", flame=flame)
+    assert not (tmp_path / "out").exists()  # refused before writing anything
+    ex.export(result_dir, ["vhap"], tmp_path / "out", flame=flame, allow_version_mismatch=True)
+    info = json.loads((tmp_path / "out" / "vhap" / "export_info.json").read_text())
+    assert any("allowed" in n for n in info["notes"])
+
+
+def test_model_hash_must_match(tmp_path, flame):
+    result_dir, _ = make_result(tmp_path / "res", flame)
+    meta = json.loads((result_dir / "meta.json").read_text())
+    meta["flame"]["sha256"] = "0" * 64
+    (result_dir / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UsageError, match="sha256"):
+        ex.export(result_dir, ["mesh"], tmp_path / "out", flame=flame)
+
+
+@pytest.mark.parametrize("name,raw,expected", [
+    ("generic_model.pkl", {}, "2020"),
+    ("flame2023.pkl", {}, "2023"),
+    ("flame2023_no_jaw.pkl", {}, "2023"),
+    ("FLAME2023_Open.pkl", {}, "2023-open"),
+    ("model.pkl", {"flame_version": b"FLAME 2023 Open"}, "2023-open"),
+    ("model.pkl", {}, "unknown"),
+])
+def test_detect_flame_version(name, raw, expected):
+    assert ex.detect_flame_version(raw, Path("/assets/FLAME") / name) == expected
