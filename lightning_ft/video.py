@@ -1,0 +1,520 @@
+"""Video decoding, face-centred crop and the LMDB frame cache.
+
+Pixel convention used throughout: pixel centres at integer coordinates
+(OpenCV), x right, y down. A crop box ``(x0, y0, x1, y1)`` spans source
+pixel *edges*, so crop pixel ``(u, v)`` of an ``S x S`` crop has its centre
+at source ``x = x0 + (u + 0.5) * (x1 - x0) / S - 0.5`` (see `crop_to_source`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Sequence
+
+import av
+import cv2
+import lmdb
+import numpy as np
+from scipy.ndimage import gaussian_filter1d
+
+from .errors import NoFaceError, UsageError, VideoError
+from .progress import progress as progress_bar
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+# Largest side of the frame handed to the face-box detector in the first pass;
+# BlazeFace full-range runs at 192x192, so more pixels only cost time.
+DETECT_MAX_SIDE = 320
+_META_KEY = b"__meta__"
+
+
+@dataclass
+class VideoInfo:
+    """What a video file says about itself.
+
+    width, height: pixels of the *upright* frame (after rotation metadata).
+    fps: average frame rate (frames/s) as the container reports it.
+    n_frames: frame count from the container, or an estimate from the duration.
+    rotation: degrees counter-clockwise the stored frame is turned for display.
+    """
+
+    path: Path
+    width: int
+    height: int
+    fps: float
+    n_frames: int
+    rotation: int
+    codec: str
+
+
+def _open(path: Path):
+    if not path.exists():
+        raise VideoError(f"{path}: file not found; check the path.")
+    if path.stat().st_size == 0:
+        raise VideoError(f"{path}: file is empty; re-export or re-copy the video.")
+    try:
+        container = av.open(str(path))
+    except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as exc:
+        raise VideoError(f"{path}: not a readable video, or truncated ({exc.__class__.__name__}: "
+                         f"{exc}); check the file, convert it to mp4 (H.264) and retry.") from None
+    if not container.streams.video:
+        container.close()
+        raise VideoError(f"{path}: contains no video stream; pass a video file.")
+    return container
+
+
+def _rotation_of(frame) -> int:
+    """Display rotation (CCW degrees, multiple of 90) from the frame's display matrix."""
+    rotation = frame.rotation
+    if rotation is None:
+        return 0
+    rounded = int(round(rotation / 90.0)) * 90 % 360
+    if abs(((rotation - rounded) + 180) % 360 - 180) > 1:
+        log.warning("rotation of %.1f degrees is not a multiple of 90; using %d", rotation, rounded)
+    return rounded
+
+
+def probe(path) -> VideoInfo:
+    """Read a video's size, rate, length, rotation and codec (decodes one frame).
+
+    Raises VideoError naming the file when it is missing, empty, not a video,
+    or has no decodable frame.
+    """
+    path = Path(path)
+    container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        fps = float(rate) if rate else 0.0
+        n_frames = int(stream.frames or 0)
+        if n_frames == 0 and stream.duration is not None and fps > 0:
+            n_frames = int(round(float(stream.duration * stream.time_base) * fps))
+        first = None
+        try:
+            for first in container.decode(stream):
+                break
+        except av.error.FFmpegError as exc:
+            raise VideoError(f"{path}: cannot decode the first frame ({exc}); "
+                             "the file is corrupt or truncated.") from None
+        if first is None:
+            raise VideoError(f"{path}: no decodable video frame; the file is corrupt or truncated.")
+        rotation = _rotation_of(first)
+        width, height = first.width, first.height
+        if rotation in (90, 270):
+            width, height = height, width
+        return VideoInfo(path=path, width=width, height=height, fps=fps, n_frames=n_frames,
+                         rotation=rotation, codec=stream.codec_context.name)
+    finally:
+        container.close()
+
+
+def _upright(image: np.ndarray, rotation: int) -> np.ndarray:
+    # np.rot90 with k>0 turns counter-clockwise as displayed (y down), which is
+    # the sense of the display matrix angle.
+    k = (rotation // 90) % 4
+    return np.ascontiguousarray(np.rot90(image, k)) if k else image
+
+
+def iter_frames(path, fps: Optional[float] = None, *, max_side: Optional[int] = None,
+                ) -> Iterator[tuple[int, float, np.ndarray]]:
+    """Stream ``(source frame index, pts seconds, RGB uint8 [H,W,3])`` upright frames.
+
+    The index counts decoded frames from 0 in presentation order; times come
+    from presentation timestamps (variable frame rate safe; relative to the
+    first frame). With `fps`, the first frame at or after each tick of a clock
+    at `fps` (less a quarter tick, for rounded timestamps) is kept, so a 60 fps
+    video at ``fps=30`` keeps every other frame; frames are never duplicated,
+    so a source slower than `fps` is returned whole. `max_side` downsamples (inside swscale) so that the
+    larger side of the stored frame is at most this many pixels.
+    """
+    path = Path(path)
+    if fps is not None and fps <= 0:
+        raise UsageError(f"--fps must be positive, got {fps}")
+    container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        time_base = float(stream.time_base) if stream.time_base else None
+        start_time = None
+        last_tick = -1
+        index = -1
+        decoded = container.decode(stream)
+        while True:
+            try:
+                frame = next(decoded)
+            except StopIteration:
+                declared = int(stream.frames or 0)
+                # mp4/mov declare their frame count; a cut-off file decodes fewer
+                if declared and index + 1 < declared - max(2, declared // 100):
+                    raise VideoError(f"{path}: only {index + 1} of {declared} frames could be "
+                                     "decoded; the file is truncated; re-export or re-copy it.") from None
+                if declared and index + 1 != declared:
+                    log.warning("%s: decoded %d frames, the container declares %d",
+                                path, index + 1, declared)
+                break
+            except av.error.FFmpegError as exc:
+                if index < 0:
+                    raise VideoError(f"{path}: cannot decode ({exc}); the file is corrupt.") from None
+                raise VideoError(f"{path}: decoding failed after frame {index} ({exc}); "
+                                 "the file is truncated or corrupt; re-export it.") from None
+            index += 1
+            if frame.pts is not None and time_base is not None:
+                t = frame.pts * time_base
+            else:
+                t = index / float(stream.average_rate or 30)
+            if start_time is None:
+                start_time = t
+            t -= start_time
+            if fps is not None:
+                # a frame up to a quarter tick early still counts for that tick:
+                # millisecond PTS put 60 fps frame 2 at 33 ms, before the 33.3 ms tick
+                tick_index = int(np.floor(t * fps + 0.25))
+                if tick_index <= last_tick:
+                    continue
+                last_tick = tick_index
+            rotation = _rotation_of(frame)
+            if max_side is not None and max(frame.width, frame.height) > max_side:
+                s = max_side / max(frame.width, frame.height)
+                w = max(2, int(round(frame.width * s)))
+                h = max(2, int(round(frame.height * s)))
+                image = frame.to_ndarray(format="rgb24", width=w, height=h)
+            else:
+                image = frame.to_ndarray(format="rgb24")
+            yield index, float(t), _upright(image, rotation)
+    finally:
+        container.close()
+
+
+# ----------------------------------------------------------------- face boxes
+
+def _face_detector():
+    import mediapipe as mp
+
+    return mp.solutions.face_detection.FaceDetection(model_selection=1,
+                                                     min_detection_confidence=0.5)
+
+
+def detect_face_box(detector, image: np.ndarray) -> Optional[np.ndarray]:
+    """Most confident face box ``[4]`` (x0, y0, x1, y1 pixel edges) in `image`, or None."""
+    result = detector.process(image)
+    if not result.detections:
+        return None
+    best = max(result.detections, key=lambda d: d.score[0])
+    box = best.location_data.relative_bounding_box
+    h, w = image.shape[:2]
+    return np.array([box.xmin * w, box.ymin * h, (box.xmin + box.width) * w,
+                     (box.ymin + box.height) * h], dtype=np.float64)
+
+
+def smooth_crop_boxes(face_boxes: np.ndarray, found: np.ndarray, fps: float, *,
+                      scale: float = 2.0, center_sigma_s: float = 0.15,
+                      size_sigma_s: float = 0.5) -> np.ndarray:
+    """Square crop boxes ``[T,4]`` that follow the face boxes smoothly.
+
+    face_boxes: [T,4] detector boxes (pixels), rows with ``found=False`` ignored.
+    The centre and side are linearly interpolated over frames without a face
+    (held at the ends), then smoothed with a zero-phase Gaussian of
+    `center_sigma_s` / `size_sigma_s` seconds so the box does not jitter with
+    the detector. side = `scale` x the larger side of the face box.
+    """
+    face_boxes = np.asarray(face_boxes, dtype=np.float64)
+    found = np.asarray(found, dtype=bool)
+    if not found.any():
+        raise ValueError("no face box to smooth")
+    t = np.arange(len(found), dtype=np.float64)
+    cx = (face_boxes[:, 0] + face_boxes[:, 2]) / 2
+    cy = (face_boxes[:, 1] + face_boxes[:, 3]) / 2
+    side = scale * np.maximum(face_boxes[:, 2] - face_boxes[:, 0], face_boxes[:, 3] - face_boxes[:, 1])
+    tracks = []
+    for values, sigma_s in ((cx, center_sigma_s), (cy, center_sigma_s), (side, size_sigma_s)):
+        filled = np.interp(t, t[found], values[found])
+        sigma = sigma_s * max(fps, 1.0)
+        if sigma > 0 and len(filled) > 1:
+            filled = gaussian_filter1d(filled, sigma, mode="nearest")
+        tracks.append(filled)
+    cx, cy, side = tracks
+    return np.stack([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2], axis=1)
+
+
+def crop_frame(image: np.ndarray, box: Sequence[float], size: int) -> np.ndarray:
+    """Crop a square box (pixel edges, may leave the frame) and resize to size x size.
+
+    Outside the frame is black. Strong downscales go through an area resize
+    first so the crop does not alias.
+    """
+    x0, y0, x1, y1 = (float(v) for v in box)
+    pixel = (x1 - x0) / size  # source pixels per crop pixel
+    if pixel >= 2.0:
+        factor = int(pixel)
+        small = cv2.resize(image, (max(1, image.shape[1] // factor), max(1, image.shape[0] // factor)),
+                           interpolation=cv2.INTER_AREA)
+        sx = image.shape[1] / small.shape[1]
+        sy = image.shape[0] / small.shape[0]
+        image, x0, x1, y0, y1 = small, x0 / sx, x1 / sx, y0 / sy, y1 / sy
+        pixel = (x1 - x0) / size
+    pixel_y = (y1 - y0) / size
+    # maps crop pixel centre u to source x = x0 + (u + .5) * pixel - .5
+    m = np.array([[pixel, 0.0, x0 + 0.5 * pixel - 0.5],
+                  [0.0, pixel_y, y0 + 0.5 * pixel_y - 0.5]])
+    return cv2.warpAffine(image, m, (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
+
+
+def crop_to_source(points: np.ndarray, crop_boxes: np.ndarray, image_size) -> np.ndarray:
+    """Map crop pixel coordinates ``[T,N,2]`` to source pixels through ``crop_boxes [T,4]``."""
+    h, w = image_size
+    boxes = np.asarray(crop_boxes, dtype=np.float64)[:, None, :]
+    sx = (boxes[..., 2] - boxes[..., 0]) / w
+    sy = (boxes[..., 3] - boxes[..., 1]) / h
+    out = np.empty(np.shape(points), dtype=np.float64)
+    out[..., 0] = boxes[..., 0] + (points[..., 0] + 0.5) * sx - 0.5
+    out[..., 1] = boxes[..., 1] + (points[..., 1] + 0.5) * sy - 0.5
+    return out
+
+
+# ----------------------------------------------------------------- the cache
+
+def _array_bytes(**arrays) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _source_identity(path: Path) -> dict:
+    st = path.stat()
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+@dataclass
+class FaceVideo:
+    """Face-centred crops of one video, stored in an LMDB cache.
+
+    frame_ids: [T] int64 source frame index of each output frame.
+    timestamps: [T] float64 seconds (presentation time from the first frame).
+    fps: output frame rate (frames/s).
+    crop_boxes: [T,4] float64 (x0, y0, x1, y1) in upright source pixels
+        (pixel edges), square, may extend outside the frame.
+    face_boxes: [T,4] float64 detector face boxes (source pixels), NaN where
+        none was found; crop boxes of such frames are interpolated.
+    face_found: [T] bool, whether the box detector saw a face in that frame.
+    image_size: (H, W) of the crops. cache_path: the LMDB file.
+    """
+
+    source: Path
+    frame_ids: np.ndarray
+    timestamps: np.ndarray
+    fps: float
+    crop_boxes: np.ndarray
+    image_size: tuple
+    cache_path: Path
+    face_boxes: np.ndarray = None
+    face_found: np.ndarray = None
+    source_size: tuple = None  # (H, W) of the upright source frames
+    _env: object = field(default=None, repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return len(self.frame_ids)
+
+    def _open(self):
+        if self._env is None:
+            try:
+                self._env = lmdb.open(str(self.cache_path), readonly=True, lock=False,
+                                      subdir=False, readahead=False)
+            except lmdb.Error as exc:
+                raise VideoError(f"{self.cache_path}: frame cache unreadable ({exc}); "
+                                 "delete it to rebuild.") from None
+        return self._env
+
+    def frames(self, indices: Optional[Iterable[int]] = None) -> Iterator[np.ndarray]:
+        """RGB uint8 [H,W,3] crops from the cache, in the order asked."""
+        env = self._open()
+        if indices is None:
+            indices = range(len(self))
+        with env.begin(buffers=True) as txn:
+            for i in indices:
+                if not 0 <= i < len(self):
+                    raise IndexError(f"frame {i} out of range 0..{len(self) - 1}")
+                data = txn.get(f"{i:08d}".encode())
+                if data is None:
+                    raise VideoError(f"{self.cache_path}: frame {i} missing; delete the cache to rebuild.")
+                yield _decode_image(bytes(data), self.image_size)
+
+    def frame(self, i: int) -> np.ndarray:
+        return next(self.frames([i]))
+
+    def close(self) -> None:
+        if self._env is not None:
+            self._env.close()
+            self._env = None
+
+
+def _encode_image(image: np.ndarray, cache_format: str) -> bytes:
+    if cache_format == "raw":
+        return b"R" + image.tobytes()
+    ok, data = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
+                            [cv2.IMWRITE_JPEG_QUALITY, 95])
+    if not ok:
+        raise VideoError("JPEG encoding of a crop failed")
+    return b"J" + data.tobytes()
+
+
+def _decode_image(data: bytes, image_size) -> np.ndarray:
+    if data[:1] == b"R":
+        return np.frombuffer(data, dtype=np.uint8, offset=1).reshape(*image_size, 3).copy()
+    bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8, offset=1), cv2.IMREAD_COLOR)
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def cache_file(path: Path, cache_dir: Path) -> Path:
+    """The LMDB file that caches `path`'s crops: one per source path."""
+    digest = hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:12]
+    return Path(cache_dir) / f"{Path(path).stem}-{digest}.lmdb"
+
+
+def _load_cache(cache_path: Path, expected: dict) -> Optional[FaceVideo]:
+    if not cache_path.exists():
+        return None
+    try:
+        env = lmdb.open(str(cache_path), readonly=True, lock=False, subdir=False)
+    except lmdb.Error as exc:
+        log.warning("%s: unreadable frame cache (%s); rebuilding", cache_path, exc)
+        return None
+    with env.begin() as txn:
+        meta_raw = txn.get(_META_KEY)
+        arrays_raw = txn.get(b"__arrays__")
+    env.close()
+    if meta_raw is None or arrays_raw is None:
+        return None
+    meta = json.loads(meta_raw)
+    if meta.get("key") != expected:
+        log.info("%s: cache is for another video version or settings; rebuilding", cache_path)
+        return None
+    arrays = np.load(io.BytesIO(arrays_raw))
+    return FaceVideo(source=Path(expected["source"]["path"]), frame_ids=arrays["frame_ids"],
+                     timestamps=arrays["timestamps"], fps=meta["fps"],
+                     crop_boxes=arrays["crop_boxes"], image_size=tuple(meta["image_size"]),
+                     cache_path=cache_path, face_boxes=arrays["face_boxes"],
+                     face_found=arrays["face_found"],
+                     source_size=tuple(meta["source_size"]))
+
+
+def prepare(path, *, cache_dir, image_size: int = 512, fps: Optional[float] = None,
+            progress: Optional[bool] = None, crop_scale: float = 2.0,
+            cache_format: str = "jpeg") -> FaceVideo:
+    """Decode, find the face, choose smooth square crops, fill the LMDB cache.
+
+    Two streamed passes over the video: (1) face boxes on frames downscaled to
+    at most DETECT_MAX_SIDE pixels (mediapipe BlazeFace, full range); (2)
+    crop + resize to ``image_size`` with the smoothed boxes, written to the cache.
+    A valid cache (same source path, size, mtime and settings) is reused
+    without decoding. Raises VideoError for unreadable input and NoFaceError
+    when no frame has a face.
+    """
+    path = Path(path)
+    if cache_format not in ("jpeg", "raw"):
+        raise UsageError(f"cache_format must be 'jpeg' or 'raw', got {cache_format!r}")
+    if image_size < 16:
+        raise UsageError(f"--image-size must be at least 16, got {image_size}")
+    info = probe(path)
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    cache_path = cache_file(path, cache_dir)
+    key = {"version": CACHE_VERSION, "source": _source_identity(path), "image_size": image_size,
+           "fps": fps, "crop_scale": crop_scale, "cache_format": cache_format}
+    cached = _load_cache(cache_path, key)
+    if cached is not None:
+        return cached
+
+    # pass 1: face boxes on small frames
+    ids, times, boxes, found = [], [], [], []
+    detector = _face_detector()
+    try:
+        frames = iter_frames(path, fps, max_side=DETECT_MAX_SIDE)
+        for index, t, small in progress_bar(frames, total=info.n_frames or None,
+                                            desc=f"{path.name}: face boxes", enabled=progress):
+            box = detect_face_box(detector, small)
+            to_full = info.width / small.shape[1]
+            ids.append(index)
+            times.append(t)
+            found.append(box is not None)
+            boxes.append(box * to_full if box is not None else np.full(4, np.nan))
+    finally:
+        detector.close()
+    if not ids:
+        raise VideoError(f"{path}: no decodable video frame; the file is corrupt or truncated.")
+    found = np.array(found)
+    if not found.any():
+        raise NoFaceError(f"{path}: no face found in any of {len(ids)} frames; "
+                          "check that the video shows a face.")
+    n_missing = int((~found).sum())
+    if n_missing:
+        log.info("%s: no face box in %d of %d frames; their crop boxes are interpolated",
+                 path, n_missing, len(ids))
+    frame_ids = np.array(ids, dtype=np.int64)
+    timestamps = np.array(times, dtype=np.float64)
+    out_fps = _output_fps(timestamps, info.fps, fps)
+    face_boxes = np.array(boxes)
+    crop_boxes = smooth_crop_boxes(face_boxes, found, out_fps, scale=crop_scale)
+
+    # pass 2: crops into a temporary LMDB, then one atomic rename
+    tmp_path = cache_path.with_name(cache_path.name + f".tmp-{os.getpid()}")
+    env = lmdb.open(str(tmp_path), subdir=False, lock=False, map_size=1 << 40,
+                    writemap=False, meminit=False)
+    try:
+        wanted = iter(zip(frame_ids, crop_boxes))
+        want_id, want_box = next(wanted)
+        out_i = 0
+        txn = env.begin(write=True)
+        for index, _, image in progress_bar(iter_frames(path), total=info.n_frames or None,
+                                            desc=f"{path.name}: crop", enabled=progress):
+            if index != want_id:
+                continue
+            crop = crop_frame(image, want_box, image_size)
+            txn.put(f"{out_i:08d}".encode(), _encode_image(crop, cache_format))
+            out_i += 1
+            if out_i % 256 == 0:
+                txn.commit()
+                txn = env.begin(write=True)
+            nxt = next(wanted, None)
+            if nxt is None:
+                break
+            want_id, want_box = nxt
+        if out_i != len(frame_ids):
+            txn.abort()
+            raise VideoError(f"{path}: second decoding pass gave {out_i} of {len(frame_ids)} frames; "
+                             "the file changed while reading; retry.")
+        meta = {"key": key, "fps": out_fps, "image_size": [image_size, image_size],
+                "source_size": [info.height, info.width], "n_frames": len(frame_ids)}
+        txn.put(b"__arrays__", _array_bytes(frame_ids=frame_ids, timestamps=timestamps,
+                                            crop_boxes=crop_boxes, face_found=found,
+                                            face_boxes=face_boxes))
+        txn.put(_META_KEY, json.dumps(meta).encode())
+        txn.commit()
+        env.sync(True)
+    except BaseException:
+        env.close()
+        tmp_path.unlink(missing_ok=True)
+        raise
+    env.close()
+    os.replace(tmp_path, cache_path)
+    return FaceVideo(source=path, frame_ids=frame_ids, timestamps=timestamps, fps=out_fps,
+                     crop_boxes=crop_boxes, image_size=(image_size, image_size),
+                     cache_path=cache_path, face_boxes=face_boxes, face_found=found,
+                     source_size=(info.height, info.width))
+
+
+def _output_fps(timestamps: np.ndarray, source_fps: float, requested: Optional[float]) -> float:
+    if len(timestamps) > 1 and timestamps[-1] > timestamps[0]:
+        measured = (len(timestamps) - 1) / (timestamps[-1] - timestamps[0])
+    else:
+        measured = source_fps or (requested or 30.0)
+    if requested is not None:
+        return float(min(requested, measured)) if measured > 0 else float(requested)
+    return float(measured)

