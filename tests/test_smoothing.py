@@ -1,0 +1,290 @@
+"""Tests of lightning_ft.smoothing: pykalman agreement and smoothing behaviour."""
+
+import math
+
+import numpy as np
+import pytest
+from pykalman import KalmanFilter
+from scipy.spatial.transform import Rotation
+
+from lightning_ft.errors import NoFaceError
+from lightning_ft.smoothing import (
+    NoiseModel,
+    SmoothingConfig,
+    initial_state,
+    rts_smooth,
+    second_difference_jitter,
+    smooth_rotations,
+    smooth_tracking,
+)
+
+
+def _pykalman_smooth(x, valid, q, r, model, dt, mean0, cov0):
+    """One channel smoothed by pykalman with the same model, [T]."""
+    n_steps = len(dt)
+    if model == "random_walk":
+        transition = np.ones((n_steps, 1, 1))
+        transition_cov = (q * dt)[:, None, None]
+        observation = np.array([[1.0]])
+    else:
+        transition = np.zeros((n_steps, 2, 2))
+        transition[:, 0, 0] = transition[:, 1, 1] = 1.0
+        transition[:, 0, 1] = dt
+        transition_cov = np.zeros((n_steps, 2, 2))
+        transition_cov[:, 0, 0] = dt**3 / 3.0
+        transition_cov[:, 0, 1] = transition_cov[:, 1, 0] = dt**2 / 2.0
+        transition_cov[:, 1, 1] = dt
+        transition_cov *= q
+        observation = np.array([[1.0, 0.0]])
+    kf = KalmanFilter(
+        transition_matrices=transition,
+        observation_matrices=observation,
+        transition_covariance=transition_cov,
+        observation_covariance=np.array([[r]]),
+        initial_state_mean=mean0,
+        initial_state_covariance=cov0,
+    )
+    measurements = np.ma.masked_array(x[:, None], mask=~valid[:, None])
+    return kf.smooth(measurements)[0][:, 0]
+
+
+@pytest.mark.parametrize("model", ["constant_velocity", "random_walk"])
+@pytest.mark.parametrize("variable_rate", [False, True])
+@pytest.mark.parametrize("missing", [False, True])
+def test_rts_smooth_matches_pykalman(model, variable_rate, missing):
+    rng = np.random.default_rng(hash((model, variable_rate, missing)) % 2**32)
+    n_frames = 60
+    x = np.cumsum(rng.normal(size=(n_frames, 3)), axis=0) * [1.0, 0.01, 30.0]
+    valid = np.ones(n_frames, dtype=bool)
+    if missing:
+        valid[[0, 1, 17, 30, 31, 32, 33, 59]] = False
+        x[~valid] = np.nan
+    timestamps = np.cumsum(rng.uniform(0.01, 0.08, n_frames)) if variable_rate else None
+    q = np.array([2.0, 1e-3, 50.0])
+    r = np.array([0.3, 1e-4, 10.0])
+    smoothed = rts_smooth(x, valid, q, r, model, timestamps)
+
+    dt = np.diff(timestamps) if variable_rate else np.ones(n_frames - 1)
+    mean0, cov0 = initial_state(x, valid, r, model, dt)
+    for channel in range(3):
+        expected = _pykalman_smooth(x[:, channel], valid, q[channel], r[channel], model, dt, mean0[channel], cov0[channel])
+        scale = np.abs(expected).max()
+        np.testing.assert_allclose(smoothed[:, channel], expected, rtol=0, atol=1e-10 * scale)
+
+
+def test_rts_smooth_explicit_prior_matches_pykalman():
+    rng = np.random.default_rng(3)
+    x = np.sin(np.linspace(0, 3, 40)) + rng.normal(scale=0.1, size=40)
+    mean0, cov0 = np.array([[2.0, -1.0]]), np.array([[[0.5, 0.1], [0.1, 0.2]]])
+    smoothed = rts_smooth(x, None, 0.05, 0.01, initial_mean=mean0, initial_cov=cov0)
+    expected = _pykalman_smooth(x, np.ones(40, bool), 0.05, 0.01, "constant_velocity", np.ones(39), mean0[0], cov0[0])
+    assert smoothed.shape == (40,)
+    np.testing.assert_allclose(smoothed, expected, rtol=0, atol=1e-12)
+    # The prior matters here (it is far from the data), so this also checks it is used.
+    assert np.abs(smoothed[0] - rts_smooth(x, None, 0.05, 0.01)[0]) > 1e-3
+
+
+@pytest.mark.parametrize("fps", [25.0, 60.0])
+def test_cutoff_hz_is_the_half_amplitude_frequency(fps):
+    noise = SmoothingConfig().rotation
+    cutoff = float(noise.cutoff_hz(fps))
+    t = np.arange(int(12 * fps)) / fps
+    middle = slice(len(t) // 4, 3 * len(t) // 4)
+    for frequency, expected_gain in [(cutoff, 0.5), (cutoff / 2, 1 / (1 + 1 / 16)), (2 * cutoff, 1 / 17)]:
+        signal = np.sin(2 * np.pi * frequency * t)
+        smoothed = rts_smooth(signal, None, noise.process_var(), noise.measurement_var(), timestamps=t)
+        gain = smoothed[middle] @ signal[middle] / (signal[middle] @ signal[middle])
+        assert gain == pytest.approx(expected_gain, abs=0.01)
+
+
+def _head_motion(t):
+    """A smooth head-like motion, [T, 3]: slow sway plus nodding, radians."""
+    return np.stack(
+        [0.3 * np.sin(2 * np.pi * 0.3 * t), 0.15 * np.sin(2 * np.pi * 0.8 * t + 1.0), 0.1 * np.sin(2 * np.pi * 1.1 * t)],
+        axis=1,
+    )
+
+
+def test_noisy_smooth_signal_gets_closer_to_truth():
+    fps = 25.0
+    rng = np.random.default_rng(7)
+    t = np.arange(200) / fps
+    truth = {
+        "translation": _head_motion(t) * 0.1 + [0.0, 0.0, 0.6],
+        "expression": np.concatenate([_head_motion(t) * 4, _head_motion(t + 0.5) * 3], axis=1),
+        "jaw_pose": _head_motion(t) * 0.2,
+    }
+    config = SmoothingConfig()
+    noisy = {}
+    for key, value in truth.items():
+        field_name = {"jaw_pose": "jaw"}.get(key, key)
+        noisy[key] = value + rng.normal(size=value.shape) * getattr(config, field_name).measurement_std
+    valid = np.ones(len(t), dtype=bool)
+    smoothed = smooth_tracking(noisy, valid, fps, config)
+    for key in truth:
+        jitter_before = second_difference_jitter(noisy[key])
+        jitter_after = second_difference_jitter(smoothed[key])
+        error_before = np.sqrt(np.mean((noisy[key] - truth[key]) ** 2))
+        error_after = np.sqrt(np.mean((smoothed[key] - truth[key]) ** 2))
+        assert jitter_after < jitter_before / 3, key
+        assert error_after < 0.8 * error_before, key
+
+
+def _yaw_turn(fps, noise_deg, seed):
+    """Head facing the camera turning 30 deg at 60 deg/s; returns (t, yaw, measured R)."""
+    t = np.arange(int(3 * fps)) / fps
+    yaw = np.radians(np.clip((t - 1.0) * 60.0, 0.0, 30.0))
+    # FLAME looks along +z, an OpenCV camera along -z of the face: a 180 deg base.
+    facing = Rotation.from_euler("x", 180, degrees=True)
+    noise = Rotation.from_rotvec(np.random.default_rng(seed).normal(scale=math.radians(noise_deg), size=(len(t), 3)))
+    return t, yaw, facing, (facing * Rotation.from_euler("y", yaw) * noise).as_matrix()
+
+
+@pytest.mark.parametrize("fps", [25.0, 60.0])
+@pytest.mark.parametrize("noise_deg", [0.0, 0.5])
+def test_head_turn_is_not_lagged(fps, noise_deg):
+    t, yaw, facing, measured = _yaw_turn(fps, noise_deg, seed=int(fps))
+    smoothed = smooth_tracking({"rotation": measured}, np.ones(len(t), bool), fps)["rotation"]
+    yaw_smoothed = (facing.inv() * Rotation.from_matrix(smoothed)).as_euler("yxz")[:, 0]
+    per_frame = math.radians(60.0) / fps
+    assert np.abs(yaw_smoothed - yaw).max() < 1.5 * per_frame
+    # Time at which half the turn is reached, compared with the truth's.
+    half = math.radians(15.0)
+    crossing = np.interp(half, np.maximum.accumulate(yaw_smoothed), t)
+    assert abs(crossing - 1.25) < 1.0 / fps
+
+
+def test_frame_rates_behave_alike():
+    """The same noise-free head turn is rounded off alike at 25 and 60 fps."""
+    errors = []
+    for fps in (25.0, 60.0):
+        t, yaw, facing, measured = _yaw_turn(fps, 0.0, seed=0)
+        smoothed = smooth_tracking({"rotation": measured}, np.ones(len(t), bool), fps)["rotation"]
+        yaw_smoothed = (facing.inv() * Rotation.from_matrix(smoothed)).as_euler("yxz")[:, 0]
+        errors.append(np.abs(yaw_smoothed - yaw).max())
+    # A per-frame tuning would smooth 60 fps far more in seconds (about 2.4x).
+    assert 0.6 < errors[1] / errors[0] < 1.2
+
+
+def test_invalid_frames_are_interpolated_and_ends_held():
+    fps = 25.0
+    t = np.arange(120) / fps
+    truth = _head_motion(t) * 0.2
+    valid = np.ones(len(t), dtype=bool)
+    valid[:4] = valid[50:62] = valid[-5:] = False
+    measured = truth.copy()
+    measured[~valid] = 1e6  # garbage where nothing was measured
+    smoothed = smooth_tracking({"jaw_pose": measured}, valid, fps)["jaw_pose"]
+    assert np.all(np.isfinite(smoothed))
+    gap = slice(50, 62)
+    assert np.abs(smoothed[gap] - truth[gap]).max() < 0.01  # rad, over a 0.5 s gap
+    first, last = np.flatnonzero(valid)[[0, -1]]
+    np.testing.assert_array_equal(smoothed[:first], np.repeat(smoothed[first : first + 1], first, axis=0))
+    np.testing.assert_array_equal(smoothed[last + 1 :], np.repeat(smoothed[last : last + 1], 5, axis=0))
+
+
+def test_rts_smooth_interpolates_a_gap_in_linear_motion():
+    x = np.arange(50.0) * 0.3
+    valid = np.ones(50, dtype=bool)
+    valid[20:35] = False
+    smoothed = rts_smooth(np.where(valid, x, np.nan), valid, 1e-4, 1e-2)
+    np.testing.assert_allclose(smoothed[20:35], x[20:35], atol=1e-3)
+
+
+def _geodesic_deg(a, b):
+    return np.degrees(np.linalg.norm((Rotation.from_matrix(a).inv() * Rotation.from_matrix(b)).as_rotvec(), axis=1))
+
+
+def test_noisy_rotations_near_pi_do_not_flip():
+    rng = np.random.default_rng(11)
+    axis = rng.normal(size=3)
+    axis /= np.linalg.norm(axis)
+    n_frames = 150
+    truth = np.repeat(Rotation.from_rotvec(math.pi * axis).as_matrix()[None], n_frames, axis=0)
+    angles = math.pi + rng.normal(scale=math.radians(3.0), size=n_frames)
+    measured = Rotation.from_rotvec(angles[:, None] * axis).as_matrix()
+    # About half the frames are past 180 deg, where the log map flips the axis.
+    assert 0.3 < np.mean(Rotation.from_matrix(measured).as_rotvec() @ axis < 0) < 0.7
+    smoothed = smooth_rotations(measured, None, process_var=1e-5, measurement_var=math.radians(3.0) ** 2)
+    error, measured_error = _geodesic_deg(smoothed, truth), _geodesic_deg(measured, truth)
+    assert np.sqrt(np.mean(error**2)) < 0.35 * np.sqrt(np.mean(measured_error**2))
+    assert error.max() < 0.4 * measured_error.max()
+    assert _geodesic_deg(smoothed[1:], smoothed[:-1]).max() < 0.5
+    np.testing.assert_allclose(smoothed @ smoothed.transpose(0, 2, 1), np.broadcast_to(np.eye(3), smoothed.shape), atol=1e-12)
+    np.testing.assert_allclose(np.linalg.det(smoothed), 1.0, atol=1e-12)
+
+
+@pytest.mark.parametrize("turns", [0.3, 1.3])
+def test_rotation_sweep_through_pi_is_continuous(turns):
+    fps = 25.0
+    t = np.arange(150) / fps
+    angles = np.linspace(math.pi - 1.0, math.pi - 1.0 + 2 * math.pi * turns, len(t))
+    axis = np.array([0.0, 0.6, 0.8])
+    truth = Rotation.from_rotvec(angles[:, None] * axis).as_matrix()
+    smoothed = smooth_rotations(truth, None, process_var=0.4, measurement_var=math.radians(0.5) ** 2, timestamps=t)
+    assert _geodesic_deg(smoothed, truth).max() < 0.5
+
+
+def test_rotations_interpolate_over_invalid_frames():
+    angles = np.linspace(0.0, 1.0, 40)
+    truth = Rotation.from_rotvec(angles[:, None] * np.array([1.0, 0.0, 0.0])).as_matrix()
+    valid = np.ones(40, dtype=bool)
+    valid[15:25] = False
+    measured = truth.copy()
+    measured[~valid] = np.nan
+    smoothed = smooth_rotations(measured, valid, process_var=1e-6, measurement_var=1e-4)
+    assert _geodesic_deg(smoothed, truth).max() < 0.2
+
+
+def test_second_difference_jitter_against_a_loop():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(30, 2, 3))
+    valid = rng.random(30) > 0.2
+    norms = []
+    for i in range(1, 29):
+        if valid[i - 1] and valid[i] and valid[i + 1]:
+            norms.append(math.sqrt(sum(float(v) ** 2 for v in (x[i + 1] - 2 * x[i] + x[i - 1]).ravel())))
+    assert second_difference_jitter(x, valid) == pytest.approx(sum(norms) / len(norms), rel=1e-12)
+    assert math.isnan(second_difference_jitter(x, np.tile([True, True, False], 10)))
+
+
+def test_smooth_tracking_keys_config_and_errors():
+    fps = 30.0
+    rng = np.random.default_rng(2)
+    t = np.arange(60) / fps
+    params = {
+        "rotation": Rotation.from_rotvec(_head_motion(t)).as_matrix(),
+        "translation": _head_motion(t) * 0.1 + rng.normal(scale=0.002, size=(60, 3)),
+        "expression": rng.normal(size=(60, 50)),
+        "jaw_pose": rng.normal(scale=0.05, size=(60, 3)),
+        "neck_pose": rng.normal(scale=0.05, size=(60, 3)),
+        "eye_pose": rng.normal(scale=0.05, size=(60, 6)),
+        "shape": np.ones(100),
+    }
+    valid = np.ones(60, dtype=bool)
+    smoothed = smooth_tracking(params, valid, fps)
+    assert set(smoothed) == set(params)
+    assert smoothed["shape"] is params["shape"]
+    for key, value in params.items():
+        assert smoothed[key].shape == value.shape
+    # A config is passed through: a noisier measurement model smooths harder.
+    heavy = SmoothingConfig(expression=NoiseModel(measurement_std=1.0, acceleration_std=1.0))
+    heavier = smooth_tracking({"expression": params["expression"]}, valid, fps, heavy)["expression"]
+    assert second_difference_jitter(heavier) < 0.2 * second_difference_jitter(smoothed["expression"])
+    with pytest.raises(NoFaceError):
+        smooth_tracking(params, np.zeros(60, dtype=bool), fps)
+    with pytest.raises(ValueError):
+        rts_smooth(np.zeros((5, 2)), None, 1.0, 1.0, timestamps=np.array([0.0, 1.0, 1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError):
+        rts_smooth(np.zeros((5, 2)), None, 1.0, 0.0)
+
+
+def test_timestamps_matter_for_variable_frame_rate():
+    rng = np.random.default_rng(9)
+    t = np.cumsum(rng.choice([1 / 50, 1 / 15], size=150))
+    truth = _head_motion(t)[:, :1]
+    measured = truth + rng.normal(scale=0.005, size=truth.shape)
+    noise = NoiseModel(measurement_std=0.005, acceleration_std=0.6)
+    with_times = rts_smooth(measured, None, noise.process_var(), noise.measurement_var(), timestamps=t)
+    as_uniform = rts_smooth(measured, None, noise.process_var(), noise.measurement_var(), timestamps=np.arange(150) * np.mean(np.diff(t)))
+    assert np.sqrt(np.mean((with_times - truth) ** 2)) < 0.8 * np.sqrt(np.mean((as_uniform - truth) ** 2))
