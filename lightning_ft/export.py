@@ -393,6 +393,36 @@ def _valid_indices(result: TrackingResult, notes: List[str], fmt: str) -> np.nda
 VHAP_N_SHAPE, VHAP_N_EXPR = 300, 100
 
 
+def _vhap_crop(result: TrackingResult):
+    """((x0, W'), (y0, H')): the image crop that centres the principal point; refuses
+    cameras a field-of-view camera cannot hold."""
+    fx, fy = (float(v) for v in result.focal_length)
+    if abs(fx - fy) > 1e-3:
+        raise UsageError(f"export vhap: GaussianAvatars derives fy from fx (one field of view); the tracking has "
+                         f"fx={fx:.3f}, fy={fy:.3f}; track with a single focal length")
+    return (_centred_span(float(result.principal_point[0]), result.width, "x"),
+            _centred_span(float(result.principal_point[1]), result.height, "y"))
+
+
+def _lightning_precheck(result: TrackingResult) -> None:
+    if result.height != result.width:
+        raise UsageError(f"export lightning: LightningTrack uses square 512x512 frames; the crop is "
+                         f"{result.width}x{result.height}")
+
+
+def _centred_span(c: float, size: int, axis: str):
+    """(start, length) of the largest pixel span [start, start+length) of an image side
+    whose centre is the principal point c; exact (no resampling) when 2c is an integer."""
+    if abs(2 * c - round(2 * c)) > 1e-6:
+        raise UsageError(f"export vhap: principal point {axis}={c} is not on a pixel or half-pixel, so the image "
+                         "cannot be cropped to centre it without resampling; track with a centred principal point")
+    half = min(c, size - c)
+    if half <= 0:
+        raise UsageError(f"export vhap: principal point {axis}={c} lies outside the {size}-pixel image")
+    start = int(round(c - half))
+    return start, int(round(2 * half))
+
+
 def export_vhap(result: TrackingResult, out_dir: Path, flame_eval: FlameEvaluation, frames: _Frames,
                 notes: List[str]) -> List[Path]:
     """VHAP's tracked_flame_params.npz and the NeRF dataset of export_as_nerf_dataset.py.
@@ -404,9 +434,12 @@ def export_vhap(result: TrackingResult, out_dir: Path, flame_eval: FlameEvaluati
     """
     out_dir = Path(out_dir)
     idx = _valid_indices(result, notes, "vhap")
-    H, W = result.height, result.width
     fx, fy = (float(v) for v in result.focal_length)
-    cx, cy = (float(v) for v in result.principal_point)
+    (x0, W), (y0, H) = _vhap_crop(result)
+    if (x0, y0, W, H) != (0, 0, result.width, result.height):
+        notes.append(f"vhap: images cropped to [{x0}:{x0 + W}, {y0}:{y0 + H}] of the {result.width}x{result.height} "
+                     "crop so the principal point is centred, as GaussianAvatars' field-of-view camera assumes")
+    cx, cy = W / 2.0, H / 2.0
     R_gl = cam.OPENCV_TO_OPENGL @ result.rotation[idx].astype(np.float64)
     t_gl = result.translation[idx].astype(np.float64) @ cam.OPENCV_TO_OPENGL
     J0 = flame_eval.root[idx]
@@ -420,8 +453,10 @@ def export_vhap(result: TrackingResult, out_dir: Path, flame_eval: FlameEvaluati
         "rotation": rotation.astype(np.float32), "translation": trans.astype(np.float32),
         "neck_pose": result.neck_pose[idx].astype(np.float32), "jaw_pose": result.jaw_pose[idx].astype(np.float32),
         "eyes_pose": result.eye_pose[idx].astype(np.float32), "shape": shape, "expr": expr,
+        # GaussianAvatars reads static_offset [1,V,3] (it pads the teeth vertices itself).
+        "static_offset": np.zeros((1, flame_eval.neutral_vertices.shape[0], 3), np.float32),
     }
-    written = [_write_npz(out_dir / "tracked_flame_params.npz", **params,
+    written = [_write_npz(out_dir / "tracked_flame_params_30.npz", **params,
                           timestep_id=np.array([f"{int(f):05d}" for f in result.frame_ids[idx]]),
                           n_processed_frames=np.array(len(idx)),
                           # VHAP stores focal length divided by max(H, W).
@@ -439,13 +474,14 @@ def export_vhap(result: TrackingResult, out_dir: Path, flame_eval: FlameEvaluati
                 "file_path": f"images/{ti:05d}_00.png", "flame_param_path": f"flame_param/{ti:05d}.npz"}
         frame_items.append(item)
         written.append(_write_npz(out_dir / item["flame_param_path"],
-                                  **{k: (v if k == "shape" else v[[ti]]) for k, v in params.items()}))
+                                  **{k: (v if k in ("shape", "static_offset") else v[[ti]])
+                                     for k, v in params.items()}))
         if frames.available:
-            written.append(_write_image(out_dir / item["file_path"], frames(int(i))))
+            written.append(_write_image(out_dir / item["file_path"], frames(int(i))[y0:y0 + H, x0:x0 + W]))
     canonical = {"translation": np.zeros((1, 3), np.float32), "rotation": np.zeros((1, 3), np.float32),
                  "neck_pose": np.zeros((1, 3), np.float32), "jaw_pose": np.array([[0.3, 0, 0]], np.float32),
                  "eyes_pose": np.zeros((1, 6), np.float32), "shape": shape,
-                 "expr": np.zeros((1, VHAP_N_EXPR), np.float32)}
+                 "expr": np.zeros((1, VHAP_N_EXPR), np.float32), "static_offset": params["static_offset"]}
     written.append(_write_npz(out_dir / "canonical_flame_param.npz", **canonical))
     db = {"frames": frame_items, **intr, "timestep_indices": list(range(len(idx))), "camera_indices": [0]}
     written.append(_write_json(out_dir / "transforms.json", db))
@@ -542,9 +578,8 @@ def export_lightning(result: TrackingResult, out_dir: Path, flame_eval: FlameEva
     (global 0, jaw), transform_matrix [3,4] = [R | T] of PyTorch3D for
     vertices scaled by 5. Images: images/<name>.png at 512x512.
     """
+    _lightning_precheck(result)
     H, W = result.height, result.width
-    if H != W:
-        raise UsageError(f"export lightning: LightningTrack uses square 512x512 frames; the crop is {W}x{H}")
     out_dir = Path(out_dir)
     idx = _valid_indices(result, notes, "lightning")
     R, t = _fold_neck(result, flame_eval, notes, "lightning")
@@ -660,12 +695,15 @@ class ExportFormat:
     writer: Callable[..., List[Path]]
     consumers: str
     expected_flame: Optional[str]
+    precheck: Optional[Callable[[TrackingResult], Any]] = None
 
 
 FORMATS: Dict[str, ExportFormat] = {
-    "vhap": ExportFormat("vhap", export_vhap, "GaussianAvatars (VHAP's NeRF dataset export)", "2023"),
+    "vhap": ExportFormat("vhap", export_vhap, "GaussianAvatars (VHAP's NeRF dataset export)", "2023",
+                         _vhap_crop),
     "metrical": ExportFormat("metrical", export_metrical, "INSTA, FlashAvatar (metrical-tracker)", "2020"),
-    "lightning": ExportFormat("lightning", export_lightning, "GPAvatar, GAGAvatar (LightningTrack)", "2020"),
+    "lightning": ExportFormat("lightning", export_lightning, "GPAvatar, GAGAvatar (LightningTrack)", "2020",
+                              _lightning_precheck),
     "nerface": ExportFormat("nerface", export_nerface, "NeRFace", None),
     "mesh": ExportFormat("mesh", export_mesh, "any mesh tool (OBJ)", None),
 }
@@ -711,6 +749,8 @@ def export(result_dir: Path, formats: List[str], out_dir: Optional[Path] = None,
     frame_source = _Frames(frames, result.n_frames)
     for name in formats:  # refuse before writing anything
         check_flame_version(result, FORMATS[name], allow_version_mismatch, [])
+        if FORMATS[name].precheck is not None:
+            FORMATS[name].precheck(result)
     if flame is None:
         flame = load_flame_for(result)
     flame_eval = evaluate_flame(result, flame)

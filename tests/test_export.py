@@ -38,7 +38,8 @@ def flame(flame_files):
                  n_shape=20, n_exp=10, dtype=torch.float64)
 
 
-def make_result(folder: Path, flame, version="FLAME 2023", neck=False, seed=0, invalid=()):
+def make_result(folder: Path, flame, version="FLAME 2023", neck=False, seed=0, invalid=(),
+                focal=FOCAL, principal=PRINCIPAL):
     """A tracking.npz + meta.json of the documented contract, with images."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -55,7 +56,7 @@ def make_result(folder: Path, flame, version="FLAME 2023", neck=False, seed=0, i
         neck_pose=(rng.normal(scale=0.15, size=(T, 3)) if neck else np.zeros((T, 3))).astype(np.float32),
         eye_pose=rng.normal(scale=0.1, size=(T, 6)).astype(np.float32),
         rotation=rotation.astype(np.float32), translation=translation.astype(np.float32),
-        focal_length=FOCAL.astype(np.float32), principal_point=PRINCIPAL.astype(np.float32),
+        focal_length=np.asarray(focal, np.float32), principal_point=np.asarray(principal, np.float32),
         image_size=np.array([H, W]), crop_boxes=np.tile([100.0, 50.0, 300.0, 250.0], (T, 1)),
         lmk68=rng.uniform(20, 70, size=(T, 68, 2)).astype(np.float32),
         lmk_dense=rng.uniform(20, 70, size=(T, 478, 2)).astype(np.float32), fps=np.array(25.0),
@@ -94,16 +95,22 @@ def native_projection(flame, result_dir):
 
 
 def test_vhap_round_trip_and_loader(tmp_path, flame):
-    result_dir, images = make_result(tmp_path / "res", flame, version="FLAME 2023")
+    # GaussianAvatars' camera is a field of view: one focal length, centred
+    # principal point; the exporter crops the images to centre (50.5, 44.5).
+    result_dir, images = make_result(tmp_path / "res", flame, version="FLAME 2023",
+                                     focal=[305.0, 305.0], principal=[50.5, 44.5])
     ex.export(result_dir, ["vhap"], tmp_path / "out", frames=images, flame=flame)
     root = tmp_path / "out" / "vhap"
     npz, native = native_projection(flame, result_dir)
+    x0, y0 = 5, 0  # largest spans centred on 50.5 in 96 and 44.5 in 96 columns/rows
 
-    tracked = np.load(root / "tracked_flame_params.npz")
+    tracked = np.load(root / "tracked_flame_params_30.npz")
     assert {"rotation", "translation", "neck_pose", "jaw_pose", "eyes_pose", "shape", "expr", "timestep_id",
             "n_processed_frames", "focal_length"} <= set(tracked.files)
     assert tracked["expr"].shape == (T, 100) and tracked["shape"].shape == (300,)
     assert int(tracked["n_processed_frames"]) == T
+    # VHAP's export_as_nerf_dataset.py picks the file by the epoch after the last '_'.
+    assert [int(p.stem.split("_")[-1]) for p in root.glob("tracked_flame_params*.npz")] == [30]
 
     frames = []
     for split in ("train", "val", "test"):
@@ -111,25 +118,48 @@ def test_vhap_round_trip_and_loader(tmp_path, flame):
     assert len(frames) == T
     for frame in frames:
         i = frame["timestep_index_original"]
-        # GaussianAvatars: OpenGL c2w -> COLMAP/OpenCV, then invert.
+        # GaussianAvatars readCamerasFromTransforms: OpenGL c2w -> COLMAP, invert;
+        # intrinsics only from camera_angle_x and the image size.
         c2w = np.array(frame["transform_matrix"], dtype=np.float64)
         c2w[:3, 1:3] *= -1
         w2c = np.linalg.inv(c2w)
-        assert np.isclose(tracked["focal_length"].item() * max(frame["h"], frame["w"]), frame["fl_x"], rtol=1e-6)
-        assert Image.open(root / frame["file_path"]).size == (frame["w"], frame["h"])
-        np.testing.assert_array_equal(np.asarray(Image.open(root / frame["file_path"])), images[i])
-        p = dict(np.load(root / frame["flame_param_path"]))
+        w, h = frame["w"], frame["h"]
+        fovx = frame["camera_angle_x"]
+        fx = w / (2 * np.tan(fovx / 2))
+        fovy = 2 * np.arctan(h / (2 * fx))
+        fy = h / (2 * np.tan(fovy / 2))
+        assert np.isclose(tracked["focal_length"].item() * max(h, w), frame["fl_x"], rtol=1e-6)
+        img = np.asarray(Image.open(root / frame["file_path"]))
+        assert img.shape == (h, w, 3)
+        np.testing.assert_array_equal(img, images[i][y0:y0 + h, x0:x0 + w])
+        p = dict(np.load(root / frame["flame_param_path"], allow_pickle=True))
         assert p["rotation"].shape == (1, 3) and p["eyes_pose"].shape == (1, 6) and p["expr"].shape == (1, 100)
+        assert p["static_offset"].shape == (1, flame.n_vertices, 3)
         # VHAP's FlameHead: LBS with `rotation` as the root joint, then + translation.
         X = tracked_landmarks(flame, {"shape": p["shape"][:20], "expression": p["expr"][:, :10],
                                       "neck_pose": p["neck_pose"], "jaw_pose": p["jaw_pose"],
                                       "eye_pose": p["eyes_pose"]}, global_pose=p["rotation"])[0]
         X = X + p["translation"][0]
         x = X @ w2c[:3, :3].T + w2c[:3, 3]
+        px = np.stack([fx * x[:, 0] / x[:, 2] + w / 2, fy * x[:, 1] / x[:, 2] + h / 2], 1)
+        assert np.abs(px + [x0, y0] - native[i]).max() < TOL_PX
+        # VHAP's own NeRFDataset uses the explicit intrinsics instead.
         px = np.stack([frame["fl_x"] * x[:, 0] / x[:, 2] + frame["cx"], frame["fl_y"] * x[:, 1] / x[:, 2] + frame["cy"]], 1)
-        assert np.abs(px - native[i]).max() < TOL_PX
+        assert np.abs(px + [x0, y0] - native[i]).max() < TOL_PX
     info = json.loads((root / "export_info.json").read_text())
     assert info["flame"]["version"] == "FLAME 2023" and info["flame"]["sha256"] == flame.sha256
+    assert any("cropped" in n for n in info["notes"])
+
+
+@pytest.mark.parametrize("focal,principal,match", [
+    ([305.0, 300.0], [48.0, 48.0], "single focal"),
+    ([305.0, 305.0], [48.0, 44.25], "half-pixel"),
+])
+def test_vhap_refuses_cameras_gaussianavatars_cannot_hold(tmp_path, flame, focal, principal, match):
+    result_dir, _ = make_result(tmp_path / "res", flame, focal=focal, principal=principal)
+    with pytest.raises(UsageError, match=match):
+        ex.export(result_dir, ["mesh", "vhap"], tmp_path / "out", flame=flame)
+    assert not (tmp_path / "out").exists()  # refused before writing anything
 
 
 # ----------------------------------------------------------------------------
@@ -317,7 +347,8 @@ def test_unknown_format(tmp_path, flame):
 
 
 def test_version_mismatch_refused_unless_allowed(tmp_path, flame):
-    result_dir, _ = make_result(tmp_path / "res", flame, version="FLAME 2020")
+    result_dir, _ = make_result(tmp_path / "res", flame, version="FLAME 2020", focal=[305.0, 305.0],
+                                principal=[48.0, 48.0])
     with pytest.raises(UsageError, match="FLAME 2023"):
         ex.export(result_dir, ["mesh", "vhap"], tmp_path / "out", flame=flame)
     assert not (tmp_path / "out").exists()  # refused before writing anything
