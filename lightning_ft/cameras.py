@@ -6,6 +6,12 @@ camera axes x right, y down, z forward (into the scene), and projects to
 pixels as ``(fx * x/z + cx, fy * y/z + cy)``. ``R [...,3,3]`` and
 ``t [...,3]`` are world-to-camera ("extrinsics", w2c).
 
+Pixel coordinates are continuous with (0, 0) at the top-left *corner* of the
+top-left pixel, so pixel (i, j) has its centre at (i + 0.5, j + 0.5); this is
+mediapipe's normalised coordinates times the image size and PyTorch3D's
+screen space, and a centred camera has (cx, cy) = (W/2, H/2). Consumers that
+put pixel centres on integers (NeRF-style ray casting) need cx - 0.5, cy - 0.5.
+
 The consumers of our exports use two other conventions:
 
 - **OpenGL / NeRF** (Blender, instant-ngp, nerface, VHAP/GaussianAvatars

@@ -532,6 +532,10 @@ def export_metrical(result: TrackingResult, out_dir: Path, flame_eval: FlameEval
     eye6 = cam.matrix_to_rotation_6d(cam.axis_angle_to_matrix(result.eye_pose.reshape(-1, 2, 3))).reshape(-1, 12)
     jaw6 = cam.matrix_to_rotation_6d(cam.axis_angle_to_matrix(result.jaw_pose))
     R_p3d, T_p3d = cam.opencv_to_pytorch3d(R, t)
+    offset = np.asarray(result.principal_point, np.float64) - [W / 2.0, H / 2.0]
+    if np.abs(offset).max() > 0.5:
+        notes.append(f"metrical: principal point is ({offset[0]:+.2f}, {offset[1]:+.2f}) px from the image centre; "
+                     "metrical-tracker and INSTA use it, FlashAvatar's field-of-view camera ignores it")
     _require_images_note(frames, "metrical", notes)
     written = []
     for n, i in enumerate(idx):
@@ -638,7 +642,9 @@ def export_nerface(result: TrackingResult, out_dir: Path, flame_eval: FlameEvalu
     _record_dropped(result.eye_pose[idx], "eye rotation", "nerface", notes)
     c2w = cam.opencv_to_opengl_c2w(R, t)
     fx, fy = (float(v) for v in result.focal_length)
-    cx, cy = (float(v) for v in result.principal_point)
+    # nerface casts the ray of pixel (i, j) through (i, j) itself (pixel centres on
+    # integers); LightningFT puts pixel centres at +0.5 (PyTorch3D screen space).
+    cx, cy = (float(v) - 0.5 for v in result.principal_point)
     expression = np.concatenate([result.expression, result.jaw_pose], axis=1).astype(np.float64)
     _require_images_note(frames, "nerface", notes)
     written = []

@@ -285,10 +285,11 @@ def test_nerface_round_trip_and_loader(tmp_path, flame):
             np.testing.assert_array_equal(img, images[i])
             assert len(frame["expression"]) == 13
             c2w = np.array(frame["transform_matrix"])
-            # nerface rays: d = ((u - cx)/fx, -(v - cy)/fy, -1) rotated by c2w.
+            # nerface rays: pixel (i, j) -> d = ((i - cx)/fx, -(j - cy)/fy, -1) rotated by c2w,
+            # with i, j integer pixel indices (centres); native pixel centres sit at +0.5.
             x = (X[i] - c2w[:3, 3]) @ c2w[:3, :3]
             px = np.stack([cx + fx * x[:, 0] / -x[:, 2], cy - fy * x[:, 1] / -x[:, 2]], 1)
-            assert np.abs(px - native[i]).max() < TOL_PX
+            assert np.abs(px + 0.5 - native[i]).max() < TOL_PX
             seen.add(i)
     assert seen == set(range(T))
     assert np.isclose(0.5 * W / np.tan(0.5 * meta["camera_angle_x"]), fx)
