@@ -33,7 +33,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Unio
 import numpy as np
 
 from . import cameras as cam
-from .errors import LightningFTError, UsageError
+from .errors import UsageError
+from .progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -234,8 +235,12 @@ def _torch():
     return torch
 
 
-def evaluate_flame(result: TrackingResult, flame) -> FlameEvaluation:
-    """Evaluate `flame` on every frame with zero global rotation (batched, float64)."""
+def evaluate_flame(result: TrackingResult, flame, need_vertices: bool = True, chunk: int = 128) -> FlameEvaluation:
+    """Evaluate `flame` on every frame with zero global rotation, in chunks of frames.
+
+    need_vertices=False keeps only the joints (vertices [T,V,3] of a long
+    video take gigabytes; only the mesh export needs them).
+    """
     torch = _torch()
     info = result.flame_info
     if info.get("sha256") and getattr(flame, "sha256", None) and flame.sha256 != info["sha256"]:
@@ -244,17 +249,23 @@ def evaluate_flame(result: TrackingResult, flame) -> FlameEvaluation:
             f"given for export ({getattr(flame.data, 'path', '?')}) has {flame.sha256[:12]}...; use the same file"
         )
     dtype = flame.v_template.dtype
-    T = result.n_frames
     t = lambda a: torch.as_tensor(np.asarray(a), dtype=dtype)  # noqa: E731
-    shape = t(result.shape)[None].expand(T, -1)
+    vertices, root, neck = [], [], []
     with torch.no_grad():
-        out = flame(shape=shape, expression=t(result.expression), jaw_pose=t(result.jaw_pose),
-                    neck_pose=t(result.neck_pose), eye_pose=t(result.eye_pose))
-        neutral = flame(shape=shape[:1])
+        for s in range(0, result.n_frames, chunk):
+            e = min(s + chunk, result.n_frames)
+            out = flame(shape=t(result.shape)[None].expand(e - s, -1), expression=t(result.expression[s:e]),
+                        jaw_pose=t(result.jaw_pose[s:e]), neck_pose=t(result.neck_pose[s:e]),
+                        eye_pose=t(result.eye_pose[s:e]))
+            root.append(out.joints[:, 0].double().numpy())
+            neck.append(out.joints[:, 1].double().numpy())
+            if need_vertices:
+                vertices.append(out.vertices.double().numpy())
+        neutral = flame(shape=t(result.shape)[None])
     return FlameEvaluation(
-        vertices=out.vertices.double().numpy(), root=out.joints[:, 0].double().numpy(),
-        neck=out.joints[:, 1].double().numpy(), faces=flame.faces.numpy().astype(np.int64),
-        neutral_vertices=neutral.vertices[0].double().numpy(),
+        vertices=np.concatenate(vertices) if need_vertices else np.zeros((0, 0, 3)),
+        root=np.concatenate(root), neck=np.concatenate(neck),
+        faces=flame.faces.numpy().astype(np.int64), neutral_vertices=neutral.vertices[0].double().numpy(),
     )
 
 
@@ -467,7 +478,7 @@ def export_vhap(result: TrackingResult, out_dir: Path, flame_eval: FlameEvaluati
             "camera_angle_x": float(cam.focal_to_fov(fx, W)), "camera_angle_y": float(cam.focal_to_fov(fy, H))}
     _require_images_note(frames, "vhap", notes)
     frame_items = []
-    for ti, i in enumerate(idx):
+    for ti, i in progress(enumerate(idx), total=len(idx), desc="export vhap"):
         item = {"timestep_index": ti, "timestep_index_original": int(i),
                 "timestep_id": f"{int(result.frame_ids[i]):05d}", "camera_index": 0, "camera_id": "0",
                 **intr, "transform_matrix": c2w.tolist(),
@@ -538,7 +549,7 @@ def export_metrical(result: TrackingResult, out_dir: Path, flame_eval: FlameEval
                      "metrical-tracker and INSTA use it, FlashAvatar's field-of-view camera ignores it")
     _require_images_note(frames, "metrical", notes)
     written = []
-    for n, i in enumerate(idx):
+    for n, i in progress(enumerate(idx), total=len(idx), desc="export metrical"):
         frame_id = f"{n:05d}"
         sh = np.zeros((1, 9, 3), np.float32)
         if light is not None:
@@ -597,7 +608,7 @@ def export_lightning(result: TrackingResult, out_dir: Path, flame_eval: FlameEva
     _require_images_note(frames, "lightning", notes)
     lmk = result.lmk68.astype(np.float64)
     records, written = {}, []
-    for i in idx:
+    for i in progress(idx, total=len(idx), desc="export lightning"):
         name = f"{result.video_name}_{int(result.frame_ids[i])}"
         bbox = np.array([lmk[i, :, 0].min() / W, lmk[i, :, 1].min() / H,
                          lmk[i, :, 0].max() / W, lmk[i, :, 1].max() / H], np.float32)
@@ -678,7 +689,7 @@ def export_mesh(result: TrackingResult, out_dir: Path, flame_eval: FlameEvaluati
     faces = flame_eval.faces
     written = [_atomic_write(out_dir / "identity.obj", _obj_text(flame_eval.neutral_vertices, faces).encode())]
     R, t = result.rotation.astype(np.float64), result.translation.astype(np.float64)
-    for i in idx:
+    for i in progress(idx, total=len(idx), desc="export mesh"):
         verts = flame_eval.vertices[i] @ R[i].T + t[i]
         written.append(_atomic_write(out_dir / "meshes" / f"{int(result.frame_ids[i]):05d}.obj",
                                      _obj_text(verts, faces).encode()))
@@ -759,7 +770,7 @@ def export(result_dir: Path, formats: List[str], out_dir: Optional[Path] = None,
             FORMATS[name].precheck(result)
     if flame is None:
         flame = load_flame_for(result)
-    flame_eval = evaluate_flame(result, flame)
+    flame_eval = evaluate_flame(result, flame, need_vertices="mesh" in formats)
     written: List[Path] = []
     for name in formats:
         fmt = FORMATS[name]

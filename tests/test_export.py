@@ -377,3 +377,15 @@ def test_model_hash_must_match(tmp_path, flame):
 ])
 def test_detect_flame_version(name, raw, expected):
     assert ex.detect_flame_version(raw, Path("/assets/FLAME") / name) == expected
+
+
+def test_flame_evaluation_in_chunks_matches_one_batch(tmp_path, flame):
+    result_dir, _ = make_result(tmp_path / "res", flame, neck=True)
+    result = ex.load_tracking(result_dir)
+    whole = ex.evaluate_flame(result, flame, chunk=128)
+    parts = ex.evaluate_flame(result, flame, chunk=2)
+    np.testing.assert_allclose(parts.vertices, whole.vertices, atol=1e-12)
+    np.testing.assert_allclose(parts.neck, whole.neck, atol=1e-12)
+    assert ex.evaluate_flame(result, flame, need_vertices=False).vertices.size == 0
+    # The root joint does not move when the neck turns; the neck joint is where it turns.
+    assert not np.allclose(whole.root[0], whole.neck[0])
