@@ -140,13 +140,41 @@ def _ibug68_layout() -> np.ndarray:
     return np.concatenate([jaw, brow_r, brow_l, nose_bridge, nostrils, eye_r, eye_l, outer, inner])
 
 
-def _nearest_faces(verts: np.ndarray, faces: np.ndarray, points: np.ndarray, rng) -> Tuple[np.ndarray, np.ndarray]:
-    """For each 3-D point the closest face (by centroid) and random barycentrics."""
+def _nearest_faces(verts: np.ndarray, faces: np.ndarray, points: np.ndarray, rng=None) -> Tuple[np.ndarray, np.ndarray]:
+    """For each 3-D point, the nearest face (among those with the closest
+    centroids) and the barycentric coordinates of the point's projection
+    onto it, clamped inside: nearby points get nearby embeddings, like the
+    real tables whose contour moves smoothly with yaw."""
     centroids = verts[faces].mean(1)
-    d = ((points[:, None] - centroids[None]) ** 2).sum(-1)
-    idx = d.argmin(1)
-    bary = rng.dirichlet([4, 4, 4], size=len(points))
-    return idx.astype(np.int64), bary
+    out_f, out_b = [], []
+    for p in points:
+        cand = np.argsort(((centroids - p) ** 2).sum(1))[:8]
+        best = None
+        for f in cand:
+            a, b, c = verts[faces[f]]
+            bary = _closest_barycentric(p, a, b, c)
+            q = bary @ np.stack([a, b, c])
+            d = ((q - p) ** 2).sum()
+            if best is None or d < best[0]:
+                best = (d, f, bary)
+        out_f.append(best[1])
+        out_b.append(best[2])
+    return np.asarray(out_f, dtype=np.int64), np.asarray(out_b)
+
+
+def _closest_barycentric(p, a, b, c) -> np.ndarray:
+    """Barycentric coordinates of the point of triangle abc closest to p."""
+    n = np.cross(b - a, c - a)
+    n2 = (n ** 2).sum() + 1e-20
+    q = p - ((p - a) @ n) / n2 * n
+    v0, v1, v2 = b - a, c - a, q - a
+    d00, d01, d11 = v0 @ v0, v0 @ v1, v1 @ v1
+    d20, d21 = v2 @ v0, v2 @ v1
+    den = d00 * d11 - d01 * d01 + 1e-20
+    v = (d11 * d20 - d01 * d21) / den
+    w = (d00 * d21 - d01 * d20) / den
+    bary = np.clip(np.array([1 - v - w, v, w]), 0.02, None)
+    return bary / bary.sum()
 
 
 def _surface_point(verts: np.ndarray, xy: np.ndarray, front_only=True) -> np.ndarray:
