@@ -339,7 +339,7 @@ def _checkpoint_structure(path: Path, deep: bool) -> str:
                 if not deep:
                     return "torch zip checkpoint"
                 pickled = archive.read(data_pkl[0])
-        except zipfile.BadZipFile as exc:
+        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
             raise AssetError(f"{path}: damaged torch checkpoint ({exc}); download it again") from None
         streams = [io.BytesIO(pickled)]
         fmt = "torch zip checkpoint"
@@ -358,7 +358,7 @@ def _checkpoint_structure(path: Path, deep: bool) -> str:
             for opcode, arg, _ in pickletools.genops(stream):
                 if isinstance(arg, str) and arg == "state_dict":
                     return f"{fmt} with a state_dict"
-    except ValueError as exc:
+    except (ValueError, EOFError) as exc:  # pickletools reports short or unknown opcodes as ValueError
         raise AssetError(f"{path}: damaged checkpoint pickle ({exc}); download it again") from None
     finally:
         for stream in streams:
