@@ -1,0 +1,640 @@
+"""A differentiable triangle rasterizer in plain PyTorch (CPU and GPU).
+
+Used by photometric synthesis (gradients to vertex positions) and by the `-v`
+video (shaded meshes). pytorch3d and nvdiffrast are not installable here.
+
+Conventions
+-----------
+- Camera space is OpenCV's: meters, x right, y down, z forward (z > 0 in front).
+- Screen space is pixels: `project` maps a point to (u, v) = (fx*x/z + cx,
+  fy*y/z + cy) and keeps z. Pixel (u, v) is image column u, row v, and the
+  *centre* of pixel i lies at coordinate i (not i + 0.5). A pixel is covered by
+  a triangle when its centre lies inside it (edges included; on a shared edge
+  the z-buffer picks one triangle).
+- A triangle (v0, v1, v2) is front-facing when its vertices run
+  counter-clockwise seen from outside, i.e. its normal (v1-v0)x(v2-v0) points
+  at the camera; in screen space (y down) such a triangle has a *negative*
+  signed area (u1-u0)(v2-v0) - (v1-v0)(u2-u0).
+
+Algorithm (why it is fast)
+--------------------------
+Visibility is discrete, so it is computed without autograd: every triangle
+enumerates the pixel centres inside its clamped bounding box (a per-triangle
+bin; for a mesh of small triangles such as FLAME this is far less work than
+screen tiles x triangles, and never a loop over pixels or triangles in
+Python), evaluates barycentric edge functions relative to its first vertex
+(which keeps float32 exact enough at 512 px), and resolves depth with a
+single `scatter_reduce(amin)` over an int64 key that packs (float32 depth
+bits, face index): positive float bit patterns sort like the floats, so one
+reduction yields both the z-buffer and the winning face, ties broken by the
+lower face index (deterministic on CPU and GPU).
+
+Gradients
+---------
+Two established techniques, as in nvdiffrast (Laine et al., "Modular
+Primitives for High-Performance Differentiable Rendering", 2020):
+
+1. Inside triangles: after visibility is known, the barycentrics of every
+   covered pixel are recomputed *with* autograd from the winning triangle's
+   screen vertices (perspective-correct from z). Anything interpolated with
+   them (colours, normals, UVs) therefore has exact derivatives w.r.t. vertex
+   positions, as nvdiffrast's interpolation gradients.
+2. At silhouettes: `antialias` implements nvdiffrast's analytic
+   antialiasing. For every pair of neighbouring pixels whose triangles differ,
+   it finds where the front triangle's silhouette edge crosses the segment
+   between the two pixel centres and blends the two colours by the covered
+   fraction. The image becomes a continuous function of vertex positions, and
+   its derivative carries the visibility (coverage) gradient to the edge's
+   vertices.
+
+We chose this over SoftRas-style sigmoid coverage because it costs work only
+at discontinuity pixels (SoftRas needs a distance from every pixel to every
+nearby triangle, i.e. an aggregation over many faces per pixel), leaves the
+forward image sharp apart from one-pixel edge blending, and its gradient is the
+geometric one (moving an edge changes coverage by the swept area), which the
+tests check against the exact area derivative.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import LightningFTError
+
+__all__ = [
+    "Fragments",
+    "project",
+    "rasterize",
+    "interpolate",
+    "antialias",
+    "face_adjacency",
+    "vertex_normals",
+    "sh_basis",
+    "sh_shading",
+    "lambert_shading",
+    "sample_texture",
+    "render_shaded",
+    "DECA_SH_CONSTANTS",
+]
+
+# DECA's per-band factors for 9-coefficient SH irradiance (Ramamoorthi and
+# Hanrahan's convolution with the clamped cosine times the basis normalisation),
+# in DECA's basis order [1, x, y, z, xy, xz, yz, x^2 - y^2, 3z^2 - 1].
+DECA_SH_CONSTANTS = (
+    1.0 / np.sqrt(4 * np.pi),
+    (2 * np.pi / 3) * np.sqrt(3 / (4 * np.pi)),
+    (2 * np.pi / 3) * np.sqrt(3 / (4 * np.pi)),
+    (2 * np.pi / 3) * np.sqrt(3 / (4 * np.pi)),
+    (np.pi / 4) * 3 * np.sqrt(5 / (12 * np.pi)),
+    (np.pi / 4) * 3 * np.sqrt(5 / (12 * np.pi)),
+    (np.pi / 4) * 3 * np.sqrt(5 / (12 * np.pi)),
+    (np.pi / 4) * (3 / 2) * np.sqrt(5 / (12 * np.pi)),
+    (np.pi / 4) * (1 / 2) * np.sqrt(5 / (4 * np.pi)),
+)
+
+_KEY_BACKGROUND = torch.iinfo(torch.int64).max
+_FACE_BITS = 32
+
+
+@dataclass
+class Fragments:
+    """Per-pixel result of `rasterize` for a batch of B images of H x W.
+
+    face_idx: [B,H,W] long, index into `faces` of the visible triangle, -1 for
+        background.
+    bary: [B,H,W,3] float, barycentric weights of the visible triangle's three
+        vertices at the pixel centre (perspective-correct unless rasterized
+        with `perspective_correct=False`); zero on background. Differentiable
+        w.r.t. the screen vertices given to `rasterize`.
+    zbuf: [B,H,W] float, depth z of the visible surface (meters when the
+        screen vertices carry camera z), -1 on background; differentiable.
+    """
+
+    face_idx: torch.Tensor
+    bary: torch.Tensor
+    zbuf: torch.Tensor
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """[B,H,W] bool, True where a triangle is visible."""
+        return self.face_idx >= 0
+
+    @property
+    def image_size(self) -> Tuple[int, int]:
+        return int(self.face_idx.shape[1]), int(self.face_idx.shape[2])
+
+
+def project(
+    vertices_cam: torch.Tensor,
+    K: Optional[torch.Tensor] = None,
+    *,
+    focal: Optional[torch.Tensor] = None,
+    principal_point: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Pinhole projection of OpenCV camera-space points to screen space.
+
+    vertices_cam: [B,V,3] meters (x right, y down, z forward).
+    K: [B,3,3] or [3,3] intrinsics in pixels; or give `focal` ([B,2] or [2],
+        fx, fy in pixels) and `principal_point` ([B,2] or [2], cx, cy).
+    Returns [B,V,3]: (u, v) in pixels (pixel i's centre at coordinate i) and
+    the camera z unchanged (meters).
+    """
+    if K is not None:
+        K = torch.as_tensor(K, dtype=vertices_cam.dtype, device=vertices_cam.device)
+        if K.dim() == 2:
+            K = K.expand(vertices_cam.shape[0], 3, 3)
+        fx, fy = K[:, 0, 0], K[:, 1, 1]
+        skew = K[:, 0, 1]
+        cx, cy = K[:, 0, 2], K[:, 1, 2]
+    else:
+        if focal is None or principal_point is None:
+            raise LightningFTError("project: give K or both focal and principal_point")
+        focal = torch.as_tensor(focal, dtype=vertices_cam.dtype, device=vertices_cam.device)
+        principal_point = torch.as_tensor(
+            principal_point, dtype=vertices_cam.dtype, device=vertices_cam.device)
+        focal = focal.expand(vertices_cam.shape[0], 2)
+        principal_point = principal_point.expand(vertices_cam.shape[0], 2)
+        fx, fy = focal[:, 0], focal[:, 1]
+        cx, cy = principal_point[:, 0], principal_point[:, 1]
+        skew = torch.zeros_like(fx)
+    x, y, z = vertices_cam.unbind(-1)
+    xn, yn = x / z, y / z
+    u = fx[:, None] * xn + skew[:, None] * yn + cx[:, None]
+    v = fy[:, None] * yn + cy[:, None]
+    return torch.stack([u, v, z], dim=-1)
+
+
+def _signed_area(tri: torch.Tensor) -> torch.Tensor:
+    """tri [...,3,>=2] screen vertices -> [...] twice the signed area."""
+    u0, v0 = tri[..., 0, 0], tri[..., 0, 1]
+    return ((tri[..., 1, 0] - u0) * (tri[..., 2, 1] - v0)
+            - (tri[..., 1, 1] - v0) * (tri[..., 2, 0] - u0))
+
+
+def _barycentric(tri: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Screen-space barycentrics of points (x, y) [N] in triangles tri [N,3,>=2] -> [N,3].
+
+    Each weight is an edge function over twice the signed area; all three are
+    computed explicitly so that the gradient treats the vertices alike.
+    """
+    u0, v0 = tri[:, 0, 0], tri[:, 0, 1]
+    u1, v1 = tri[:, 1, 0], tri[:, 1, 1]
+    u2, v2 = tri[:, 2, 0], tri[:, 2, 1]
+    area = (u1 - u0) * (v2 - v0) - (v1 - v0) * (u2 - u0)
+    w0 = (u1 - x) * (v2 - y) - (v1 - y) * (u2 - x)
+    w1 = (u2 - x) * (v0 - y) - (v2 - y) * (u0 - x)
+    w2 = (u0 - x) * (v1 - y) - (v0 - y) * (u1 - x)
+    return torch.stack([w0, w1, w2], dim=-1) / area[:, None]
+
+
+@torch.no_grad()
+def _visible_faces(
+    verts_screen: torch.Tensor,
+    faces: torch.Tensor,
+    image_size: Tuple[int, int],
+    cull_backfaces: bool,
+    perspective_correct: bool,
+    near: float,
+) -> torch.Tensor:
+    """Discrete visibility: [B,H,W] long face index per pixel, -1 = background."""
+    B = verts_screen.shape[0]
+    F_ = faces.shape[0]
+    H, W = image_size
+    device = verts_screen.device
+    # float32 is exact enough because edge functions are evaluated relative to
+    # each triangle's bounding-box corner, a few pixels away at most.
+    tri = verts_screen.detach().float()[:, faces].reshape(B * F_, 3, 3)
+    u, v, z = tri[..., 0], tri[..., 1], tri[..., 2]
+    area = _signed_area(tri)
+    keep = (z > near).all(-1) & (area != 0) & torch.isfinite(tri).all(-1).all(-1)
+    if cull_backfaces:
+        keep &= area < 0
+    x0 = torch.ceil(u.amin(-1)).clamp(min=0)
+    x1 = torch.floor(u.amax(-1)).clamp(max=W - 1)
+    y0 = torch.ceil(v.amin(-1)).clamp(min=0)
+    y1 = torch.floor(v.amax(-1)).clamp(max=H - 1)
+    nx = x1 - x0 + 1
+    ny = y1 - y0 + 1
+    keep &= (nx > 0) & (ny > 0)
+    keybuf = torch.full((B * H * W,), _KEY_BACKGROUND, dtype=torch.long, device=device)
+    if not bool(keep.any()):
+        return torch.full((B, H, W), -1, dtype=torch.long, device=device)
+
+    # Planes a + b*dx + c*dy, with (dx, dy) measured from the bbox corner
+    # (x0, y0), for the barycentrics l1, l2 (l0 = 1 - l1 - l2) and for the
+    # depth quantity that is linear in screen space (1/z for a pinhole).
+    inv_area = 1.0 / torch.where(area != 0, area, torch.ones_like(area))
+    du1, dv1 = u[:, 1] - u[:, 0], v[:, 1] - v[:, 0]
+    du2, dv2 = u[:, 2] - u[:, 0], v[:, 2] - v[:, 0]
+    a1, b1 = dv2 * inv_area, -du2 * inv_area
+    a2, b2 = -dv1 * inv_area, du1 * inv_area
+    ox, oy = x0 - u[:, 0], y0 - v[:, 0]
+    depth = 1.0 / z if perspective_correct else z
+    gd1, gd2 = depth[:, 1] - depth[:, 0], depth[:, 2] - depth[:, 0]
+    ad, bd = a1 * gd1 + a2 * gd2, b1 * gd1 + b2 * gd2
+    count = torch.where(keep, nx * ny, torch.zeros_like(nx)).long()
+    total = int(count.sum())
+    # float32 holds every integer below (pixel and candidate indices) exactly
+    # as long as there are fewer than 2^24 of them; beyond, use float64.
+    exact = torch.float32 if max(total, B * H * W) < 2 ** 24 else torch.float64
+    start = (torch.cumsum(count, 0) - count).to(exact)
+    base_pixel = ((torch.arange(B, device=device).repeat_interleave(F_) * (H * W))
+                  + y0.long() * W + x0.long()).to(exact)
+    face_in_batch = torch.arange(F_, device=device).repeat(B).to(exact)
+    table = torch.stack([
+        a1 * ox + b1 * oy, a1, b1,
+        a2 * ox + b2 * oy, a2, b2,
+        depth[:, 0] + ad * ox + bd * oy, ad, bd,
+    ], dim=0).to(exact)
+    table = torch.cat([table, torch.stack([nx.to(exact), start, base_pixel, face_in_batch])])
+    # A triangle's candidate pixels are one contiguous run, so the
+    # per-candidate values are a repeat of the per-face table: one pass over
+    # memory, no per-pixel index arithmetic. Quantities are rows, so every
+    # per-candidate vector is contiguous.
+    row = torch.repeat_interleave(table, count, dim=1, output_size=total)  # [13,N]
+    local = torch.arange(total, device=device, dtype=exact) - row[10]
+    nx_c = row[9]
+    ly = torch.floor((local + 0.5) / nx_c)
+    lx = local - ly * nx_c
+    l1 = row[0] + row[1] * lx + row[2] * ly
+    l2 = row[3] + row[4] * lx + row[5] * ly
+    d = row[6] + row[7] * lx + row[8] * ly
+    inside = (l1 >= 0) & (l2 >= 0) & (l1 + l2 <= 1)
+    zval = (1.0 / d if perspective_correct else d).float()
+    pixel = (row[11] + ly * W + lx).long()
+    key = (zval.view(torch.int32).long() << _FACE_BITS) | row[12].long()
+    key = torch.where(inside, key, _KEY_BACKGROUND)
+    keybuf.scatter_reduce_(0, pixel, key, reduce="amin", include_self=True)
+    face_idx = torch.where(keybuf != _KEY_BACKGROUND, keybuf & ((1 << _FACE_BITS) - 1),
+                           torch.full_like(keybuf, -1))
+    return face_idx.view(B, H, W)
+
+
+def _gather_corners(per_vertex: torch.Tensor, faces: torch.Tensor,
+                    batch: torch.Tensor, face: torch.Tensor) -> torch.Tensor:
+    """Values [N,3,C] of `per_vertex` [B,V,C] at the corners of faces[face] in batch `batch`.
+
+    A flat `index_select` (whose backward is an `index_add`) is several
+    times faster on CPU than two-tensor advanced indexing.
+    """
+    V = per_vertex.shape[1]
+    vid = (faces[face] + (batch * V)[:, None]).reshape(-1)
+    flat = per_vertex.reshape(-1, per_vertex.shape[-1])
+    return flat.index_select(0, vid).view(-1, 3, per_vertex.shape[-1])
+
+
+def _covered(face_idx: torch.Tensor):
+    """Flat indices of covered pixels and their batch, row, column, face."""
+    B, H, W = face_idx.shape
+    flat = face_idx.reshape(-1)
+    sel = torch.nonzero(flat >= 0).squeeze(1)
+    b = torch.div(sel, H * W, rounding_mode="floor")
+    pix = sel - b * (H * W)
+    y = torch.div(pix, W, rounding_mode="floor")
+    x = pix - y * W
+    return sel, b, y, x, flat[sel]
+
+
+def rasterize(
+    verts_screen: torch.Tensor,
+    faces: torch.Tensor,
+    image_size: Union[int, Sequence[int]],
+    *,
+    cull_backfaces: bool = False,
+    perspective_correct: bool = True,
+    near: float = 1e-6,
+) -> Fragments:
+    """Rasterize a batch of triangle meshes sharing one topology.
+
+    verts_screen: [B,V,3] (u, v, z) from `project`: pixels (centre of pixel i
+        at i) and camera depth (meters, > `near`). With `perspective_correct`
+        the barycentrics and depth are interpolated in 1/z (exact for a
+        pinhole camera); pass False for orthographic / weak-perspective
+        screens where z is interpolated linearly.
+    faces: [F,3] long vertex indices.
+    image_size: H or (H, W) in pixels.
+    cull_backfaces: drop triangles facing away (see module docstring); only
+        correct for closed meshes seen from outside.
+    Triangles with a vertex at z <= near are dropped (no clipping).
+    Returns `Fragments`; `bary` and `zbuf` carry gradients to `verts_screen`.
+    """
+    if isinstance(image_size, int):
+        image_size = (image_size, image_size)
+    H, W = int(image_size[0]), int(image_size[1])
+    if verts_screen.dim() != 3 or verts_screen.shape[-1] != 3:
+        raise LightningFTError(
+            f"rasterize: verts_screen must be [B,V,3], got {tuple(verts_screen.shape)}")
+    faces = faces.to(device=verts_screen.device, dtype=torch.long)
+    face_idx = _visible_faces(verts_screen, faces, (H, W), cull_backfaces,
+                              perspective_correct, near)
+    B = verts_screen.shape[0]
+    sel, b, y, x, f = _covered(face_idx)
+    tri = _gather_corners(verts_screen, faces, b, f)  # [N,3,3], differentiable
+    dtype = verts_screen.dtype
+    bary = _barycentric(tri, x.to(dtype), y.to(dtype))
+    z = tri[..., 2]
+    if perspective_correct:
+        weighted = bary / z
+        inv_depth = weighted.sum(-1)
+        bary = weighted / inv_depth[:, None]
+        depth = 1.0 / inv_depth
+    else:
+        depth = (bary * z).sum(-1)
+    bary_img = torch.zeros(B * H * W, 3, dtype=dtype, device=verts_screen.device)
+    bary_img = bary_img.index_put((sel,), bary)
+    zbuf = torch.full((B * H * W,), -1.0, dtype=dtype, device=verts_screen.device)
+    zbuf = zbuf.index_put((sel,), depth)
+    return Fragments(face_idx=face_idx, bary=bary_img.view(B, H, W, 3),
+                     zbuf=zbuf.view(B, H, W))
+
+
+def interpolate(
+    fragments: Fragments,
+    attributes: torch.Tensor,
+    faces: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Interpolate vertex attributes at every pixel with the fragments' barycentrics.
+
+    attributes: per-vertex [B,V,C] (then `faces` [F,3] is required), or
+        per-face-vertex [B,F,3,C] / [F,3,C] (e.g. UVs of a seamed mesh).
+    Returns [B,H,W,C]; zero on background. Differentiable w.r.t. the
+    attributes and (through `fragments.bary`) the vertex positions.
+    """
+    B, H, W = fragments.face_idx.shape
+    sel, b, _, _, f = _covered(fragments.face_idx)
+    bary = fragments.bary.reshape(-1, 3)[sel]
+    if attributes.dim() == 3 and faces is not None:
+        faces = faces.to(device=attributes.device, dtype=torch.long)
+        attributes = attributes.expand(B, -1, -1)
+        corner = _gather_corners(attributes, faces, b, f)  # [N,3,C]
+    elif attributes.dim() == 3:
+        corner = attributes[f]  # per-face-vertex, shared over the batch
+    elif attributes.dim() == 4:
+        corner = attributes.expand(B, -1, -1, -1)[b, f]
+    else:
+        raise LightningFTError(
+            f"interpolate: attributes must be [B,V,C] with faces, or [B,F,3,C] / [F,3,C], "
+            f"got {tuple(attributes.shape)}")
+    values = (bary[:, :, None].to(corner.dtype) * corner).sum(1)
+    out = torch.zeros(B * H * W, corner.shape[-1], dtype=values.dtype, device=values.device)
+    out = out.index_put((sel,), values)
+    return out.view(B, H, W, -1)
+
+
+def face_adjacency(faces: torch.Tensor) -> torch.Tensor:
+    """[F,3] long: the face across the edge opposite vertex i of each face, -1 if none.
+
+    Edges shared by more than two faces (non-manifold) get -1 on all sides,
+    which makes them silhouette candidates in `antialias`.
+    """
+    faces_np = faces.detach().cpu().numpy().astype(np.int64)
+    F_ = faces_np.shape[0]
+    # edge opposite vertex i joins vertices (i+1)%3 and (i+2)%3
+    a = faces_np[:, [1, 2, 0]].reshape(-1)
+    b = faces_np[:, [2, 0, 1]].reshape(-1)
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    n = int(faces_np.max()) + 1 if F_ else 1
+    key = lo * n + hi
+    order = np.argsort(key, kind="stable")
+    sorted_key = key[order]
+    adjacency = np.full(3 * F_, -1, dtype=np.int64)
+    starts = np.flatnonzero(np.r_[True, sorted_key[1:] != sorted_key[:-1]])
+    sizes = np.diff(np.r_[starts, len(sorted_key)])
+    pairs = starts[sizes == 2]
+    first, second = order[pairs], order[pairs + 1]
+    adjacency[first] = second // 3
+    adjacency[second] = first // 3
+    return torch.from_numpy(adjacency.reshape(F_, 3)).to(faces.device)
+
+
+def antialias(
+    color: torch.Tensor,
+    fragments: Fragments,
+    verts_screen: torch.Tensor,
+    faces: torch.Tensor,
+    adjacency: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """nvdiffrast-style analytic antialiasing of silhouette edges.
+
+    color: [B,H,W,C] image rendered from `fragments` (background included).
+    verts_screen: [B,V,3] the screen vertices that were rasterized.
+    adjacency: `face_adjacency(faces)`, computed when not given (pass it in
+        loops to save the work).
+    For each horizontally or vertically adjacent pixel pair showing different
+    triangles, the nearer one's silhouette edge (an edge with no neighbour,
+    or whose neighbour faces the other way) is intersected with the segment
+    between the two centres at fraction t from the near pixel; treating the
+    edge as perpendicular to the segment, the pixel whose box it cuts gets
+    the other colour mixed in by the cut fraction (|t - 1/2|). Returns
+    [B,H,W,C], continuous in the vertex positions, with gradients to them.
+    """
+    B, H, W, C = color.shape
+    device = color.device
+    faces = faces.to(device=device, dtype=torch.long)
+    if adjacency is None:
+        adjacency = face_adjacency(faces)
+    face_idx = fragments.face_idx
+    depth = torch.where(face_idx >= 0, fragments.zbuf.detach(),
+                        torch.full_like(fragments.zbuf, float("inf")))
+    flat_color = color.reshape(B * H * W, C)
+    delta = torch.zeros_like(flat_color)
+    with torch.no_grad():
+        tri_all = verts_screen.detach()[:, faces]  # [B,F,3,3]
+        facing = torch.sign(_signed_area(tri_all))  # [B,F]
+    idx = torch.arange(B * H * W, device=device).view(B, H, W)
+    for axis in (1, 2):
+        n = face_idx.shape[axis]
+        if n < 2:
+            continue
+        fa = face_idx.narrow(axis, 0, n - 1)
+        fb = face_idx.narrow(axis, 1, n - 1)
+        za = depth.narrow(axis, 0, n - 1)
+        zb = depth.narrow(axis, 1, n - 1)
+        ia = idx.narrow(axis, 0, n - 1)
+        ib = idx.narrow(axis, 1, n - 1)
+        pair = (fa != fb)
+        a_front = za <= zb
+        near_idx = torch.where(a_front, ia, ib)[pair]
+        far_idx = torch.where(a_front, ib, ia)[pair]
+        near_face = torch.where(a_front, fa, fb)[pair]
+        far_face = torch.where(a_front, fb, fa)[pair]
+        b = torch.div(near_idx, H * W, rounding_mode="floor")
+        with torch.no_grad():
+            tri = tri_all[b, near_face]
+            pn = near_idx - b * (H * W)
+            pf = far_idx - b * (H * W)
+            pnx, pny = (pn % W).to(tri.dtype), torch.div(pn, W, rounding_mode="floor").to(tri.dtype)
+            pfx, pfy = (pf % W).to(tri.dtype), torch.div(pf, W, rounding_mode="floor").to(tri.dtype)
+            ln = _barycentric(tri, pnx, pny)
+            lf = _barycentric(tri, pfx, pfy)
+            exits = lf < 0
+            t_all = torch.where(exits, ln / (ln - lf).clamp(min=1e-12),
+                                torch.full_like(ln, float("inf")))
+            t_min, edge = t_all.min(-1)
+            opposite = adjacency[near_face, edge]
+            opposite_facing = facing[b, opposite.clamp(min=0)]
+            silhouette = (opposite < 0) | (opposite_facing != facing[b, near_face])
+            # the neighbour across the edge being what the far pixel shows
+            # means the edge is a crease, not a silhouette
+            silhouette &= torch.isfinite(t_min) & ((opposite < 0) | (opposite != far_face))
+            # As nvdiffrast does, an edge is handled only by the pixel pairs
+            # across its dominant direction (mostly vertical edges by
+            # horizontal pairs), so no edge is blended twice.
+            e0 = tri[torch.arange(tri.shape[0], device=device), (edge + 1) % 3]
+            e1 = tri[torch.arange(tri.shape[0], device=device), (edge + 2) % 3]
+            du, dv = (e1[:, 0] - e0[:, 0]).abs(), (e1[:, 1] - e0[:, 1]).abs()
+            silhouette &= (du <= dv) if axis == 2 else (dv < du)
+        keep = torch.nonzero(silhouette).squeeze(1)
+        if keep.numel() == 0:
+            continue
+        b, near_idx, far_idx = b[keep], near_idx[keep], far_idx[keep]
+        near_face, edge = near_face[keep], edge[keep]
+        pn = near_idx - b * (H * W)
+        pf = far_idx - b * (H * W)
+        tri = _gather_corners(verts_screen, faces, b, near_face)  # differentiable
+        dtype = tri.dtype
+        ln = _barycentric(tri, (pn % W).to(dtype),
+                          torch.div(pn, W, rounding_mode="floor").to(dtype))
+        lf = _barycentric(tri, (pf % W).to(dtype),
+                          torch.div(pf, W, rounding_mode="floor").to(dtype))
+        ln_e = ln.gather(1, edge[:, None]).squeeze(1)
+        lf_e = lf.gather(1, edge[:, None]).squeeze(1)
+        t = (ln_e / (ln_e - lf_e)).clamp(0.0, 1.0)
+        c_near = flat_color[near_idx]
+        c_far = flat_color[far_idx]
+        # the edge cuts the near pixel's box when t < 1/2, else the far one's
+        w_near = (0.5 - t).clamp(min=0.0)[:, None]
+        w_far = (t - 0.5).clamp(min=0.0)[:, None]
+        delta = delta.index_add(0, near_idx, w_near * (c_far - c_near))
+        delta = delta.index_add(0, far_idx, w_far * (c_near - c_far))
+    return (flat_color + delta).view(B, H, W, C)
+
+
+def vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """Area-weighted unit vertex normals [B,V,3] of meshes [B,V,3].
+
+    Normals point along (v1-v0)x(v2-v0), i.e. outwards for faces that run
+    counter-clockwise seen from outside (FLAME's convention).
+    """
+    faces = faces.to(device=vertices.device, dtype=torch.long)
+    tri = vertices[:, faces]  # [B,F,3,3]
+    face_n = torch.cross(tri[:, :, 1] - tri[:, :, 0], tri[:, :, 2] - tri[:, :, 0], dim=-1)
+    normals = torch.zeros_like(vertices)
+    for corner in range(3):
+        normals = normals.index_add(1, faces[:, corner], face_n)
+    return F.normalize(normals, dim=-1, eps=1e-12)
+
+
+def sh_basis(normals_sh: torch.Tensor) -> torch.Tensor:
+    """DECA's 9 SH irradiance basis values [...,9] of unit normals [...,3].
+
+    The normals must be in DECA's frame (x right, y up, z towards the viewer);
+    the per-band constants `DECA_SH_CONSTANTS` are included.
+    """
+    x, y, z = normals_sh.unbind(-1)
+    basis = torch.stack([torch.ones_like(x), x, y, z, x * y, x * z, y * z,
+                         x * x - y * y, 3 * z * z - 1], dim=-1)
+    return basis * basis.new_tensor(DECA_SH_CONSTANTS)
+
+
+def sh_shading(normals_cam: torch.Tensor, sh_coeffs: torch.Tensor) -> torch.Tensor:
+    """RGB irradiance [B,...,3] from SH lighting, as DECA's `add_SHlight`.
+
+    normals_cam: [B,...,3] unit normals in OpenCV camera space. DECA evaluates
+        its basis with x right, y up and z towards the camera, so y and z are
+        negated here; coefficients estimated by DECA/EMOCA apply unchanged.
+    sh_coeffs: [B,9,3] (9 coefficients x RGB), DECA's layout.
+    """
+    normals_sh = normals_cam * normals_cam.new_tensor([1.0, -1.0, -1.0])
+    basis = sh_basis(normals_sh)  # [B,...,9]
+    B = basis.shape[0]
+    flat = basis.reshape(B, -1, 9)
+    shading = torch.bmm(flat, sh_coeffs.to(flat.dtype))
+    return shading.reshape(*basis.shape[:-1], 3)
+
+
+def lambert_shading(
+    normals_cam: torch.Tensor,
+    light_dir_cam: Sequence[float] = (-0.4, -0.5, -1.0),
+    ambient: float = 0.35,
+    diffuse: float = 0.65,
+) -> torch.Tensor:
+    """Grey Lambert shading [...,1] = ambient + diffuse * max(0, n . l).
+
+    light_dir_cam: direction *towards* the light in OpenCV camera space; the
+    default comes from the upper left of the camera.
+    """
+    light = F.normalize(normals_cam.new_tensor(light_dir_cam), dim=0)
+    return ambient + diffuse * (normals_cam * light).sum(-1, keepdim=True).clamp(min=0)
+
+
+def sample_texture(
+    fragments: Fragments,
+    face_uvs: torch.Tensor,
+    texture: torch.Tensor,
+) -> torch.Tensor:
+    """Sample a UV texture at every pixel -> [B,H,W,C] (zero on background).
+
+    face_uvs: [F,3,2] or [B,F,3,2] texture coordinates in 0..1 per face corner
+        (u right, v up, as in OBJ files: v = 0 is the texture's bottom row).
+    texture: [B,C,Ht,Wt] image, row 0 at the top.
+    """
+    uv = interpolate(fragments, face_uvs)  # [B,H,W,2]
+    grid = torch.stack([uv[..., 0] * 2 - 1, 1 - uv[..., 1] * 2], dim=-1)
+    sampled = F.grid_sample(texture.to(grid.dtype), grid, mode="bilinear",
+                            padding_mode="border", align_corners=False)
+    return sampled.permute(0, 2, 3, 1) * fragments.mask[..., None].to(grid.dtype)
+
+
+def render_shaded(
+    verts_cam: torch.Tensor,
+    faces: torch.Tensor,
+    K: torch.Tensor,
+    image_size: Union[int, Sequence[int]],
+    colors: Optional[torch.Tensor] = None,
+    *,
+    face_uvs: Optional[torch.Tensor] = None,
+    texture: Optional[torch.Tensor] = None,
+    sh_coeffs: Optional[torch.Tensor] = None,
+    smooth_edges: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Render shaded meshes for display.
+
+    verts_cam: [B,V,3] OpenCV camera space (meters); faces [F,3]; K [B,3,3] or
+        [3,3] pixels; image_size H or (H, W).
+    colors: optional per-vertex albedo [B,V,3] or [V,3] in 0..1; otherwise a
+        UV `texture` [B,3,Ht,Wt] with `face_uvs` [F,3,2]; otherwise light grey.
+    sh_coeffs: optional [B,9,3] SH lighting (DECA convention); otherwise a
+        grey Lambert light from the upper left.
+    smooth_edges: apply `antialias` to the silhouettes.
+    Returns (rgb [B,H,W,3] float in 0..1 on black, mask [B,H,W] float coverage).
+    """
+    B = verts_cam.shape[0]
+    screen = project(verts_cam, K)
+    fragments = rasterize(screen, faces, image_size)
+    normals = vertex_normals(verts_cam, faces)
+    normal_img = F.normalize(interpolate(fragments, normals, faces), dim=-1, eps=1e-12)
+    if sh_coeffs is not None:
+        shading = sh_shading(normal_img, sh_coeffs)
+    else:
+        shading = lambert_shading(normal_img)
+    if colors is not None:
+        colors = colors.to(verts_cam.dtype)
+        if colors.dim() == 2:
+            colors = colors[None].expand(B, -1, -1)
+        albedo = interpolate(fragments, colors, faces)
+    elif texture is not None and face_uvs is not None:
+        albedo = sample_texture(fragments, face_uvs.to(verts_cam.dtype), texture)
+    else:
+        albedo = torch.full_like(normal_img, 0.75)
+    mask = fragments.mask[..., None].to(verts_cam.dtype)
+    rgb = (albedo * shading).clamp(0, 1) * mask
+    if smooth_edges:
+        combined = antialias(torch.cat([rgb, mask], dim=-1), fragments, screen, faces)
+        rgb, mask = combined[..., :3], combined[..., 3:]
+    return rgb, mask[..., 0]
