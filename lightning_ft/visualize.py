@@ -1,0 +1,262 @@
+"""The `-v` video: a side-by-side view a person can judge a track by.
+
+Each output frame has three panels of the crop's size:
+
+    source crop | crop + semi-transparent mesh + landmarks | shaded mesh
+
+Detected landmarks are drawn in green, fitted (projected model) landmarks in
+magenta; frames the tracker marked invalid get a red border. The mesh is
+rendered with `lightning_ft.render` (textured when synthesis produced
+per-vertex colours or a UV texture, grey Lambert otherwise). The video is
+H.264 (libx264, yuv420p) at the source frame rate, written to a temporary file
+in the destination folder and moved into place only when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence, Tuple, Union
+
+import av
+import numpy as np
+import torch
+
+from .errors import LightningFTError, UsageError, VideoError
+from .progress import progress as progress_bar
+from .render import render_shaded
+
+log = logging.getLogger(__name__)
+
+__all__ = ["write_visualization", "compose_frame", "draw_points",
+           "DETECTED_RGB", "FITTED_RGB", "INVALID_RGB"]
+
+DETECTED_RGB = (0, 230, 0)
+FITTED_RGB = (255, 0, 255)
+INVALID_RGB = (255, 0, 0)
+BACKGROUND_RGB = (24, 24, 24)
+
+
+def draw_points(image: np.ndarray, points_xy: np.ndarray, rgb: Sequence[int],
+                radius: int) -> None:
+    """Draw filled discs in place on `image` [H,W,3] uint8.
+
+    points_xy: [N,2] pixel coordinates (column, row; pixel centres at
+    integers); non-finite points (undetected landmarks) are skipped.
+    """
+    H, W = image.shape[:2]
+    offsets = np.arange(-radius, radius + 1)
+    disc = (offsets[:, None] ** 2 + offsets[None, :] ** 2) <= radius * radius + radius
+    colour = np.asarray(rgb, dtype=np.uint8)
+    for x, y in np.asarray(points_xy, dtype=np.float64).reshape(-1, 2):
+        if not (np.isfinite(x) and np.isfinite(y)):
+            continue
+        cx, cy = int(round(x)), int(round(y))
+        x0, x1 = max(cx - radius, 0), min(cx + radius + 1, W)
+        y0, y1 = max(cy - radius, 0), min(cy + radius + 1, H)
+        if x0 >= x1 or y0 >= y1:
+            continue
+        sub = disc[y0 - (cy - radius):y1 - (cy - radius), x0 - (cx - radius):x1 - (cx - radius)]
+        image[y0:y1, x0:x1][sub] = colour
+
+
+def compose_frame(
+    crop: np.ndarray,
+    shaded: np.ndarray,
+    mask: np.ndarray,
+    lmk_detected: Optional[np.ndarray],
+    lmk_fitted: Optional[np.ndarray],
+    valid: bool,
+    overlay_alpha: float = 0.5,
+) -> np.ndarray:
+    """One video frame [H, 3W, 3] uint8 from its parts.
+
+    crop: [H,W,3] uint8 source crop; shaded: [H,W,3] float 0..1 rendering on
+    black; mask: [H,W] float 0..1 mesh coverage; landmarks [68,2] pixels in
+    the crop (NaN allowed); valid: False draws a red border.
+    """
+    H, W = crop.shape[:2]
+    crop_f = crop.astype(np.float32)
+    shaded_255 = shaded.astype(np.float32) * 255.0
+    cover = (overlay_alpha * mask.astype(np.float32))[..., None]
+    overlay = (crop_f * (1 - cover) + shaded_255 * cover).round().clip(0, 255).astype(np.uint8)
+    radius = max(2, int(round(min(H, W) / 128)))
+    if lmk_detected is not None:
+        draw_points(overlay, lmk_detected, DETECTED_RGB, radius)
+    if lmk_fitted is not None:
+        draw_points(overlay, lmk_fitted, FITTED_RGB, radius)
+    full = mask.astype(np.float32)[..., None]
+    mesh_panel = (shaded_255 + np.asarray(BACKGROUND_RGB, np.float32) * (1 - full))
+    mesh_panel = mesh_panel.round().clip(0, 255).astype(np.uint8)
+    frame = np.concatenate([crop, overlay, mesh_panel], axis=1)
+    if not valid:
+        border = max(2, min(H, W) // 40)
+        colour = np.asarray(INVALID_RGB, np.uint8)
+        frame[:border] = colour
+        frame[-border:] = colour
+        for panel in range(3):
+            frame[:, panel * W:panel * W + border] = colour
+            frame[:, (panel + 1) * W - border:(panel + 1) * W] = colour
+    return frame
+
+
+def _intrinsics(K) -> np.ndarray:
+    """K [3,3] or [T,3,3], or a (focal [2], principal_point [2]) pair -> array."""
+    if isinstance(K, (tuple, list)) and len(K) == 2:
+        focal, pp = (np.asarray(a, dtype=np.float64) for a in K)
+        return np.array([[focal[0], 0, pp[0]], [0, focal[1], pp[1]], [0, 0, 1]])
+    K = np.asarray(K, dtype=np.float64)
+    if K.shape[-2:] != (3, 3):
+        raise UsageError(f"write_visualization: K must be [3,3], [T,3,3] or (focal, pp), "
+                         f"got shape {K.shape}")
+    return K
+
+
+def _fps_fraction(fps: float) -> Fraction:
+    # 29.97 and 30000/1001 both become 30000/1001; integer rates stay exact
+    return Fraction(fps).limit_denominator(1001)
+
+
+def write_visualization(
+    out_path: Union[str, Path],
+    frames: Iterable[np.ndarray],
+    vertices_cam: Union[np.ndarray, Callable[[int], np.ndarray]],
+    faces: np.ndarray,
+    K,
+    lmk_detected: np.ndarray,
+    lmk_fitted: np.ndarray,
+    fps: float,
+    valid: np.ndarray,
+    textures: Optional[np.ndarray] = None,
+    progress: Optional[bool] = None,
+    *,
+    face_uvs: Optional[np.ndarray] = None,
+    overlay_alpha: float = 0.5,
+    crf: int = 20,
+    preset: str = "veryfast",
+) -> Path:
+    """Write the three-panel visualization video; returns `out_path`.
+
+    out_path: destination .mp4; parent folders are created; replaced
+        atomically when complete (a failure leaves any old file untouched).
+    frames: iterable of T crops, RGB uint8 [H,W,3], all the same size.
+    vertices_cam: [T,V,3] meters in OpenCV camera space of the crop, or a
+        callable t -> [V,3] (e.g. evaluating FLAME lazily).
+    faces: [F,3] vertex indices.
+    K: crop intrinsics in pixels, [3,3] or per frame [T,3,3], or a
+        (focal [2], principal_point [2]) pair.
+    lmk_detected, lmk_fitted: [T,68,2] pixels in the crop (NaN = missing).
+    fps: frame rate of the source video (frames/s).
+    valid: [T] bool; invalid frames get a red border.
+    textures: optional per-vertex colours [V,3] or [T,V,3] (0..1 float or
+        uint8), or with `face_uvs` [F,3,2] a UV texture [Ht,Wt,3].
+    progress: show a progress bar (None: when stderr is a terminal).
+    """
+    out_path = Path(out_path)
+    if not (fps > 0 and np.isfinite(fps)):
+        raise UsageError(f"{out_path}: frame rate must be positive, got {fps}")
+    lmk_detected = np.asarray(lmk_detected, dtype=np.float64)
+    lmk_fitted = np.asarray(lmk_fitted, dtype=np.float64)
+    valid = np.asarray(valid, dtype=bool)
+    T = len(valid)
+    if len(lmk_detected) != T or len(lmk_fitted) != T:
+        raise LightningFTError(
+            f"{out_path}: {T} validity flags but {len(lmk_detected)} detected and "
+            f"{len(lmk_fitted)} fitted landmark frames; pass one entry per frame")
+    if not callable(vertices_cam) and len(vertices_cam) != T:
+        raise LightningFTError(
+            f"{out_path}: {len(vertices_cam)} mesh frames for {T} video frames; "
+            f"pass one mesh per frame")
+    if T == 0:
+        raise VideoError(f"{out_path}: no tracked frames to visualize")
+    K_all = _intrinsics(K)
+    faces_t = torch.as_tensor(np.asarray(faces), dtype=torch.long)
+    colours_t, texture_t, face_uvs_t = _texture_inputs(textures, face_uvs)
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = out_path.with_name(f".{out_path.stem}.{os.getpid()}.tmp{out_path.suffix or '.mp4'}")
+    container = av.open(str(tmp_path), mode="w", format="mp4")
+    try:
+        stream = None
+        n_written = 0
+        for t, crop in enumerate(progress_bar(frames, total=T, desc="visualization",
+                                              enabled=progress)):
+            if t >= T:
+                raise VideoError(f"{out_path}: more frames than the {T} tracked ones; "
+                                 f"pass the frames that were tracked")
+            crop = np.ascontiguousarray(crop)
+            if crop.dtype != np.uint8 or crop.ndim != 3 or crop.shape[2] != 3:
+                raise VideoError(f"{out_path}: frame {t} must be RGB uint8 [H,W,3], "
+                                 f"got {crop.dtype} {crop.shape}")
+            H, W = crop.shape[:2]
+            verts = vertices_cam(t) if callable(vertices_cam) else vertices_cam[t]
+            K_t = K_all[t] if K_all.ndim == 3 else K_all
+            shaded, mask = _render(verts, faces_t, K_t, (H, W), t, colours_t,
+                                   texture_t, face_uvs_t)
+            frame = compose_frame(crop, shaded, mask, lmk_detected[t], lmk_fitted[t],
+                                  bool(valid[t]), overlay_alpha)
+            frame = _pad_even(frame)
+            if stream is None:
+                stream = container.add_stream("libx264", rate=_fps_fraction(fps))
+                stream.width, stream.height = frame.shape[1], frame.shape[0]
+                stream.pix_fmt = "yuv420p"
+                stream.options = {"crf": str(crf), "preset": preset}
+            elif (frame.shape[1], frame.shape[0]) != (stream.width, stream.height):
+                raise VideoError(f"{out_path}: frame {t} is {W}x{H}, unlike the first; "
+                                 f"crops must share one size")
+            video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            for packet in stream.encode(video_frame):
+                container.mux(packet)
+            n_written += 1
+        if n_written != T:
+            raise VideoError(f"{out_path}: got {n_written} frames for {T} tracked ones; "
+                             f"pass the frames that were tracked")
+        for packet in stream.encode():
+            container.mux(packet)
+        container.close()
+        os.replace(tmp_path, out_path)
+    except BaseException:
+        container.close()
+        tmp_path.unlink(missing_ok=True)
+        raise
+    log.info("wrote %s (%d frames at %.3f fps)", out_path, T, fps)
+    return out_path
+
+
+def _texture_inputs(textures, face_uvs):
+    """Per-vertex colours or (texture [1,3,Ht,Wt], face_uvs [F,3,2]) as tensors."""
+    if textures is None:
+        return None, None, None
+    textures = np.asarray(textures)
+    scale = 255.0 if textures.dtype == np.uint8 else 1.0
+    values = torch.as_tensor(textures.astype(np.float32) / scale)
+    if face_uvs is not None:
+        if values.dim() != 3 or values.shape[-1] != 3:
+            raise UsageError(f"write_visualization: a UV texture must be [Ht,Wt,3], "
+                             f"got {tuple(values.shape)}")
+        return None, values.permute(2, 0, 1)[None], torch.as_tensor(
+            np.asarray(face_uvs, dtype=np.float32))
+    return values, None, None
+
+
+def _render(verts, faces_t, K_t, size: Tuple[int, int], t: int, colours_t, texture_t,
+            face_uvs_t) -> Tuple[np.ndarray, np.ndarray]:
+    verts_t = torch.as_tensor(np.asarray(verts, dtype=np.float32))[None]
+    K_tensor = torch.as_tensor(K_t, dtype=torch.float32)
+    colours = None
+    if colours_t is not None:
+        colours = colours_t[t] if colours_t.dim() == 3 else colours_t
+    with torch.no_grad():
+        rgb, mask = render_shaded(verts_t, faces_t, K_tensor, size, colors=colours,
+                                  face_uvs=face_uvs_t, texture=texture_t)
+    return rgb[0].numpy(), mask[0].numpy()
+
+
+def _pad_even(frame: np.ndarray) -> np.ndarray:
+    """Pad [H,W,3] with black to even H and W (yuv420p needs both even)."""
+    H, W = frame.shape[:2]
+    if H % 2 == 0 and W % 2 == 0:
+        return frame
+    return np.pad(frame, ((0, H % 2), (0, W % 2), (0, 0)))

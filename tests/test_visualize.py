@@ -1,0 +1,129 @@
+"""Tests of the -v visualization video (lightning_ft/visualize.py)."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from lightning_ft.errors import LightningFTError
+from lightning_ft.render import project, rasterize
+from lightning_ft.visualize import write_visualization
+from test_render import icosphere
+
+torch.set_num_threads(1)
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+H, W, T = 96, 128, 5
+
+
+def scene():
+    """T frames: a textured-noise crop, a sphere drifting right, landmarks on known spots."""
+    # smooth content: H.264 with 4:2:0 chroma cannot keep per-pixel colour noise
+    ys, xs = np.mgrid[0:H, 0:W]
+    base = np.stack([70 + 40 * np.sin(xs / 9.0), 90 + 30 * np.cos(ys / 7.0),
+                     80 + 0.3 * xs], axis=-1).round().astype(np.uint8)
+    frames = [np.roll(base, t, axis=1) for t in range(T)]
+    verts, faces = icosphere(2)
+    vertices = np.stack([verts * 0.1 + [0.01 * t, 0.0, 0.6] for t in range(T)])
+    K = np.array([[150.0, 0, (W - 1) / 2], [0, 150.0, (H - 1) / 2], [0, 0, 1]])
+    detected = np.full((T, 68, 2), np.nan)
+    fitted = np.full((T, 68, 2), np.nan)
+    detected[:, 0] = [20.0, 20.0]
+    fitted[:, 1] = [100.0, 70.0]
+    valid = np.array([True, True, False, True, True])
+    return frames, vertices, faces, K, detected, fitted, valid
+
+
+def decode(path: Path):
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        info = (stream.codec_context.name, stream.average_rate, stream.codec_context.pix_fmt)
+        images = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+    return info, np.stack(images)
+
+
+def test_video_has_three_panels_landmarks_mesh_and_invalid_marks(tmp_path):
+    frames, vertices, faces, K, detected, fitted, valid = scene()
+    out = tmp_path / "sub" / "clip_vis.mp4"
+    returned = write_visualization(out, iter(frames), vertices, faces, K, detected, fitted,
+                                   fps=30000 / 1001, valid=valid)
+    assert returned == out and out.exists()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["clip_vis.mp4"]
+    (codec, rate, pix_fmt), video = decode(out)
+    assert (codec, rate, pix_fmt) == ("h264", Fraction(30000, 1001), "yuv420p")
+    assert video.shape == (T, H, 3 * W, 3)
+    ARTIFACTS.mkdir(exist_ok=True)
+    from PIL import Image
+    Image.fromarray(video[2]).save(ARTIFACTS / "visualize_test_frame.png")
+
+    video = video.astype(np.float64)
+    for t in range(T):
+        crop, overlay, mesh = video[t, :, :W], video[t, :, W:2 * W], video[t, :, 2 * W:]
+        inner = (slice(6, H - 6), slice(6, W - 6))  # away from the invalid border
+        assert np.abs(crop[inner] - frames[t][inner]).mean() < 6
+        # mesh coverage from an independent rasterization of the same sphere
+        screen = project(torch.from_numpy(vertices[t:t + 1]), torch.from_numpy(K))
+        covered = rasterize(screen, torch.from_numpy(faces), (H, W)).mask[0].numpy()
+        covered_inner = covered[inner]
+        mesh_inner = mesh[inner].mean(-1)
+        assert mesh_inner[covered_inner].mean() > mesh_inner[~covered_inner].mean() + 60
+        # the overlay differs from the crop only where the mesh is (and the dots)
+        diff = np.abs(overlay[inner] - crop[inner]).mean(-1)
+        assert diff[covered_inner].mean() > 15 > diff[~covered_inner].mean()
+        green = overlay[20, 20]
+        magenta = overlay[70, 100]
+        assert green[1] > 180 and green[0] < 80 and green[2] < 80
+        assert magenta[0] > 180 and magenta[2] > 180 and magenta[1] < 80
+        border = video[t, 1, W // 2]
+        if valid[t]:
+            assert not (border[0] > 200 and border[1] < 50)
+        else:
+            assert border[0] > 200 and border[1] < 50 and border[2] < 50
+
+
+def test_odd_sizes_callable_meshes_and_uv_textures(tmp_path):
+    frames, vertices, faces, K, detected, fitted, valid = scene()
+    odd = [f[:95, :127] for f in frames]
+    uv = np.random.default_rng(0).uniform(0, 1, size=(len(faces), 3, 2))
+    texture = np.zeros((8, 8, 3), np.uint8)
+    texture[..., 2] = 255  # pure blue
+    out = write_visualization(tmp_path / "odd.mp4", odd, lambda t: vertices[t], faces,
+                              (K[[0, 1], [0, 1]], K[:2, 2]), detected, fitted, fps=25,
+                              valid=np.ones(T, bool), textures=texture, face_uvs=uv)
+    (_, rate, _), video = decode(out)
+    assert rate == 25 and video.shape == (T, 96, 3 * 127 + 1, 3)
+    centre = video[0, 48, 2 * 127 + 64].astype(int)
+    assert centre[2] > 100 and centre[0] < 60 and centre[1] < 60
+
+
+def test_a_failure_leaves_no_partial_file_and_keeps_the_old_one(tmp_path):
+    frames, vertices, faces, K, detected, fitted, valid = scene()
+    out = tmp_path / "clip_vis.mp4"
+    out.write_bytes(b"previous result")
+
+    def broken_frames():
+        yield frames[0]
+        yield frames[1]
+        raise RuntimeError("decoder died")
+
+    with pytest.raises(RuntimeError, match="decoder died"):
+        write_visualization(out, broken_frames(), vertices, faces, K, detected, fitted,
+                            fps=25, valid=valid)
+    assert out.read_bytes() == b"previous result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip_vis.mp4"]
+
+
+def test_frame_count_mismatch_is_reported(tmp_path):
+    frames, vertices, faces, K, detected, fitted, valid = scene()
+    with pytest.raises(LightningFTError, match="3 frames for 5"):
+        write_visualization(tmp_path / "a.mp4", frames[:3], vertices, faces, K, detected,
+                            fitted, fps=25, valid=valid)
+    with pytest.raises(LightningFTError, match="more frames"):
+        write_visualization(tmp_path / "b.mp4", frames + frames, vertices, faces, K,
+                            detected, fitted, fps=25, valid=valid)
+    assert list(tmp_path.iterdir()) == []
