@@ -56,11 +56,6 @@ FLAME_CODE_SPLIT: Tuple[Tuple[str, int], ...] = (
 N_FLAME_CODE = sum(n for _, n in FLAME_CODE_SPLIT)  # 236
 N_EXPRESSION = 50
 KEPT_PREFIXES = ("deca.E_flame.", "deca.E_expression.")
-# Parts of the release the tracker does not need; skipped on purpose.
-IGNORED_PREFIXES = ("deca.E_detail.", "deca.D_detail.", "deca.flame.", "deca.flametex.",
-                    "deca.render.", "deca.perceptual_loss.", "deca.id_loss.", "deca.vgg_loss.",
-                    "emonet_loss.", "deca.uv_face_eye_mask", "deca.fixed_uv_dis")
-
 NO_EMOCA_HINT = ("download EMOCA_v2_lr_mse_20.zip from the EMOCA project site and unzip it "
                  "into assets/EMOCA/ (see README), or pass --no-emoca to start every frame "
                  "from a neutral face and let the fitting stage do the rest")
@@ -215,10 +210,12 @@ class EmocaEncoder(nn.Module):
         EMOCA v2 architecture.
         """
         checkpoint = find_checkpoint(folder)
-        release = _release_folder_of(checkpoint)
-        config_path = release / "cfg.yaml" if release is not None else None
-        if config_path is not None and config_path.is_file():
+        config_path = find_release(folder) / "cfg.yaml"
+        if config_path.is_file():
             check_release_config(read_simple_yaml(config_path), config_path)
+        else:
+            log.warning("%s: missing; the checkpoint's architecture is still checked tensor by tensor",
+                        config_path)
         state = load_checkpoint_tensors(checkpoint, lambda key: key.startswith(KEPT_PREFIXES))
         with torch.device("meta"):  # no random init: every tensor comes from the file
             model = cls()
@@ -250,13 +247,15 @@ class EmocaEncoder(nn.Module):
 # Finding and reading the release
 
 
-def _release_folder_of(checkpoint: Path) -> Optional[Path]:
-    for parent in checkpoint.parents:
-        if (parent / "cfg.yaml").is_file():
-            return parent
-        if parent.name == RELEASE_NAME:
-            return parent
-    return None
+def find_release(folder: Union[str, Path]) -> Path:
+    """The release folder: `folder/EMOCA_v2_lr_mse_20` or `folder` itself."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise AssetError(f"{folder}: EMOCA folder not found; {NO_EMOCA_HINT}")
+    for candidate in (folder / RELEASE_NAME, folder):
+        if (candidate / "detail").is_dir() or (candidate / "cfg.yaml").is_file():
+            return candidate
+    raise AssetError(f"{folder}: no {RELEASE_NAME}/ release in it; {NO_EMOCA_HINT}")
 
 
 def find_checkpoint(folder: Union[str, Path]) -> Path:
@@ -267,13 +266,7 @@ def find_checkpoint(folder: Union[str, Path]) -> Path:
     rule picks the one with the lowest number after the last `=` ('last.ckpt'
     is skipped).
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise AssetError(f"{folder}: EMOCA folder not found; {NO_EMOCA_HINT}")
-    roots = [folder / RELEASE_NAME, folder]
-    release = next((r for r in roots if (r / "detail").is_dir() or (r / "cfg.yaml").is_file()), None)
-    if release is None:
-        raise AssetError(f"{folder}: no {RELEASE_NAME}/ release in it; {NO_EMOCA_HINT}")
+    release = find_release(folder)
     search_root = release / "detail" / "checkpoints"
     if not search_root.is_dir():
         search_root = release
@@ -728,8 +721,8 @@ def regress(frames: Iterable[np.ndarray], landmarks: np.ndarray, valid: np.ndarr
     n_batches = math.ceil(int(valid.sum()) / batch_size)
     for indices, crops in progress_bar(batches(), total=n_batches, desc="EMOCA", enabled=progress,
                                        unit="batch"):
-        images = torch.from_numpy(crops).permute(0, 3, 1, 2)
-        images = images.to(device).contiguous(memory_format=torch.channels_last)
+        # NCHW: channels_last measured slower on the 2-core CPU (benchmarks/bench_emoca.py).
+        images = torch.from_numpy(crops).permute(0, 3, 1, 2).to(device).contiguous()
         with torch.inference_mode():
             result = model(images)
         for name, array in outputs.items():
