@@ -57,7 +57,7 @@ tests check against the exact area derivative.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -113,11 +113,14 @@ class Fragments:
         w.r.t. the screen vertices given to `rasterize`.
     zbuf: [B,H,W] float, depth z of the visible surface (meters when the
         screen vertices carry camera z), -1 on background; differentiable.
+    covered: [N] long flat indices (into B*H*W) of the covered pixels in
+        ascending order, kept so later stages can skip the background.
     """
 
     face_idx: torch.Tensor
     bary: torch.Tensor
     zbuf: torch.Tensor
+    covered: Optional[torch.Tensor] = field(default=None, repr=False)
 
     @property
     def mask(self) -> torch.Tensor:
@@ -288,16 +291,48 @@ def _gather_corners(per_vertex: torch.Tensor, faces: torch.Tensor,
     return flat.index_select(0, vid).view(-1, 3, per_vertex.shape[-1])
 
 
-def _covered(face_idx: torch.Tensor):
+def _covered(face_idx: torch.Tensor, covered: Optional[torch.Tensor] = None):
     """Flat indices of covered pixels and their batch, row, column, face."""
     B, H, W = face_idx.shape
     flat = face_idx.reshape(-1)
-    sel = torch.nonzero(flat >= 0).squeeze(1)
+    sel = torch.nonzero(flat >= 0).squeeze(1) if covered is None else covered
     b = torch.div(sel, H * W, rounding_mode="floor")
     pix = sel - b * (H * W)
     y = torch.div(pix, W, rounding_mode="floor")
     x = pix - y * W
-    return sel, b, y, x, flat[sel]
+    return sel, b, y, x, flat.index_select(0, sel)
+
+
+def _pixel_values(fragments: Fragments, attributes: torch.Tensor,
+                  faces: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Interpolated attributes at the covered pixels only: (flat index [N], values [N,C])."""
+    B = fragments.face_idx.shape[0]
+    sel, b, _, _, f = _covered(fragments.face_idx, fragments.covered)
+    bary = fragments.bary.reshape(-1, 3).index_select(0, sel)
+    if attributes.dim() == 3 and faces is not None:
+        faces = faces.to(device=attributes.device, dtype=torch.long)
+        corner = _gather_corners(attributes.expand(B, -1, -1), faces, b, f)  # [N,3,C]
+    elif attributes.dim() == 3:
+        corner = attributes.index_select(0, f)  # per-face-vertex, shared over the batch
+    elif attributes.dim() == 4:
+        F_ = attributes.shape[1]
+        flat = attributes.expand(B, -1, -1, -1).reshape(B * F_, 3, -1)
+        corner = flat.index_select(0, b * F_ + f)
+    else:
+        raise LightningFTError(
+            f"interpolate: attributes must be [B,V,C] with faces, or [B,F,3,C] / [F,3,C], "
+            f"got {tuple(attributes.shape)}")
+    values = torch.bmm(bary.to(corner.dtype)[:, None, :], corner)[:, 0]
+    return sel, values
+
+
+def _scatter_pixels(fragments: Fragments, sel: torch.Tensor, values: torch.Tensor,
+                    background: float = 0.0) -> torch.Tensor:
+    """Dense [B,H,W,C] image with `values` [N,C] at flat pixels `sel`."""
+    B, H, W = fragments.face_idx.shape
+    out = torch.full((B * H * W, values.shape[-1]), background, dtype=values.dtype,
+                     device=values.device)
+    return out.index_put((sel,), values).view(B, H, W, -1)
 
 
 def rasterize(
@@ -350,7 +385,7 @@ def rasterize(
     zbuf = torch.full((B * H * W,), -1.0, dtype=dtype, device=verts_screen.device)
     zbuf = zbuf.index_put((sel,), depth)
     return Fragments(face_idx=face_idx, bary=bary_img.view(B, H, W, 3),
-                     zbuf=zbuf.view(B, H, W))
+                     zbuf=zbuf.view(B, H, W), covered=sel)
 
 
 def interpolate(
@@ -365,25 +400,8 @@ def interpolate(
     Returns [B,H,W,C]; zero on background. Differentiable w.r.t. the
     attributes and (through `fragments.bary`) the vertex positions.
     """
-    B, H, W = fragments.face_idx.shape
-    sel, b, _, _, f = _covered(fragments.face_idx)
-    bary = fragments.bary.reshape(-1, 3)[sel]
-    if attributes.dim() == 3 and faces is not None:
-        faces = faces.to(device=attributes.device, dtype=torch.long)
-        attributes = attributes.expand(B, -1, -1)
-        corner = _gather_corners(attributes, faces, b, f)  # [N,3,C]
-    elif attributes.dim() == 3:
-        corner = attributes[f]  # per-face-vertex, shared over the batch
-    elif attributes.dim() == 4:
-        corner = attributes.expand(B, -1, -1, -1)[b, f]
-    else:
-        raise LightningFTError(
-            f"interpolate: attributes must be [B,V,C] with faces, or [B,F,3,C] / [F,3,C], "
-            f"got {tuple(attributes.shape)}")
-    values = (bary[:, :, None].to(corner.dtype) * corner).sum(1)
-    out = torch.zeros(B * H * W, corner.shape[-1], dtype=values.dtype, device=values.device)
-    out = out.index_put((sel,), values)
-    return out.view(B, H, W, -1)
+    sel, values = _pixel_values(fragments, attributes, faces)
+    return _scatter_pixels(fragments, sel, values)
 
 
 def face_adjacency(faces: torch.Tensor) -> torch.Tensor:
@@ -430,72 +448,88 @@ def antialias(
     or whose neighbour faces the other way) is intersected with the segment
     between the two centres at fraction t from the near pixel; treating the
     edge as perpendicular to the segment, the pixel whose box it cuts gets
-    the other colour mixed in by the cut fraction (|t - 1/2|). Returns
-    [B,H,W,C], continuous in the vertex positions, with gradients to them.
+    the other colour mixed in by the cut fraction (|t - 1/2|). As in
+    nvdiffrast, an edge is handled only by pairs across its dominant
+    direction (mostly vertical edges by horizontal pairs), so no edge is
+    blended twice. Returns [B,H,W,C], continuous in the vertex positions,
+    with gradients to them.
     """
     B, H, W, C = color.shape
     device = color.device
     faces = faces.to(device=device, dtype=torch.long)
+    F_ = faces.shape[0]
     if adjacency is None:
         adjacency = face_adjacency(faces)
+    adjacency = adjacency.to(device)
     face_idx = fragments.face_idx
-    depth = torch.where(face_idx >= 0, fragments.zbuf.detach(),
-                        torch.full_like(fragments.zbuf, float("inf")))
     flat_color = color.reshape(B * H * W, C)
-    delta = torch.zeros_like(flat_color)
     with torch.no_grad():
         tri_all = verts_screen.detach()[:, faces]  # [B,F,3,3]
         facing = torch.sign(_signed_area(tri_all))  # [B,F]
-    idx = torch.arange(B * H * W, device=device).view(B, H, W)
-    for axis in (1, 2):
+        opposite_facing = facing.gather(1, adjacency.clamp(min=0).view(1, -1).expand(B, -1))
+        silhouette_edge = (adjacency < 0) | (opposite_facing.view(B, F_, 3) != facing[..., None])
+        # Only pixels of triangles with a silhouette edge can start a blend;
+        # this skips the many pairs across interior edges cheaply.
+        flag = torch.cat([silhouette_edge.any(-1).reshape(-1),
+                          torch.zeros(1, dtype=torch.bool, device=device)])
+        batch_base = (torch.arange(B, device=device) * F_).view(B, 1, 1)
+        lookup = torch.where(face_idx >= 0, face_idx + batch_base,
+                             torch.full_like(face_idx, B * F_))
+        starts_blend = flag[lookup]  # [B,H,W]
+        depth = torch.where(face_idx >= 0, fragments.zbuf.detach(),
+                            torch.full_like(fragments.zbuf, float("inf")))
+    delta = None
+    for axis in (2, 1):
         n = face_idx.shape[axis]
         if n < 2:
             continue
-        fa = face_idx.narrow(axis, 0, n - 1)
-        fb = face_idx.narrow(axis, 1, n - 1)
-        za = depth.narrow(axis, 0, n - 1)
-        zb = depth.narrow(axis, 1, n - 1)
-        ia = idx.narrow(axis, 0, n - 1)
-        ib = idx.narrow(axis, 1, n - 1)
-        pair = (fa != fb)
-        a_front = za <= zb
-        near_idx = torch.where(a_front, ia, ib)[pair]
-        far_idx = torch.where(a_front, ib, ia)[pair]
-        near_face = torch.where(a_front, fa, fb)[pair]
-        far_face = torch.where(a_front, fb, fa)[pair]
-        b = torch.div(near_idx, H * W, rounding_mode="floor")
         with torch.no_grad():
+            fa, fb = face_idx.narrow(axis, 0, n - 1), face_idx.narrow(axis, 1, n - 1)
+            sa, sb = starts_blend.narrow(axis, 0, n - 1), starts_blend.narrow(axis, 1, n - 1)
+            candidate = (fa != fb) & (sa | sb)
+            pos = torch.nonzero(candidate.reshape(-1)).squeeze(1)
+            if pos.numel() == 0:
+                continue
+            # flat index of the first pixel of each pair in the full image
+            shape = candidate.shape
+            b = torch.div(pos, shape[1] * shape[2], rounding_mode="floor")
+            rem = pos - b * (shape[1] * shape[2])
+            r = torch.div(rem, shape[2], rounding_mode="floor")
+            c = rem - r * shape[2]
+            ia = (b * H + r) * W + c
+            ib = ia + (1 if axis == 2 else W)
+            flat_face = face_idx.reshape(-1)
+            flat_depth = depth.reshape(-1)
+            fa, fb = flat_face[ia], flat_face[ib]
+            a_front = flat_depth[ia] <= flat_depth[ib]
+            near_idx = torch.where(a_front, ia, ib)
+            far_idx = torch.where(a_front, ib, ia)
+            near_face = torch.where(a_front, fa, fb)
+            far_face = torch.where(a_front, fb, fa)
             tri = tri_all[b, near_face]
-            pn = near_idx - b * (H * W)
-            pf = far_idx - b * (H * W)
-            pnx, pny = (pn % W).to(tri.dtype), torch.div(pn, W, rounding_mode="floor").to(tri.dtype)
-            pfx, pfy = (pf % W).to(tri.dtype), torch.div(pf, W, rounding_mode="floor").to(tri.dtype)
-            ln = _barycentric(tri, pnx, pny)
-            lf = _barycentric(tri, pfx, pfy)
-            exits = lf < 0
-            t_all = torch.where(exits, ln / (ln - lf).clamp(min=1e-12),
+            pn, pf = near_idx - b * (H * W), far_idx - b * (H * W)
+            ln = _barycentric(tri, (pn % W).to(tri.dtype),
+                              torch.div(pn, W, rounding_mode="floor").to(tri.dtype))
+            lf = _barycentric(tri, (pf % W).to(tri.dtype),
+                              torch.div(pf, W, rounding_mode="floor").to(tri.dtype))
+            t_all = torch.where(lf < 0, ln / (ln - lf).clamp(min=1e-12),
                                 torch.full_like(ln, float("inf")))
             t_min, edge = t_all.min(-1)
             opposite = adjacency[near_face, edge]
-            opposite_facing = facing[b, opposite.clamp(min=0)]
-            silhouette = (opposite < 0) | (opposite_facing != facing[b, near_face])
+            keep = silhouette_edge[b, near_face, edge] & torch.isfinite(t_min)
             # the neighbour across the edge being what the far pixel shows
             # means the edge is a crease, not a silhouette
-            silhouette &= torch.isfinite(t_min) & ((opposite < 0) | (opposite != far_face))
-            # As nvdiffrast does, an edge is handled only by the pixel pairs
-            # across its dominant direction (mostly vertical edges by
-            # horizontal pairs), so no edge is blended twice.
-            e0 = tri[torch.arange(tri.shape[0], device=device), (edge + 1) % 3]
-            e1 = tri[torch.arange(tri.shape[0], device=device), (edge + 2) % 3]
+            keep &= (opposite < 0) | (opposite != far_face)
+            rows = torch.arange(tri.shape[0], device=device)
+            e0, e1 = tri[rows, (edge + 1) % 3], tri[rows, (edge + 2) % 3]
             du, dv = (e1[:, 0] - e0[:, 0]).abs(), (e1[:, 1] - e0[:, 1]).abs()
-            silhouette &= (du <= dv) if axis == 2 else (dv < du)
-        keep = torch.nonzero(silhouette).squeeze(1)
+            keep &= (du <= dv) if axis == 2 else (dv < du)
+            keep = torch.nonzero(keep).squeeze(1)
         if keep.numel() == 0:
             continue
         b, near_idx, far_idx = b[keep], near_idx[keep], far_idx[keep]
         near_face, edge = near_face[keep], edge[keep]
-        pn = near_idx - b * (H * W)
-        pf = far_idx - b * (H * W)
+        pn, pf = near_idx - b * (H * W), far_idx - b * (H * W)
         tri = _gather_corners(verts_screen, faces, b, near_face)  # differentiable
         dtype = tri.dtype
         ln = _barycentric(tri, (pn % W).to(dtype),
@@ -505,13 +539,17 @@ def antialias(
         ln_e = ln.gather(1, edge[:, None]).squeeze(1)
         lf_e = lf.gather(1, edge[:, None]).squeeze(1)
         t = (ln_e / (ln_e - lf_e)).clamp(0.0, 1.0)
-        c_near = flat_color[near_idx]
-        c_far = flat_color[far_idx]
+        c_near = flat_color.index_select(0, near_idx)
+        c_far = flat_color.index_select(0, far_idx)
         # the edge cuts the near pixel's box when t < 1/2, else the far one's
         w_near = (0.5 - t).clamp(min=0.0)[:, None]
         w_far = (t - 0.5).clamp(min=0.0)[:, None]
+        if delta is None:
+            delta = torch.zeros_like(flat_color)
         delta = delta.index_add(0, near_idx, w_near * (c_far - c_near))
         delta = delta.index_add(0, far_idx, w_far * (c_near - c_far))
+    if delta is None:
+        return color
     return (flat_color + delta).view(B, H, W, C)
 
 
@@ -617,23 +655,29 @@ def render_shaded(
     B = verts_cam.shape[0]
     screen = project(verts_cam, K)
     fragments = rasterize(screen, faces, image_size)
-    normals = vertex_normals(verts_cam, faces)
-    normal_img = F.normalize(interpolate(fragments, normals, faces), dim=-1, eps=1e-12)
+    # Shade the covered pixels only; the background stays black.
+    sel, normal_px = _pixel_values(fragments, vertex_normals(verts_cam, faces), faces)
+    normal_px = F.normalize(normal_px, dim=-1, eps=1e-12)
+    pixel_batch = torch.div(sel, sel.new_tensor(fragments.face_idx[0].numel()),
+                            rounding_mode="floor")
     if sh_coeffs is not None:
-        shading = sh_shading(normal_img, sh_coeffs)
+        normals_sh = normal_px * normal_px.new_tensor([1.0, -1.0, -1.0])
+        coeffs = sh_coeffs.to(normal_px.dtype).index_select(0, pixel_batch)  # [N,9,3]
+        shading_px = torch.bmm(sh_basis(normals_sh)[:, None, :], coeffs)[:, 0]
     else:
-        shading = lambert_shading(normal_img)
+        shading_px = lambert_shading(normal_px)
     if colors is not None:
         colors = colors.to(verts_cam.dtype)
         if colors.dim() == 2:
             colors = colors[None].expand(B, -1, -1)
-        albedo = interpolate(fragments, colors, faces)
+        albedo_px = _pixel_values(fragments, colors, faces)[1]
     elif texture is not None and face_uvs is not None:
         albedo = sample_texture(fragments, face_uvs.to(verts_cam.dtype), texture)
+        albedo_px = albedo.reshape(-1, albedo.shape[-1]).index_select(0, sel)
     else:
-        albedo = torch.full_like(normal_img, 0.75)
+        albedo_px = torch.full_like(normal_px, 0.75)
+    rgb = _scatter_pixels(fragments, sel, (albedo_px * shading_px).clamp(0, 1))
     mask = fragments.mask[..., None].to(verts_cam.dtype)
-    rgb = (albedo * shading).clamp(0, 1) * mask
     if smooth_edges:
         combined = antialias(torch.cat([rgb, mask], dim=-1), fragments, screen, faces)
         rgb, mask = combined[..., :3], combined[..., 3:]

@@ -309,3 +309,34 @@ def test_batched_rasterization_equals_one_at_a_time():
         torch.testing.assert_close(frags.face_idx[i], single.face_idx[0])
         torch.testing.assert_close(frags.bary[i], single.bary[0])
     assert not torch.equal(frags.face_idx[0], frags.face_idx[1])
+
+
+def test_screen_linear_mode_interpolates_depth_linearly_in_pixels():
+    tri_uv = [[2.2, 3.1], [27.8, 5.6], [9.4, 25.3]]
+    z = (1.0, 3.0, 2.0)
+    frags = rasterize(screen_triangle(tri_uv, z=z), torch.tensor([[0, 1, 2]]), (30, 30),
+                      perspective_correct=False)
+    # the plane z = a*u + b*v + c through the three screen vertices
+    A = np.c_[np.array(tri_uv), np.ones(3)]
+    a, b, c = np.linalg.solve(A, np.array(z))
+    ys, xs = np.nonzero(frags.mask[0].numpy())
+    np.testing.assert_allclose(frags.zbuf[0].numpy()[ys, xs], a * xs + b * ys + c, rtol=1e-12)
+    bary = frags.bary[frags.mask]
+    torch.testing.assert_close(bary.sum(-1), torch.ones_like(bary[:, 0]))
+
+
+def test_sample_texture_puts_uv_v_up_at_the_texture_top_row():
+    from lightning_ft.render import sample_texture
+    quad = torch.tensor([[[-0.5, -0.5, 1.0], [16.5, -0.5, 1.0], [16.5, 16.5, 1.0],
+                          [-0.5, 16.5, 1.0]]], dtype=torch.float64)
+    faces = torch.tensor([[0, 1, 2], [0, 2, 3]])
+    uv_of_vertex = torch.tensor([[0.0, 1.0], [1.0, 1.0], [1.0, 0.0], [0.0, 0.0]],
+                                dtype=torch.float64)  # image top = uv v 1
+    face_uvs = uv_of_vertex[faces]
+    texture = torch.zeros(1, 3, 4, 4, dtype=torch.float64)
+    texture[0, 0, 0] = 1.0   # top row red
+    texture[0, 2, -1] = 1.0  # bottom row blue
+    frags = rasterize(quad, faces, (16, 16))
+    image = sample_texture(frags, face_uvs, texture)
+    assert image[0, 0, 8, 0] > 0.9 and image[0, 0, 8, 2] < 0.1
+    assert image[0, -1, 8, 2] > 0.9 and image[0, -1, 8, 0] < 0.1
