@@ -340,3 +340,16 @@ def test_sample_texture_puts_uv_v_up_at_the_texture_top_row():
     image = sample_texture(frags, face_uvs, texture)
     assert image[0, 0, 8, 0] > 0.9 and image[0, 0, 8, 2] < 0.1
     assert image[0, -1, 8, 2] > 0.9 and image[0, -1, 8, 0] < 0.1
+
+
+def test_triangles_behind_the_camera_or_off_screen_are_dropped_without_errors():
+    faces = torch.tensor([[0, 1, 2], [3, 4, 5]])
+    behind = screen_triangle([[2.2, 3.1], [27.8, 5.6], [9.4, 25.3]], z=(1.0, -0.5, 2.0))
+    off = screen_triangle([[-50.2, 3.1], [-27.8, 5.6], [-40.4, 25.3]])
+    verts = torch.cat([behind, off], dim=1).requires_grad_(True)
+    frags = rasterize(verts, faces, (30, 30))
+    assert not frags.mask.any()
+    image = antialias(interpolate(frags, verts, faces), frags, verts, faces)
+    assert image.shape == (1, 30, 30, 3) and (image == 0).all()
+    image.sum().backward()
+    assert (verts.grad == 0).all()
