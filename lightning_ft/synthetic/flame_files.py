@@ -246,7 +246,9 @@ def _smooth_fields(verts: np.ndarray, n: int, rng, scale: float, mask: Optional[
         phase = rng.uniform(0, 2 * np.pi, size=3)
         amp = rng.normal(size=3)
         field = np.sin(u @ freq + phase) * amp
-        out[:, :, k] = field * scale / (1 + 0.05 * k)
+        # PCA-like decay, as in FLAME: the first components carry most of
+        # the variance (total RMS over 100 components about 2.3x `scale`).
+        out[:, :, k] = field * scale / (1 + k)
     if mask is not None:
         out *= mask[:, None, None]
     return out
@@ -294,8 +296,8 @@ def synthetic_model_arrays(verts: np.ndarray, faces: np.ndarray, left_eye: np.nd
         Jreg[k, near] = w / w.sum()
     face_mask = np.clip((z - z.min()) / (np.ptp(z) + 1e-9), 0, 1) ** 2
     shapedirs = np.concatenate([
-        _smooth_fields(verts, N_SHAPE_TOTAL, rng, 0.004),
-        _smooth_fields(verts, N_EXP_TOTAL, rng, 0.003, mask=face_mask),
+        _smooth_fields(verts, N_SHAPE_TOTAL, rng, 0.008),
+        _smooth_fields(verts, N_EXP_TOTAL, rng, 0.006, mask=face_mask),
     ], axis=2)
     shapedirs[eyes] = np.mean(shapedirs[eyes], axis=0, keepdims=True)  # eyeballs move rigidly
     posedirs = _smooth_fields(verts, 36, rng, 0.002, mask=face_mask)

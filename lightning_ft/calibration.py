@@ -1,0 +1,226 @@
+"""Camera calibration: one focal length and one identity from sampled frames.
+
+A joint fit of focal length and shape is ill-conditioned: a narrower face seen
+from closer looks much like a wider face from farther, so shape soaks up
+perspective. We therefore fit focal length, shape and the
+per-frame poses jointly by Levenberg-Marquardt (the per-frame blocks are
+eliminated through their Schur complement, so a step costs little more than
+per-frame fitting), with shape under its N(0, I) prior and a weak log-normal
+prior on the focal, from a few starting focals; the lowest cost wins. Frames are chosen
+spread over time and over head pose, since rotation is what separates depth
+structure from shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .errors import NoFaceError
+from .optimize import (FitConfig, FrameParams, LandmarkBasis, Targets, _apply_step, _point_arrays, _residuals,
+                       contour_rows, head_rotation_flame, initial_params)
+
+
+@dataclass
+class CalibrationConfig:
+    n_frames: int = 32
+    seed: int = 0
+    grid_factors: Sequence[float] = tuple(np.exp(np.linspace(np.log(0.45), np.log(2.2), 7)))
+    iters: int = 15
+    focal_prior_factor: float = 2.5     # prior centre = factor * image width (px)
+    focal_prior_sigma_log: float = 0.5  # weak: a factor e^0.5 = 1.65 is one sigma
+    sigma_shape: float = 1.0
+    alternations: int = 4
+    iters_per_alternation: int = 6
+
+
+@dataclass
+class Calibration:
+    """focal_px [2] (fx = fy), principal_point [2] px, shape [n_shape],
+    frames [K] indices used, focal_costs: (focal, cost) per grid point."""
+
+    focal_px: np.ndarray
+    principal_point: np.ndarray
+    shape: np.ndarray
+    frames: np.ndarray
+    focal_costs: list
+
+
+def select_frames(valid: np.ndarray, yaw_proxy: Optional[np.ndarray], n: int, seed: int = 0) -> np.ndarray:
+    """Up to n valid frames, half spread evenly in time, half chosen to span
+    the head-pose range (by a yaw proxy), seeded and deterministic."""
+    idx = np.flatnonzero(valid)
+    if len(idx) == 0:
+        raise NoFaceError("no valid frame to calibrate on")
+    if len(idx) <= n:
+        return idx
+    rng = np.random.default_rng(seed)
+    even = idx[np.linspace(0, len(idx) - 1, n // 2).round().astype(int)]
+    chosen = set(even.tolist())
+    if yaw_proxy is not None:
+        order = idx[np.argsort(yaw_proxy[idx])]
+        for q in np.linspace(0, len(order) - 1, n - len(chosen)).round().astype(int):
+            chosen.add(int(order[q]))
+    rest = np.setdiff1d(idx, np.fromiter(chosen, int))
+    while len(chosen) < n and len(rest):
+        k = rng.integers(len(rest))
+        chosen.add(int(rest[k]))
+        rest = np.delete(rest, k)
+    return np.sort(np.fromiter(chosen, int))
+
+
+def yaw_proxy(lmk68: np.ndarray) -> np.ndarray:
+    """Left-right asymmetry of the nose tip between the outer eye corners [T]."""
+    a = lmk68[:, 30, 0] - lmk68[:, 36, 0]
+    b = lmk68[:, 45, 0] - lmk68[:, 30, 0]
+    return (a - b) / np.maximum(a + b, 1e-6)
+
+
+def _joint_residuals(full: LandmarkBasis, S: int, params: FrameParams, shape, log_f, targets, pp, cfg, want_jac):
+    """Residuals r [T,N]; with want_jac also the per-frame Jacobian
+    A [T,N,D_frame] and the shared one B [T,N,S+1] (shape, log focal)."""
+    T = params.rotation.shape[0]
+    f = torch.exp(log_f).reshape(1).expand(2)
+    coeffs = torch.cat([shape.expand(T, -1), params.expression], 1)
+    p = FrameParams(params.rotation, params.translation, coeffs, params.jaw, params.eyes, torch.zeros(0))
+    rows = contour_rows(head_rotation_flame(params.rotation), full.n_rows)
+    arrays = _point_arrays(full, rows, torch.zeros(0))
+    out = _residuals(full, arrays, p, targets, f, pp, cfg, (), want_jac)
+    r = out[0].clone()
+    n_pts = 2 * (arrays["M0"].shape[1] + 2) + 2 * 7
+    # The per-frame expression prior must not act on the shared shape columns.
+    r[:, n_pts:n_pts + S] = 0
+    if not want_jac:
+        return r
+    J = out[4].clone()
+    J[:, n_pts:n_pts + S] = 0
+    eps = 1e-4
+    r_eps = _residuals(full, arrays, p, targets, f * (1 + eps), pp, cfg, (), False)[0].clone()
+    r_eps[:, n_pts:n_pts + S] = 0
+    J_logf = ((r_eps - r) / eps)[..., None]
+    E = params.expression.shape[1]
+    frame_cols = torch.cat([torch.arange(0, 6), torch.arange(6 + S, 15 + S + E)])
+    return r, J[..., frame_cols], torch.cat([J[..., 6:6 + S], J_logf], -1)
+
+
+def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_f: torch.Tensor, pp, cfg: FitConfig,
+               ccfg: CalibrationConfig, log_f0: float, iters: int = 40, fix_focal: bool = True):
+    """Levenberg-Marquardt on the sampled frames with shared shape and focal,
+    solved through the Schur complement of the per-frame blocks."""
+    S, E = basis.n_shape, basis.n_exp
+    full = replace(basis, n_shape=0, n_exp=S + E)
+    shape = params.shape.clone()
+    params = params.clone()
+    mu = 1e-3
+    prior_diag = torch.cat([torch.full((S,), 1 / ccfg.sigma_shape ** 2),
+                            torch.tensor([1 / ccfg.focal_prior_sigma_log ** 2])])
+
+    def total(r, shape, log_f):
+        return float((r ** 2).sum() + (shape ** 2).sum() / ccfg.sigma_shape ** 2
+                     + ((log_f - log_f0) / ccfg.focal_prior_sigma_log) ** 2)
+
+    n_shared = S if fix_focal else S + 1
+    prior_diag = prior_diag[:n_shared]
+    r, A, B = _joint_residuals(full, S, params, shape, log_f, targets, pp, cfg, True)
+    B = B[..., :n_shared]
+    cost = total(r, shape, log_f)
+    for _ in range(iters):
+        Hff = A.transpose(1, 2) @ A
+        Hfs = A.transpose(1, 2) @ B
+        Hss = torch.einsum("tni,tnj->ij", B, B) + torch.diag(prior_diag)
+        gf = A.transpose(1, 2) @ r[..., None]
+        gs = torch.einsum("tni,tn->i", B, r) + torch.cat(
+            [shape / ccfg.sigma_shape ** 2, ((log_f - log_f0) / ccfg.focal_prior_sigma_log ** 2).reshape(1)])[:n_shared]
+        improved, rel = False, 0.0
+        for _ in range(6):
+            Hff_d = Hff + torch.diag_embed(mu * (torch.diagonal(Hff, dim1=1, dim2=2) + 1e-6))
+            Hss_d = Hss + mu * torch.diag(torch.diagonal(Hss) + 1e-6)
+            X = torch.linalg.solve(Hff_d, torch.cat([Hfs, gf], -1))
+            Hinv_Hfs, Hinv_gf = X[..., :-1], X[..., -1:]
+            schur = Hss_d - torch.einsum("tfi,tfj->ij", Hfs, Hinv_Hfs)
+            rhs = gs - torch.einsum("tfi,tfo->i", Hfs, Hinv_gf)
+            ds = -torch.linalg.solve(schur, rhs)
+            df = -(Hinv_gf[..., 0] + Hinv_Hfs @ ds)
+            trial = _apply_step(params, df, E)
+            shape_t = shape + ds[:S]
+            log_f_t = log_f if fix_focal else log_f + ds[S]
+            r_t = _joint_residuals(full, S, trial, shape_t, log_f_t, targets, pp, cfg, False)
+            cost_t = total(r_t, shape_t, log_f_t)
+            if cost_t < cost:
+                rel = (cost - cost_t) / cost
+                params, shape, log_f, cost = trial, shape_t, log_f_t, cost_t
+                mu = max(mu / 3, 1e-7)
+                improved = True
+                break
+            mu = min(mu * 4, 1e7)
+        if not improved or rel < 1e-6:
+            break
+        r, A, B = _joint_residuals(full, S, params, shape, log_f, targets, pp, cfg, True)
+        B = B[..., :n_shared]
+    params.shape = shape
+    return params, log_f, cost
+
+
+def calibrate(basis: LandmarkBasis, targets: Targets, valid: np.ndarray, image_size: tuple,
+              cfg: FitConfig = FitConfig(), ccfg: CalibrationConfig = CalibrationConfig(),
+              init_shape: Optional[np.ndarray] = None) -> Calibration:
+    """Fit one focal length and identity on up to `ccfg.n_frames` frames.
+
+    targets: all frames (crop pixels); valid [T]; image_size (H, W).
+    """
+    H, W = image_size
+    pp = torch.tensor([W / 2.0, H / 2.0])  # pixel centres at +0.5: the image spans [0, W]
+    frames = select_frames(valid, yaw_proxy(targets.lmk68.numpy()), ccfg.n_frames, ccfg.seed)
+    sub = targets.select(torch.as_tensor(frames))
+    shape0 = torch.zeros(basis.n_shape) if init_shape is None else torch.as_tensor(init_shape, dtype=torch.float32)
+    f0 = ccfg.focal_prior_factor * W
+    log_f0 = float(np.log(f0))
+    # Profile the focal: the joint problem's valley along focal and shape is
+    # long and flat, so LM with a free focal stalls where it starts, while the
+    # profile (every other unknown refitted at each focal) has a clear minimum.
+    def profile(start: Optional[FrameParams], start_f: Optional[float]):
+        out, params, prev_f = [], start, start_f
+        for factor in ccfg.grid_factors:
+            f = f0 * factor
+            if params is None:
+                focal = torch.tensor([f, f], dtype=torch.float32)
+                params = initial_params(basis, sub, focal, pp, shape=shape0, cfg=cfg)
+            else:  # warm start: same poses and shape, depth scaled with the focal
+                params = params.clone()
+                params.translation = params.translation * (f / prev_f)
+            params, _, cost = _joint_fit(basis, sub, params, torch.tensor(float(np.log(f))), pp, cfg, ccfg,
+                                         log_f0, iters=ccfg.iters)
+            out.append((f, cost, params))
+            prev_f = f
+            if start is not None:  # second pass: every focal from the best basin
+                params, prev_f = start, start_f
+        return out
+
+    # Two passes: the first sweeps the grid from a cold start; the second
+    # refits every focal from the best solution of the first, so that the
+    # profile compares one basin at different focals rather than whichever
+    # basin each warm start happened to reach.
+    results = profile(None, None)
+    k = int(np.argmin([c for _, c, _ in results]))
+    results = profile(results[k][2], results[k][0])
+    costs = np.array([c for _, c, _ in results])
+    k = int(np.argmin(costs))
+    best_f, best_params = results[k][0], results[k][2]
+    if 0 < k < len(results) - 1:  # parabola through the neighbours in log focal
+        x = np.log([results[k - 1][0], results[k][0], results[k + 1][0]])
+        a, b, _ = np.polyfit(x, costs[k - 1:k + 2], 2)
+        if a > 0:
+            f_ref = float(np.exp(np.clip(-b / (2 * a), x[0], x[2])))
+            init = best_params.clone()
+            init.translation = init.translation * (f_ref / best_f)
+            params, _, cost = _joint_fit(basis, sub, init, torch.tensor(float(np.log(f_ref))), pp, cfg, ccfg, log_f0,
+                                         iters=ccfg.iters)
+            if cost < costs[k]:
+                best_f, best_params = f_ref, params
+    results = [(float(f), float(c)) for f, c, _ in results]
+    return Calibration(
+        focal_px=np.array([best_f, best_f], dtype=np.float64), principal_point=pp.numpy().astype(np.float64),
+        shape=best_params.shape.numpy().astype(np.float64), frames=frames, focal_costs=results)

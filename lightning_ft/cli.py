@@ -1,0 +1,182 @@
+"""Command line: `lightning-ft` (track, assets check|fetch, export) and
+`track_lightning.py`, the original tool's command.
+
+Expected failures (LightningFTError) are printed as one line and mapped to an
+exit code; nothing else is caught here, so real bugs keep their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from .errors import LightningFTError, UsageError
+
+log = logging.getLogger("lightning_ft")
+
+
+def resolve_device(spec: Optional[str]) -> str:
+    """'-d 7' -> 'cuda:7' (as the original tool), 'cpu', 'cuda', 'cuda:N';
+    default: the first GPU if there is one, else the CPU."""
+    import torch
+
+    n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if spec is None or spec == "":
+        return "cuda:0" if n_gpu else "cpu"
+    s = str(spec).strip().lower()
+    if s == "cpu":
+        return "cpu"
+    if s.isdigit():
+        index = int(s)
+    elif s == "cuda":
+        index = 0
+    elif s.startswith("cuda:") and s[5:].isdigit():
+        index = int(s[5:])
+    else:
+        raise UsageError(f"-d {spec}: expected a GPU index (e.g. 0), cuda:N or cpu")
+    if index >= n_gpu:
+        have = f"{n_gpu} GPU(s) visible" if n_gpu else "no GPU visible (CUDA unavailable)"
+        raise UsageError(f"-d {spec}: GPU {index} is not available, {have}; use -d cpu")
+    return f"cuda:{index}"
+
+
+def _track_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Track FLAME parameters and a calibrated camera in "
+                                "talking-head videos.")
+    p.add_argument("--data", type=Path, help="a video file or a folder searched recursively for videos")
+    p.add_argument("-d", "--device", default=None, help="GPU index (as in the original tool), cuda:N or cpu "
+                   "(default: first GPU, else CPU)")
+    p.add_argument("-v", "--visualize", action="store_true", help="write visualization.mp4 beside the results")
+    p.add_argument("--synthesis", action="store_true", help="photometric refinement (needs the texture space)")
+    p.add_argument("--out", type=Path, default=Path("output"), help="output folder (default: ./output)")
+    p.add_argument("--assets", default=None, help="assets folder (default: $LIGHTNING_FT_ASSETS, else ./assets)")
+    p.add_argument("--landmarks", type=Path, help="npz with lmk68 [T,68,2], lmk_dense [T,478,2], image_size [2] "
+                   "and optional valid [T]: replaces detection; --data becomes optional")
+    p.add_argument("--no-emoca", action="store_true", help="neutral initialisation instead of EMOCA v2")
+    p.add_argument("--shard", help="K/N: process every N-th video starting at K (cluster job arrays)")
+    p.add_argument("--overwrite", action="store_true", help="redo videos that already have a finished result")
+    p.add_argument("--image-size", type=int, default=512, help="crop size in pixels (default 512)")
+    p.add_argument("--fps", type=float, default=None, help="resample to this frame rate")
+    p.add_argument("--lmk68", choices=("auto", "fan", "dlib", "mediapipe"), default="auto",
+                   help="source of the 68 landmarks (default: FAN if its weights are local, else dlib, else "
+                   "mediapipe)")
+    p.add_argument("--export", default="", help="also export: comma-separated vhap,metrical,lightning,nerface,mesh")
+    p.add_argument("--cache", type=Path, default=None, help="frame cache folder (default: OUT/.cache)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info messages")
+    return p
+
+
+def _track(args: argparse.Namespace) -> int:
+    from .assets import resolve_assets_dir
+    from .pipeline import TrackConfig, parse_shard, run
+
+    if args.data is None and args.landmarks is None:
+        raise UsageError("--data PATH is required (a video or a folder), or --landmarks FILE")
+    if args.data is not None and not args.data.exists():
+        raise UsageError(f"{args.data}: no such file or folder")
+    if args.landmarks is not None and not args.landmarks.exists():
+        raise UsageError(f"{args.landmarks}: no such file")
+    if args.image_size < 64:
+        raise UsageError(f"--image-size {args.image_size}: too small (64 or more)")
+    exports = [x.strip() for x in args.export.split(",") if x.strip()]
+    if exports:
+        from .export import FORMATS
+
+        unknown = [x for x in exports if x not in FORMATS]
+        if unknown:
+            raise UsageError(f"--export {','.join(unknown)}: unknown format; choose from {', '.join(FORMATS)}")
+    cfg = TrackConfig(
+        data=args.data, out_dir=args.out, assets_dir=resolve_assets_dir(args.assets),
+        device=resolve_device(args.device), visualize=args.visualize, synthesis=args.synthesis,
+        landmarks_file=args.landmarks, no_emoca=args.no_emoca, shard=parse_shard(args.shard),
+        overwrite=args.overwrite, image_size=args.image_size, fps=args.fps, lmk68=args.lmk68, export=exports,
+        cache_dir=args.cache, progress=False if args.quiet else None)
+    outcomes = run(cfg)
+    return _summary(outcomes)
+
+
+def _summary(outcomes) -> int:
+    failed = [o for o in outcomes if o.status == "failed"]
+    if len(outcomes) > 1 or failed:
+        width = max(len(o.name) for o in outcomes)
+        print(f"{'video':<{width}}  status   seconds  detail")
+        for o in outcomes:
+            print(f"{o.name:<{width}}  {o.status:<7}  {o.seconds:7.1f}  {o.detail}")
+        done = sum(o.status == "done" for o in outcomes)
+        skipped = sum(o.status == "skipped" for o in outcomes)
+        print(f"{done} done, {skipped} skipped, {len(failed)} failed")
+    else:
+        for o in outcomes:
+            print(f"{o.name}: {o.status} -> {o.detail}")
+    return 1 if failed else 0
+
+
+def _assets(args: argparse.Namespace) -> int:
+    from .assets import main_check, main_fetch
+
+    if args.assets_command == "check":
+        return main_check(args.assets)
+    items = args.item or None
+    return main_fetch(args.assets, items=items, force=args.force)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    formats = [x.strip() for x in args.format.split(",") if x.strip()]
+    paths = export(args.result_dir, formats, out_dir=args.out, allow_version_mismatch=args.allow_version_mismatch)
+    print(f"wrote {len(paths)} files for {', '.join(formats)}")
+    return 0
+
+
+def _main_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lightning-ft", description="LightningFT: fast monocular FLAME face tracker")
+    sub = p.add_subparsers(dest="command", required=True)
+    track = sub.add_parser("track", help="track videos (same options as track_lightning.py)",
+                           parents=[_track_parser("lightning-ft track")], add_help=False)
+    track.set_defaults(func=_track)
+    assets = sub.add_parser("assets", help="check or download model files")
+    assets_sub = assets.add_subparsers(dest="assets_command", required=True)
+    chk = assets_sub.add_parser("check", help="what is present, missing or corrupt, and which stage needs it")
+    chk.add_argument("--assets", default=None)
+    fetch = assets_sub.add_parser("fetch", help="download what can be downloaded (FLAME needs your account)")
+    fetch.add_argument("--assets", default=None)
+    fetch.add_argument("--item", action="append", choices=("emoca", "flame", "texture", "embedding"))
+    fetch.add_argument("--force", action="store_true")
+    assets.set_defaults(func=_assets)
+    exp = sub.add_parser("export", help="convert a result folder for another tool")
+    exp.add_argument("result_dir", type=Path)
+    exp.add_argument("--format", required=True, help="vhap, metrical, lightning, nerface, mesh (comma-separated)")
+    exp.add_argument("--out", type=Path, default=None)
+    exp.add_argument("--allow-version-mismatch", action="store_true")
+    exp.set_defaults(func=_export)
+    return p
+
+
+def _run(func, args) -> int:
+    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+                        format="%(message)s", stream=sys.stderr)
+    try:
+        return func(args)
+    except LightningFTError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """`lightning-ft ...`"""
+    args = _main_parser().parse_args(argv)
+    return _run(args.func, args)
+
+
+def track_main(argv: Optional[List[str]] = None) -> int:
+    """`python track_lightning.py ...` (the original tool's command)."""
+    args = _track_parser("track_lightning.py").parse_args(argv)
+    return _run(_track, args)

@@ -1,0 +1,86 @@
+"""Results on disk: `<out>/<video stem>/tracking.npz` and `meta.json`.
+
+A result folder is written under a temporary name and renamed into place
+only when complete, so a killed run never leaves a folder that looks
+finished; `meta.json` carries `"complete": true` as a second guard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict
+
+import numpy as np
+
+# The tracking.npz contract: exactly these keys (optional ones are added by
+# later stages, e.g. synthesis's texture and lighting).
+TRACKING_KEYS = ("frame_ids", "valid", "shape", "expression", "jaw_pose", "neck_pose", "eye_pose", "rotation",
+                 "translation", "focal_length", "principal_point", "image_size", "crop_boxes", "lmk68",
+                 "lmk_dense", "fps")
+
+
+def result_dir(out_dir: Path, video_stem: str) -> Path:
+    return Path(out_dir) / video_stem
+
+
+def is_finished(folder: Path) -> bool:
+    """True when `folder` holds a complete result (both files, meta complete)."""
+    meta = Path(folder) / "meta.json"
+    if not (Path(folder) / "tracking.npz").exists() or not meta.exists():
+        return False
+    try:
+        return bool(json.loads(meta.read_text()).get("complete"))
+    except (OSError, ValueError):
+        return False
+
+
+def _json_default(o: Any):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_result(folder: Path, tracking: Dict[str, np.ndarray], meta: Dict[str, Any],
+                 extra: Callable[[Path], None] = None) -> Path:
+    """Write tracking.npz and meta.json (and whatever `extra(tmp_folder)`
+    writes, e.g. the visualization) atomically as one folder."""
+    missing = [k for k in TRACKING_KEYS if k not in tracking]
+    if missing:
+        raise ValueError(f"tracking result lacks keys {missing}")
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        np.savez(tmp / "tracking.npz", **tracking)
+        if extra is not None:
+            extra(tmp)
+        meta = dict(meta, complete=True)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=_json_default))
+        if folder.exists():
+            old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def load_tracking(folder: Path) -> Dict[str, np.ndarray]:
+    with np.load(Path(folder) / "tracking.npz") as d:
+        return {k: d[k] for k in d.files}

@@ -1,0 +1,467 @@
+"""The tracker: calls the stages in order, per video, with resume and timing.
+
+    video -> landmarks -> (EMOCA) -> calibration -> fitting -> smoothing -> output
+
+Each stage is a function over data; this module passes results along and
+records what happened (settings, versions, seconds per stage, quality) in
+meta.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from . import __version__
+from .calibration import CalibrationConfig, calibrate
+from .errors import LightningFTError, UsageError
+from .flame import FLAME
+from .optimize import (FitConfig, FrameParams, Targets, build_basis, fit_frames, initial_params,
+                       predict_landmarks)
+from .output import is_finished, result_dir, write_result
+from .smoothing import SmoothingConfig, second_difference_jitter, smooth_tracking
+
+log = logging.getLogger("lightning_ft")
+
+VIDEO_SUFFIXES = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".y4m"}
+
+
+@dataclass
+class TrackConfig:
+    """Everything a run needs, built once by the CLI."""
+
+    data: Optional[Path]
+    out_dir: Path
+    assets_dir: Path
+    device: str = "cpu"
+    visualize: bool = False
+    synthesis: bool = False
+    landmarks_file: Optional[Path] = None
+    no_emoca: bool = False
+    shard: Optional[Tuple[int, int]] = None
+    overwrite: bool = False
+    image_size: int = 512
+    fps: Optional[float] = None
+    lmk68: str = "auto"
+    export: List[str] = field(default_factory=list)
+    cache_dir: Optional[Path] = None
+    progress: Optional[bool] = None
+    fit: FitConfig = field(default_factory=FitConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)
+
+
+class StageTimer:
+    """Wall-clock seconds per stage, in call order."""
+
+    def __init__(self):
+        self.seconds: Dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------
+# Inputs
+
+
+def find_videos(path: Path) -> List[Path]:
+    """A video file, or every video below a folder (recursive, sorted)."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{path}: no such file or folder")
+    if path.is_file():
+        return [path]
+    videos = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+    if not videos:
+        raise UsageError(f"{path}: no video files ({', '.join(sorted(VIDEO_SUFFIXES))}) in this folder")
+    return videos
+
+
+def parse_shard(text: Optional[str]) -> Optional[Tuple[int, int]]:
+    """'K/N' -> (K, N), 0 <= K < N: every N-th video starting at K."""
+    if text is None:
+        return None
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard {text}: expected K/N, e.g. 0/4") from None
+    if n < 1 or not 0 <= k < n:
+        raise UsageError(f"--shard {text}: need 0 <= K < N")
+    return k, n
+
+
+def select_shard(videos: List[Path], shard: Optional[Tuple[int, int]]) -> List[Path]:
+    if shard is None:
+        return videos
+    k, n = shard
+    return videos[k::n]
+
+
+def output_stem(video: Path, root: Optional[Path]) -> str:
+    """Result folder name: the video's path below the input folder, so two
+    clips called 0001.mp4 in different folders do not collide."""
+    if root is not None and root.is_dir():
+        rel = video.relative_to(root).with_suffix("")
+        return "__".join(rel.parts)
+    return video.stem
+
+
+# ----------------------------------------------------------------------------
+# Fitting
+
+
+@dataclass
+class FitOutput:
+    """Per-frame results for all T frames (invalid ones interpolated).
+
+    rotation [T,3,3], translation [T,3] (FLAME -> OpenCV camera, meters),
+    expression [T,E], jaw_pose [T,3], neck_pose [T,3], eye_pose [T,6],
+    shape [S], focal_length [2], principal_point [2] (crop pixels),
+    quality: figures for meta.json; calibration: what calibration did."""
+
+    rotation: np.ndarray
+    translation: np.ndarray
+    expression: np.ndarray
+    jaw_pose: np.ndarray
+    neck_pose: np.ndarray
+    eye_pose: np.ndarray
+    shape: np.ndarray
+    focal_length: np.ndarray
+    principal_point: np.ndarray
+    quality: dict
+    calibration: dict
+
+
+def fit_landmarks(flame: FLAME, lmk68: np.ndarray, lmk_dense: np.ndarray, valid: np.ndarray, image_size,
+                  fps: float, cfg: TrackConfig, timer: StageTimer, emoca=None,
+                  timestamps: Optional[np.ndarray] = None) -> FitOutput:
+    """Calibrate, fit every valid frame, interpolate invalid ones, smooth."""
+    H, W = image_size
+    fit_cfg = cfg.fit
+    fit_cfg.image_size = max(H, W)
+    with timer("calibration"):
+        basis = build_basis(flame)
+        targets = Targets.from_landmarks(lmk68, lmk_dense, basis)
+        init_shape = None if emoca is None else emoca.identity
+        cal = calibrate(basis, targets, valid, (H, W), fit_cfg, cfg.calibration, init_shape=init_shape)
+    focal = torch.tensor(cal.focal_px, dtype=torch.float32)
+    pp = torch.tensor(cal.principal_point, dtype=torch.float32)
+    shape = torch.tensor(cal.shape, dtype=torch.float32)
+    idx = np.flatnonzero(valid)
+    T = len(valid)
+    with timer("fitting"):
+        sub = targets.select(torch.as_tensor(idx))
+        rot0 = exp0 = jaw0 = None
+        if emoca is not None:
+            from .emoca import emoca_pose_to_opencv
+
+            ok = emoca.valid[idx]
+            if ok.all():
+                rot0 = torch.as_tensor(emoca_pose_to_opencv(emoca.global_pose[idx]), dtype=torch.float32)
+                exp0 = torch.as_tensor(emoca.expression[idx][:, :flame.n_exp], dtype=torch.float32)
+                jaw0 = torch.as_tensor(emoca.jaw_pose[idx], dtype=torch.float32)
+        init = initial_params(basis, sub, focal, pp, shape=shape, expression=exp0, jaw=jaw0, rotation=rot0,
+                              cfg=fit_cfg)
+        contiguous = torch.as_tensor(np.concatenate([[False], np.diff(idx) == 1]))
+        res = fit_frames(basis, sub, init, focal, pp, fit_cfg, contiguous=contiguous)
+    p = res.params
+
+    def full(a, fill_shape):
+        out = np.full((T,) + fill_shape, np.nan, np.float64)
+        out[idx] = a.detach().numpy()
+        return out
+
+    raw = {"rotation": full(p.rotation, (3, 3)), "translation": full(p.translation, (3,)),
+           "expression": full(p.expression, (flame.n_exp,)), "jaw_pose": full(p.jaw, (3,)),
+           "eye_pose": full(p.eyes, (6,))}
+    with timer("smoothing"):
+        smoothed = smooth_tracking(raw, valid, fps, cfg.smoothing, timestamps=timestamps)
+    with timer("quality"):
+        quality = _quality(basis, smoothed, raw, shape, focal, pp, lmk68, lmk_dense, valid, idx, res)
+    return FitOutput(
+        rotation=smoothed["rotation"], translation=smoothed["translation"], expression=smoothed["expression"],
+        jaw_pose=smoothed["jaw_pose"], neck_pose=np.zeros((T, 3)), eye_pose=smoothed["eye_pose"],
+        shape=cal.shape, focal_length=cal.focal_px, principal_point=cal.principal_point, quality=quality,
+        calibration={"frames": cal.frames.tolist(), "focal_costs": cal.focal_costs, "focal_px": float(cal.focal_px[0])})
+
+
+def _params_from(d: Dict[str, np.ndarray], shape: torch.Tensor) -> FrameParams:
+    t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
+    return FrameParams(t(d["rotation"]), t(d["translation"]), t(d["expression"]), t(d["jaw_pose"]),
+                       t(d["eye_pose"]), shape)
+
+
+def _quality(basis, smoothed, raw, shape, focal, pp, lmk68, lmk_dense, valid, idx, res) -> dict:
+    """Reprojection errors (px) and jitter of the smoothed track on valid frames."""
+    pred68, pred_dense = predict_landmarks(basis, _params_from({k: v[idx] for k, v in smoothed.items()}, shape),
+                                           focal, pp)
+    pred68, pred_dense = pred68.numpy(), pred_dense.numpy()
+    det68 = lmk68[idx]
+    err68 = np.linalg.norm(pred68 - det68, axis=-1)
+    out = {"fit_iterations": res.iterations,
+           "mean_error_68_px": float(np.nanmean(err68)),
+           "mean_error_68_px_before_smoothing": float(res.rmse68_px)}
+    if lmk_dense is not None and np.isfinite(lmk_dense[idx][:, basis.mediapipe_indices]).any():
+        det_d = lmk_dense[idx][:, basis.mediapipe_indices]
+        out["mean_error_dense_px"] = float(np.nanmean(np.linalg.norm(pred_dense - det_d, axis=-1)))
+    else:
+        out["mean_error_dense_px"] = None
+    v = np.ones(len(idx), bool)
+    cont = np.concatenate([[True], np.diff(idx) == 1])
+    # Jitter over runs of consecutive valid frames only.
+    out["jitter_68_fitted_px"] = float(second_difference_jitter(_break_runs(pred68, cont), None))
+    out["jitter_68_detected_px"] = float(second_difference_jitter(_break_runs(det68, cont), None))
+    out["invalid_frames"] = int((~valid).sum())
+    out["invalid_frame_ids"] = np.flatnonzero(~valid).tolist()[:1000]
+    return out
+
+
+def _break_runs(x: np.ndarray, cont: np.ndarray) -> np.ndarray:
+    """NaN rows inserted where frames are not consecutive, so differences
+    never span a gap."""
+    rows = []
+    for i in range(len(x)):
+        if i > 0 and not cont[i]:
+            rows.append(np.full_like(x[i], np.nan))
+        rows.append(x[i])
+    return np.stack(rows)
+
+
+# ----------------------------------------------------------------------------
+# One video
+
+
+def _flame_paths(assets_dir: Path) -> Dict[str, Path]:
+    d = Path(assets_dir) / "FLAME"
+    return {"model": d / "generic_model.pkl", "landmark_embedding": d / "landmark_embedding.npy",
+            "mediapipe_embedding": d / "mediapipe_landmark_embedding.npz"}
+
+
+def load_flame(assets_dir: Path) -> FLAME:
+    p = _flame_paths(assets_dir)
+    return FLAME(p["model"], p["landmark_embedding"], p["mediapipe_embedding"])
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"lightning_ft": __version__, "python": platform.python_version(), "torch": torch.__version__,
+           "numpy": np.__version__}
+    for pkg in ("mediapipe", "av", "face-alignment"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: FLAME, emoca_model=None) -> Path:
+    """Track one video (or one --landmarks file); returns the result folder."""
+    timer = StageTimer()
+    t_start = time.perf_counter()
+    frames_source = None
+    if cfg.landmarks_file is not None:
+        from .landmarks import load_landmarks_file
+
+        with timer("landmarks"):
+            lm = load_landmarks_file(cfg.landmarks_file)
+        T = lm.lmk68.shape[0]
+        frame_ids = np.arange(T)
+        fps = float(cfg.fps or 25.0)
+        timestamps = None
+        H, W = lm.image_size
+        crop_boxes = np.tile(np.array([0.0, 0.0, W, H]), (T, 1))
+        video_meta = {"path": str(video) if video else None, "landmarks_file": str(cfg.landmarks_file)}
+    else:
+        from . import landmarks as landmarks_stage
+        from . import video as video_stage
+
+        cache_dir = cfg.cache_dir or (Path(cfg.out_dir) / ".cache")
+        with timer("decode_crop"):
+            face_video = video_stage.prepare(video, cache_dir=cache_dir, image_size=cfg.image_size, fps=cfg.fps,
+                                             progress=cfg.progress)
+        with timer("landmarks"):
+            lm = landmarks_stage.detect(face_video, lmk68=cfg.lmk68, device=cfg.device, progress=cfg.progress)
+        T = len(face_video)
+        frame_ids = face_video.frame_ids
+        fps = float(face_video.fps)
+        timestamps = face_video.timestamps
+        crop_boxes = face_video.crop_boxes
+        H, W = face_video.image_size
+        frames_source = face_video
+        video_meta = {"path": str(video), "fps": fps, "frames": int(T), "cache": str(face_video.cache_path)}
+    valid = np.asarray(lm.valid, bool)
+    if not valid.any():
+        from .errors import NoFaceError
+
+        raise NoFaceError(f"{video or cfg.landmarks_file}: no valid landmarks in any frame")
+    emoca_result = None
+    if emoca_model is not None:
+        if frames_source is None:
+            raise UsageError("EMOCA needs the video frames: pass --data with --landmarks, or --no-emoca")
+        from .emoca import regress
+
+        with timer("emoca"):
+            emoca_result = regress(frames_source.frames(), lm.lmk_dense if np.isfinite(lm.lmk_dense).any() else lm.lmk68,
+                                   valid, emoca_model, progress=cfg.progress)
+    fit = fit_landmarks(flame, lm.lmk68, lm.lmk_dense, valid, (H, W), fps, cfg, timer, emoca=emoca_result,
+                        timestamps=timestamps)
+    tracking = {
+        "frame_ids": np.asarray(frame_ids, np.int64), "valid": valid, "shape": fit.shape.astype(np.float32),
+        "expression": fit.expression.astype(np.float32), "jaw_pose": fit.jaw_pose.astype(np.float32),
+        "neck_pose": fit.neck_pose.astype(np.float32), "eye_pose": fit.eye_pose.astype(np.float32),
+        "rotation": fit.rotation.astype(np.float32), "translation": fit.translation.astype(np.float32),
+        "focal_length": fit.focal_length.astype(np.float32), "principal_point": fit.principal_point.astype(np.float32),
+        "image_size": np.array([H, W], np.int64), "crop_boxes": np.asarray(crop_boxes, np.float32),
+        "lmk68": np.asarray(lm.lmk68, np.float32), "lmk_dense": np.asarray(lm.lmk_dense, np.float32),
+        "fps": np.float32(fps),
+    }
+    folder = result_dir(cfg.out_dir, stem)
+    extra = None
+    if cfg.visualize:
+        if frames_source is None:
+            log.warning("-v needs video frames; with --landmarks alone no visualization is written")
+        else:
+            extra = _visualization_writer(frames_source, tracking, flame, cfg, timer)
+    meta = {
+        "video": video_meta, "frames": {"total": int(T), "valid": int(valid.sum()), "invalid": int((~valid).sum())},
+        "landmarks": {"source68": lm.source68, "image_size": [H, W]},
+        "emoca": {"used": emoca_result is not None},
+        "flame": {"version": flame.version, "sha256": flame.sha256, "n_shape": flame.n_shape, "n_exp": flame.n_exp,
+                  "n_vertices": flame.n_vertices,
+                  **{f"{k}_path" if k != "model" else "model_path": str(v)
+                     for k, v in _flame_paths(cfg.assets_dir).items()}},
+        "camera": {"convention": "OpenCV: x right, y down, z forward; p = R X + t; u = fx x/z + cx; "
+                                 "pixel centres at +0.5 (the crop spans [0, W] x [0, H])",
+                   "focal_length": fit.focal_length, "principal_point": fit.principal_point},
+        "calibration": fit.calibration,
+        "quality": fit.quality,
+        "settings": {"device": cfg.device, "image_size": cfg.image_size, "fps": cfg.fps, "lmk68": cfg.lmk68,
+                     "no_emoca": cfg.no_emoca, "synthesis": cfg.synthesis, "visualize": cfg.visualize,
+                     "fit": asdict(cfg.fit), "calibration": asdict(cfg.calibration)},
+        "versions": _versions(),
+        "stage_seconds": timer.seconds,
+    }
+    meta["stage_seconds"]["total"] = time.perf_counter() - t_start
+    write_result(folder, tracking, meta, extra=extra)
+    if cfg.export:
+        from .export import export
+
+        export(folder, cfg.export, frames=(frames_source.frame if frames_source is not None else None), flame=flame)
+    return folder
+
+
+def _visualization_writer(face_video, tracking, flame, cfg, timer):
+    def write(tmp_folder: Path):
+        from .visualize import write_visualization
+
+        with timer("visualization"):
+            write_visualization_from_tracking(tmp_folder / "visualization.mp4", face_video, tracking, flame,
+                                              cfg.progress)
+    return write
+
+
+def write_visualization_from_tracking(out_path: Path, face_video, tracking, flame: FLAME, progress=None) -> Path:
+    """Evaluate the full mesh per frame (chunked) and write the -v video."""
+    from .visualize import write_visualization
+    from .lbs import batch_rodrigues  # noqa: F401
+
+    T = len(tracking["frame_ids"])
+    t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
+    verts, lmk_fit = [], []
+    with torch.no_grad():
+        for s in range(0, T, 64):
+            sl = slice(s, min(T, s + 64))
+            B = sl.stop - sl.start
+            out = flame(shape=t(tracking["shape"])[None].expand(B, -1), expression=t(tracking["expression"][sl]),
+                        jaw_pose=t(tracking["jaw_pose"][sl]), eye_pose=t(tracking["eye_pose"][sl]))
+            R, tr = t(tracking["rotation"][sl]), t(tracking["translation"][sl])
+            from .optimize import head_rotation_flame
+
+            lmk = flame.landmarks68(out.vertices, head_rotation_flame(R))
+            verts.append((torch.einsum("tij,tvj->tvi", R, out.vertices) + tr[:, None]).numpy())
+            pc = torch.einsum("tij,tvj->tvi", R, lmk) + tr[:, None]
+            f, c = t(tracking["focal_length"]), t(tracking["principal_point"])
+            lmk_fit.append((pc[..., :2] / pc[..., 2:3] * f + c).numpy())
+    verts = np.concatenate(verts)
+    return write_visualization(out_path, face_video.frames(), verts, flame.faces.numpy(),
+                               focal=tracking["focal_length"], pp=tracking["principal_point"],
+                               lmk_detected=tracking["lmk68"], lmk_fitted=np.concatenate(lmk_fit),
+                               fps=float(tracking["fps"]), valid=tracking["valid"], progress=progress)
+
+
+# ----------------------------------------------------------------------------
+# A whole run
+
+
+@dataclass
+class VideoOutcome:
+    name: str
+    status: str  # 'done' | 'skipped' | 'failed'
+    detail: str
+    seconds: float
+
+
+def run(cfg: TrackConfig) -> List[VideoOutcome]:
+    """Track every video of the run (or the one --landmarks file).
+
+    Required assets are checked before any work; a failing video is
+    reported and the run goes on with the next one.
+    """
+    from .assets import require, tiers_for
+
+    require(cfg.assets_dir, tiers_for(emoca=not cfg.no_emoca, synthesis=cfg.synthesis))
+    if cfg.synthesis:
+        raise UsageError("--synthesis is not available yet in this version (photometric refinement is being "
+                         "built); run without it")
+    if cfg.landmarks_file is not None:
+        if cfg.data is not None and Path(cfg.data).is_dir():
+            raise UsageError("--landmarks goes with a single video (or none), not a folder")
+        video = Path(cfg.data) if cfg.data is not None else None
+        if video is not None and not video.exists():
+            raise UsageError(f"{video}: no such file")
+        videos, root = [video], None
+        stems = [Path(cfg.landmarks_file).stem if video is None else video.stem]
+    else:
+        if cfg.data is None:
+            raise UsageError("--data is required (a video or a folder of videos), unless --landmarks is given")
+        videos = select_shard(find_videos(cfg.data), cfg.shard)
+        root = Path(cfg.data) if Path(cfg.data).is_dir() else None
+        stems = [output_stem(v, root) for v in videos]
+    flame = load_flame(cfg.assets_dir)
+    emoca_model = None
+    if not cfg.no_emoca:
+        from .emoca import EmocaEncoder
+
+        emoca_model = EmocaEncoder.from_release(Path(cfg.assets_dir) / "EMOCA", device=cfg.device)
+    outcomes = []
+    for video, stem in zip(videos, stems):
+        t0 = time.perf_counter()
+        folder = result_dir(cfg.out_dir, stem)
+        name = str(video or cfg.landmarks_file)
+        if is_finished(folder) and not cfg.overwrite:
+            outcomes.append(VideoOutcome(name, "skipped", f"finished result in {folder} (--overwrite to redo)", 0.0))
+            continue
+        try:
+            folder = track_one(video, stem, cfg, flame, emoca_model)
+            outcomes.append(VideoOutcome(name, "done", str(folder), time.perf_counter() - t0))
+        except LightningFTError as exc:
+            if len(videos) == 1:
+                raise
+            log.error("%s", exc)
+            outcomes.append(VideoOutcome(name, "failed", str(exc), time.perf_counter() - t0))
+    return outcomes
