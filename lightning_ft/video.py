@@ -122,19 +122,8 @@ def _upright(image: np.ndarray, rotation: int) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(image, k)) if k else image
 
 
-def iter_frames(path, fps: Optional[float] = None, *, max_side: Optional[int] = None,
-                ) -> Iterator[tuple[int, float, np.ndarray]]:
-    """Stream ``(source frame index, pts seconds, RGB uint8 [H,W,3])`` upright frames.
-
-    The index counts decoded frames from 0 in presentation order; times come
-    from presentation timestamps (variable frame rate safe; relative to the
-    first frame). With `fps`, the first frame at or after each tick of a clock
-    at `fps` (less a quarter tick, for rounded timestamps) is kept, so a 60 fps
-    video at ``fps=30`` keeps every other frame; frames are never duplicated,
-    so a source slower than `fps` is returned whole. `max_side` downsamples (inside swscale) so that the
-    larger side of the stored frame is at most this many pixels.
-    """
-    path = Path(path)
+def _decoded_frames(path: Path, fps: Optional[float]):
+    """Yield ``(source index, seconds from the first frame, av.VideoFrame)`` (see iter_frames)."""
     if fps is not None and fps <= 0:
         raise UsageError(f"--fps must be positive, got {fps}")
     container = _open(path)
@@ -179,38 +168,93 @@ def iter_frames(path, fps: Optional[float] = None, *, max_side: Optional[int] = 
                 if tick_index <= last_tick:
                     continue
                 last_tick = tick_index
-            rotation = _rotation_of(frame)
-            if max_side is not None and max(frame.width, frame.height) > max_side:
-                s = max_side / max(frame.width, frame.height)
-                w = max(2, int(round(frame.width * s)))
-                h = max(2, int(round(frame.height * s)))
-                image = frame.to_ndarray(format="rgb24", width=w, height=h)
-            else:
-                image = frame.to_ndarray(format="rgb24")
-            yield index, float(t), _upright(image, rotation)
+            yield index, float(t), frame
     finally:
         container.close()
 
 
+def _to_rgb(frame, max_side: Optional[int] = None) -> np.ndarray:
+    """Upright RGB uint8 array of an av.VideoFrame, optionally shrunk to `max_side`."""
+    image = None
+    if frame.format.name == "yuv420p" and frame.width % 2 == 0 and frame.height % 2 == 0:
+        planar = frame.to_ndarray()
+        if planar.shape == (frame.height * 3 // 2, frame.width):
+            # same BT.601 limited-range conversion as swscale's default, ~5x faster
+            image = cv2.cvtColor(planar, cv2.COLOR_YUV2RGB_I420)
+    if image is None:
+        image = frame.to_ndarray(format="rgb24")
+    image = _upright(image, _rotation_of(frame))
+    if max_side is not None and max(image.shape[:2]) > max_side:
+        s = max_side / max(image.shape[:2])
+        size = (max(2, int(round(image.shape[1] * s))), max(2, int(round(image.shape[0] * s))))
+        # area averaging only pays off (and is only fast) for large factors
+        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA if s <= 0.5 else cv2.INTER_LINEAR)
+    return image
+
+
+def iter_frames(path, fps: Optional[float] = None, *, max_side: Optional[int] = None,
+                ) -> Iterator[tuple[int, float, np.ndarray]]:
+    """Stream ``(source frame index, pts seconds, RGB uint8 [H,W,3])`` upright frames.
+
+    The index counts decoded frames from 0 in presentation order; times come
+    from presentation timestamps (variable frame rate safe; relative to the
+    first frame). With `fps`, the first frame at or after each tick of a clock
+    at `fps` (less a quarter tick, for rounded timestamps) is kept, so a 60 fps
+    video at ``fps=30`` keeps every other frame; frames are never duplicated,
+    so a source slower than `fps` is returned whole. `max_side` shrinks frames
+    so that their larger side is at most this many pixels.
+    """
+    for index, t, frame in _decoded_frames(Path(path), fps):
+        yield index, t, _to_rgb(frame, max_side)
+
+
 # ----------------------------------------------------------------- face boxes
 
-def _face_detector():
-    import mediapipe as mp
+class FaceBoxDetector:
+    """mediapipe BlazeFace: the short-range model (fast), and the full-range
+    model on frames where the short-range one finds nothing (small faces)."""
 
-    return mp.solutions.face_detection.FaceDetection(model_selection=1,
-                                                     min_detection_confidence=0.5)
+    def __init__(self, min_confidence: float = 0.5):
+        import mediapipe as mp
+
+        make = mp.solutions.face_detection.FaceDetection
+        self.short = make(model_selection=0, min_detection_confidence=min_confidence)
+        self.full = make(model_selection=1, min_detection_confidence=min_confidence)
+        self.n_full = 0  # frames that needed the full-range model
+
+    def process(self, image: np.ndarray):
+        result = self.short.process(image)
+        if not result.detections:
+            self.n_full += 1
+            result = self.full.process(image)
+        return result
+
+    def close(self) -> None:
+        self.short.close()
+        self.full.close()
+
+
+def _face_detector() -> FaceBoxDetector:
+    return FaceBoxDetector()
+
+
+def detect_face_boxes(detector, image: np.ndarray) -> np.ndarray:
+    """All face boxes ``[N,4]`` (x0, y0, x1, y1 pixel edges) in `image`, most confident first."""
+    result = detector.process(image)
+    h, w = image.shape[:2]
+    detections = sorted(result.detections or [], key=lambda d: -d.score[0])
+    boxes = [d.location_data.relative_bounding_box for d in detections]
+    return np.array([[b.xmin * w, b.ymin * h, (b.xmin + b.width) * w, (b.ymin + b.height) * h]
+                     for b in boxes], dtype=np.float64).reshape(-1, 4)
 
 
 def detect_face_box(detector, image: np.ndarray) -> Optional[np.ndarray]:
-    """Most confident face box ``[4]`` (x0, y0, x1, y1 pixel edges) in `image`, or None."""
-    result = detector.process(image)
-    if not result.detections:
-        return None
-    best = max(result.detections, key=lambda d: d.score[0])
-    box = best.location_data.relative_bounding_box
-    h, w = image.shape[:2]
-    return np.array([box.xmin * w, box.ymin * h, (box.xmin + box.width) * w,
-                     (box.ymin + box.height) * h], dtype=np.float64)
+    """Most confident face box ``[4]`` (x0, y0, x1, y1 pixel edges) in `image`, or None.
+
+    One face per video: with several, the most confident one is followed.
+    """
+    boxes = detect_face_boxes(detector, image)
+    return boxes[0] if len(boxes) else None
 
 
 def smooth_crop_boxes(face_boxes: np.ndarray, found: np.ndarray, fps: float, *,
@@ -304,6 +348,7 @@ class FaceVideo:
     face_boxes: [T,4] float64 detector face boxes (source pixels), NaN where
         none was found; crop boxes of such frames are interpolated.
     face_found: [T] bool, whether the box detector saw a face in that frame.
+    face_examined: [T] bool, whether the box detector ran on that frame.
     image_size: (H, W) of the crops. cache_path: the LMDB file.
     """
 
@@ -316,6 +361,7 @@ class FaceVideo:
     cache_path: Path
     face_boxes: np.ndarray = None
     face_found: np.ndarray = None
+    face_examined: np.ndarray = None
     source_size: tuple = None  # (H, W) of the upright source frames
     _env: object = field(default=None, repr=False, compare=False)
 
@@ -401,17 +447,18 @@ def _load_cache(cache_path: Path, expected: dict) -> Optional[FaceVideo]:
                      timestamps=arrays["timestamps"], fps=meta["fps"],
                      crop_boxes=arrays["crop_boxes"], image_size=tuple(meta["image_size"]),
                      cache_path=cache_path, face_boxes=arrays["face_boxes"],
-                     face_found=arrays["face_found"],
+                     face_found=arrays["face_found"], face_examined=arrays["face_examined"],
                      source_size=tuple(meta["source_size"]))
 
 
 def prepare(path, *, cache_dir, image_size: int = 512, fps: Optional[float] = None,
             progress: Optional[bool] = None, crop_scale: float = 2.0,
-            cache_format: str = "jpeg") -> FaceVideo:
+            cache_format: str = "jpeg", box_rate: Optional[float] = 15.0) -> FaceVideo:
     """Decode, find the face, choose smooth square crops, fill the LMDB cache.
 
     Two streamed passes over the video: (1) face boxes on frames downscaled to
-    at most DETECT_MAX_SIDE pixels (mediapipe BlazeFace, full range); (2)
+    at most DETECT_MAX_SIDE pixels (mediapipe BlazeFace, `FaceBoxDetector`),
+    on about `box_rate` frames per second (None: every frame) and the last; (2)
     crop + resize to ``image_size`` with the smoothed boxes, written to the cache.
     A valid cache (same source path, size, mtime and settings) is reused
     without decoding. Raises VideoError for unreadable input and NoFaceError
@@ -427,40 +474,58 @@ def prepare(path, *, cache_dir, image_size: int = 512, fps: Optional[float] = No
     cache_dir.mkdir(parents=True, exist_ok=True)
     cache_path = cache_file(path, cache_dir)
     key = {"version": CACHE_VERSION, "source": _source_identity(path), "image_size": image_size,
-           "fps": fps, "crop_scale": crop_scale, "cache_format": cache_format}
+           "fps": fps, "crop_scale": crop_scale, "cache_format": cache_format,
+           "box_rate": box_rate, "detect_max_side": DETECT_MAX_SIDE}
     cached = _load_cache(cache_path, key)
     if cached is not None:
         return cached
 
-    # pass 1: face boxes on small frames
-    ids, times, boxes, found = [], [], [], []
+    # pass 1: face boxes on small frames, `box_rate` times a second: the crop
+    # track is smoothed over ~0.15 s anyway, so denser boxes add cost, not steadiness
+    ids, times, boxes, examined = [], [], [], []
     detector = _face_detector()
+    source_fps = fps if fps else (info.fps or 30.0)
+    box_every = max(1, int(round(source_fps / box_rate))) if box_rate else 1
     try:
-        frames = iter_frames(path, fps, max_side=DETECT_MAX_SIDE)
-        for index, t, small in progress_bar(frames, total=info.n_frames or None,
-                                            desc=f"{path.name}: face boxes", enabled=progress):
-            box = detect_face_box(detector, small)
-            to_full = info.width / small.shape[1]
+        frames = _decoded_frames(path, fps)
+        for k, (index, t, frame) in enumerate(progress_bar(
+                frames, total=info.n_frames or None, desc=f"{path.name}: face boxes",
+                enabled=progress)):
             ids.append(index)
             times.append(t)
-            found.append(box is not None)
-            boxes.append(box * to_full if box is not None else np.full(4, np.nan))
+            box = None
+            examined.append(k % box_every == 0)
+            if examined[-1]:
+                small = _to_rgb(frame, DETECT_MAX_SIDE)
+                box = detect_face_box(detector, small)
+                if box is not None:
+                    box = box * (info.width / small.shape[1])
+            boxes.append(box if box is not None else np.full(4, np.nan))
+            last_frame = frame
+        if ids and not examined[-1]:
+            # examine the last frame too, so the track does not end on a held box
+            small = _to_rgb(last_frame, DETECT_MAX_SIDE)
+            box = detect_face_box(detector, small)
+            examined[-1] = True
+            if box is not None:
+                boxes[-1] = box * (info.width / small.shape[1])
     finally:
         detector.close()
     if not ids:
         raise VideoError(f"{path}: no decodable video frame; the file is corrupt or truncated.")
-    found = np.array(found)
+    face_boxes = np.array(boxes)
+    found = np.isfinite(face_boxes).all(axis=1)
+    examined = np.array(examined)
     if not found.any():
-        raise NoFaceError(f"{path}: no face found in any of {len(ids)} frames; "
-                          "check that the video shows a face.")
-    n_missing = int((~found).sum())
+        raise NoFaceError(f"{path}: no face found in any of {int(examined.sum())} examined "
+                          f"frames; check that the video shows a face.")
+    n_missing = int((examined & ~found).sum())
     if n_missing:
-        log.info("%s: no face box in %d of %d frames; their crop boxes are interpolated",
-                 path, n_missing, len(ids))
+        log.info("%s: no face box in %d of %d examined frames; their crop boxes are interpolated",
+                 path, n_missing, int(examined.sum()))
     frame_ids = np.array(ids, dtype=np.int64)
     timestamps = np.array(times, dtype=np.float64)
     out_fps = _output_fps(timestamps, info.fps, fps)
-    face_boxes = np.array(boxes)
     crop_boxes = smooth_crop_boxes(face_boxes, found, out_fps, scale=crop_scale)
 
     # pass 2: crops into a temporary LMDB, then one atomic rename
@@ -472,11 +537,11 @@ def prepare(path, *, cache_dir, image_size: int = 512, fps: Optional[float] = No
         want_id, want_box = next(wanted)
         out_i = 0
         txn = env.begin(write=True)
-        for index, _, image in progress_bar(iter_frames(path), total=info.n_frames or None,
+        for index, _, frame in progress_bar(_decoded_frames(path, fps), total=len(frame_ids),
                                             desc=f"{path.name}: crop", enabled=progress):
             if index != want_id:
                 continue
-            crop = crop_frame(image, want_box, image_size)
+            crop = crop_frame(_to_rgb(frame), want_box, image_size)
             txn.put(f"{out_i:08d}".encode(), _encode_image(crop, cache_format))
             out_i += 1
             if out_i % 256 == 0:
@@ -494,7 +559,7 @@ def prepare(path, *, cache_dir, image_size: int = 512, fps: Optional[float] = No
                 "source_size": [info.height, info.width], "n_frames": len(frame_ids)}
         txn.put(b"__arrays__", _array_bytes(frame_ids=frame_ids, timestamps=timestamps,
                                             crop_boxes=crop_boxes, face_found=found,
-                                            face_boxes=face_boxes))
+                                            face_boxes=face_boxes, face_examined=examined))
         txn.put(_META_KEY, json.dumps(meta).encode())
         txn.commit()
         env.sync(True)
@@ -507,7 +572,7 @@ def prepare(path, *, cache_dir, image_size: int = 512, fps: Optional[float] = No
     return FaceVideo(source=path, frame_ids=frame_ids, timestamps=timestamps, fps=out_fps,
                      crop_boxes=crop_boxes, image_size=(image_size, image_size),
                      cache_path=cache_path, face_boxes=face_boxes, face_found=found,
-                     source_size=(info.height, info.width))
+                     face_examined=examined, source_size=(info.height, info.width))
 
 
 def _output_fps(timestamps: np.ndarray, source_fps: float, requested: Optional[float]) -> float:

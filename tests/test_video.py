@@ -112,11 +112,12 @@ def test_carphone_all_frames_in_order():
     frames = list(video.iter_frames(CARPHONE))
     assert [i for i, _, _ in frames] == list(range(120))
     np.testing.assert_allclose([t for _, t, _ in frames], np.arange(120) * 1001 / 30000, atol=1e-6)
-    # independent decode of one frame with plain PyAV
+    # independent decode + colour conversion of one frame with plain PyAV (swscale)
     with av.open(str(CARPHONE)) as c:
         for k, f in enumerate(c.decode(video=0)):
             if k == 57:
-                np.testing.assert_array_equal(frames[57][2], f.to_ndarray(format="rgb24"))
+                diff = np.abs(frames[57][2].astype(int) - f.to_ndarray(format="rgb24"))
+                assert diff.mean() < 2 and diff.max() <= 8  # rounding / chroma upsampling
                 break
 
 
@@ -169,13 +170,18 @@ def carphone_video(tmp_path_factory):
 def test_carphone_face_found_and_crop_steadier_than_face(carphone_video):
     fv = carphone_video
     assert len(fv) == 120 and fv.frame_ids.tolist() == list(range(120))
-    assert fv.face_found.mean() >= 0.95
+    examined = fv.face_examined
+    assert examined[0] and examined[-1] and examined.sum() >= 40  # ~15 boxes a second
+    assert fv.face_found[examined].mean() >= 0.95
+    assert not fv.face_found[~examined].any()
     found = fv.face_found
-    face_c = (fv.face_boxes[:, :2] + fv.face_boxes[:, 2:]) / 2
+    face_c = (fv.face_boxes[found, :2] + fv.face_boxes[found, 2:]) / 2
     crop_c = (fv.crop_boxes[:, :2] + fv.crop_boxes[:, 2:]) / 2
-    both = found[1:] & found[:-1]
-    face_jitter = np.linalg.norm(np.diff(face_c, axis=0), axis=1)[both].mean()
-    crop_jitter = np.linalg.norm(np.diff(crop_c, axis=0), axis=1)[both].mean()
+    # detector jitter per frame between successive detections (k frames apart:
+    # dividing by k credits the detector with less jitter than it has)
+    steps = np.diff(np.flatnonzero(found))
+    face_jitter = (np.linalg.norm(np.diff(face_c, axis=0), axis=1) / steps).mean()
+    crop_jitter = np.linalg.norm(np.diff(crop_c, axis=0), axis=1).mean()
     assert crop_jitter < face_jitter
     # square, and the face box lies inside its crop box
     np.testing.assert_allclose(fv.crop_boxes[:, 2] - fv.crop_boxes[:, 0],
@@ -218,7 +224,7 @@ def test_off_centre_face_is_followed(tmp_path):
         for p in s.encode():
             c.mux(p)
     fv = video.prepare(tmp_path / "offcentre.mp4", cache_dir=tmp_path / "cache", image_size=64)
-    assert fv.face_found.all()
+    assert (fv.face_found == fv.face_examined).all()
     centre_x = (fv.crop_boxes[:, 0] + fv.crop_boxes[:, 2]) / 2
     assert (centre_x > 300).all()  # a centre crop would sit at x = 240
     assert (fv.crop_boxes[:, 1] < -8).all()  # the box leaves the frame at the top ...
@@ -231,13 +237,13 @@ def test_cache_reused_and_rebuilt_when_video_changes(tmp_path, monkeypatch):
     shutil.copy(CARPHONE, src)
     first = video.prepare(src, cache_dir=tmp_path / "cache", image_size=32)
     calls = []
-    real_iter = video.iter_frames
+    real_decode = video._decoded_frames
 
     def counting(*args, **kwargs):
         calls.append(args)
-        return real_iter(*args, **kwargs)
+        return real_decode(*args, **kwargs)
 
-    monkeypatch.setattr(video, "iter_frames", counting)
+    monkeypatch.setattr(video, "_decoded_frames", counting)
     again = video.prepare(src, cache_dir=tmp_path / "cache", image_size=32)
     assert calls == []
     np.testing.assert_array_equal(again.crop_boxes, first.crop_boxes)

