@@ -21,13 +21,19 @@ Algorithm (why it is fast)
 Visibility is discrete, so it is computed without autograd: every triangle
 enumerates the pixel centres inside its clamped bounding box (a per-triangle
 bin; for a mesh of small triangles such as FLAME this is far less work than
-screen tiles x triangles, and never a loop over pixels or triangles in
-Python), evaluates barycentric edge functions relative to its first vertex
-(which keeps float32 exact enough at 512 px), and resolves depth with a
-single `scatter_reduce(amin)` over an int64 key that packs (float32 depth
-bits, face index): positive float bit patterns sort like the floats, so one
-reduction yields both the z-buffer and the winning face, ties broken by the
-lower face index (deterministic on CPU and GPU).
+screen tiles x triangles, and never a Python loop over pixels or triangles).
+The candidates of one triangle form a contiguous run, so their per-triangle
+plane coefficients are laid out with one `repeat_interleave`; barycentric
+edge functions are evaluated relative to the bounding-box corner (which keeps
+float32 exact enough), and depth is resolved with a single
+`scatter_reduce(amin)` over an int64 key that packs (float32 depth bits, face
+index): positive float bit patterns sort like the floats, so one reduction
+yields both the z-buffer and the winning face, ties broken by the lower face
+index (deterministic on CPU and GPU). A variant that grouped triangles by
+bounding-box size and evaluated dense broadcast grids per group avoided the
+per-candidate copy but did more work, and measured slower on this CPU.
+Everything after visibility (barycentrics, interpolation, shading) runs on
+the covered pixels only.
 
 Gradients
 ---------
@@ -45,7 +51,10 @@ Primitives for High-Performance Differentiable Rendering", 2020):
    between the two pixel centres and blends the two colours by the covered
    fraction. The image becomes a continuous function of vertex positions, and
    its derivative carries the visibility (coverage) gradient to the edge's
-   vertices.
+   vertices. Only pixels of triangles that have a silhouette edge in the
+   current view are examined, which keeps the cost proportional to the
+   outline. Silhouette gradients exist only for images passed through
+   `antialias`.
 
 We chose this over SoftRas-style sigmoid coverage because it costs work only
 at discontinuity pixels (SoftRas needs a distance from every pixel to every
@@ -98,6 +107,7 @@ DECA_SH_CONSTANTS = (
 )
 
 _KEY_BACKGROUND = torch.iinfo(torch.int64).max
+_CPU_CHUNK = 1 << 16
 _FACE_BITS = 32
 
 
@@ -255,12 +265,42 @@ def _visible_faces(
         depth[:, 0] + ad * ox + bd * oy, ad, bd,
     ], dim=0).to(exact)
     table = torch.cat([table, torch.stack([nx.to(exact), start, base_pixel, face_in_batch])])
+    # On CPU, candidates are processed in runs of about `_CPU_CHUNK` so that
+    # the ~30 temporaries per run stay in cache (measured 3x faster than one
+    # pass for a million candidates, one thread); a GPU takes them at once.
+    if device.type == "cpu" and total > _CPU_CHUNK:
+        ends = torch.cumsum(count, 0)
+        cuts = torch.searchsorted(ends, torch.arange(_CPU_CHUNK, total, _CPU_CHUNK,
+                                                     device=device), right=True)
+        bounds = sorted(set([0] + cuts.tolist() + [B * F_]))
+    else:
+        bounds = [0, B * F_]
+    for f0, f1 in zip(bounds[:-1], bounds[1:]):
+        chunk_count = count[f0:f1]
+        chunk_total = int(chunk_count.sum())
+        if chunk_total == 0:
+            continue
+        _scatter_candidates(keybuf, table[:, f0:f1], chunk_count, chunk_total, W,
+                            perspective_correct, exact)
+    face_idx = torch.where(keybuf != _KEY_BACKGROUND, keybuf & ((1 << _FACE_BITS) - 1),
+                           torch.full_like(keybuf, -1))
+    return face_idx.view(B, H, W)
+
+
+def _scatter_candidates(keybuf: torch.Tensor, table: torch.Tensor, count: torch.Tensor,
+                        total: int, W: int, perspective_correct: bool,
+                        exact: torch.dtype) -> None:
+    """Test a run of triangles' bounding-box pixels and min-reduce their keys into keybuf.
+
+    table: [13, n] per-triangle rows as built in `_visible_faces`; count: [n]
+    candidate pixels per triangle, `total` their sum.
+    """
     # A triangle's candidate pixels are one contiguous run, so the
     # per-candidate values are a repeat of the per-face table: one pass over
     # memory, no per-pixel index arithmetic. Quantities are rows, so every
     # per-candidate vector is contiguous.
     row = torch.repeat_interleave(table, count, dim=1, output_size=total)  # [13,N]
-    local = torch.arange(total, device=device, dtype=exact) - row[10]
+    local = torch.arange(total, device=table.device, dtype=exact) - (row[10] - table[10, 0])
     nx_c = row[9]
     ly = torch.floor((local + 0.5) / nx_c)
     lx = local - ly * nx_c
@@ -273,9 +313,6 @@ def _visible_faces(
     key = (zval.view(torch.int32).long() << _FACE_BITS) | row[12].long()
     key = torch.where(inside, key, _KEY_BACKGROUND)
     keybuf.scatter_reduce_(0, pixel, key, reduce="amin", include_self=True)
-    face_idx = torch.where(keybuf != _KEY_BACKGROUND, keybuf & ((1 << _FACE_BITS) - 1),
-                           torch.full_like(keybuf, -1))
-    return face_idx.view(B, H, W)
 
 
 def _gather_corners(per_vertex: torch.Tensor, faces: torch.Tensor,

@@ -353,3 +353,16 @@ def test_triangles_behind_the_camera_or_off_screen_are_dropped_without_errors():
     assert image.shape == (1, 30, 30, 3) and (image == 0).all()
     image.sum().backward()
     assert (verts.grad == 0).all()
+
+
+def test_chunked_cpu_rasterization_equals_one_pass(monkeypatch):
+    import lightning_ft.render as render
+    verts_cam, faces, K = sphere_in_front(64, subdivisions=2)
+    screen = project(torch.cat([verts_cam, verts_cam + 0.02]), K)
+    monkeypatch.setattr(render, "_CPU_CHUNK", 1 << 40)
+    whole = rasterize(screen, faces, (64, 70))
+    monkeypatch.setattr(render, "_CPU_CHUNK", 97)  # many runs, some single big triangles
+    chunked = rasterize(screen, faces, (64, 70))
+    assert whole.mask.float().mean() > 0.2
+    torch.testing.assert_close(chunked.face_idx, whole.face_idx)
+    torch.testing.assert_close(chunked.zbuf, whole.zbuf)
