@@ -363,6 +363,6 @@ def test_chunked_cpu_rasterization_equals_one_pass(monkeypatch):
     whole = rasterize(screen, faces, (64, 70))
     monkeypatch.setattr(render, "_CPU_CHUNK", 97)  # many runs, some single big triangles
     chunked = rasterize(screen, faces, (64, 70))
-    assert whole.mask.float().mean() > 0.2
+    assert whole.mask.float().mean() > 0.1
     torch.testing.assert_close(chunked.face_idx, whole.face_idx)
     torch.testing.assert_close(chunked.zbuf, whole.zbuf)
