@@ -13,6 +13,7 @@ mesh, `MEDIAPIPE_TO_IBUG68`). The chosen source is logged once and recorded.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -279,6 +280,19 @@ class DlibDetector:
         return np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32)
 
 
+# Loading FAN (~2 s) or dlib's 100 MB predictor (~1 s) once per process, not
+# once per video, matters when a folder of videos is tracked. Keyed by the
+# weight file so a changed TORCH_HOME loads the right one.
+@functools.lru_cache(maxsize=2)
+def _fan_detector(device: str, flip_input: bool, batch_size: int, weights: Path) -> FanDetector:
+    return FanDetector(device=device, flip_input=flip_input, batch_size=batch_size)
+
+
+@functools.lru_cache(maxsize=1)
+def _dlib_detector(predictor: Path) -> DlibDetector:
+    return DlibDetector()
+
+
 _announced: set = set()
 
 
@@ -311,9 +325,8 @@ def detect_frames(frames: Iterable[np.ndarray], n_frames: int, image_size, *, lm
     lmk_dense = np.full((n_frames, N_DENSE, 2), np.nan, dtype=np.float32)
     lmk68_out = np.full((n_frames, 68, 2), np.nan, dtype=np.float32)
     valid = np.zeros(n_frames, dtype=bool)
-    fan = FanDetector(device=device, flip_input=fan_flip, batch_size=batch_size) \
-        if source == "fan" else None
-    dlib_predictor = DlibDetector() if source == "dlib" else None
+    fan = _fan_detector(device, fan_flip, batch_size, fan_weights_path()) if source == "fan" else None
+    dlib_predictor = _dlib_detector(dlib_predictor_path()) if source == "dlib" else None
     pending: list = []  # (index, image) for FAN batches
 
     def flush():
