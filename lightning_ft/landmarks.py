@@ -395,7 +395,8 @@ def save_landmarks_file(path, landmarks: Landmarks) -> None:
 
 def load_landmarks_file(path) -> Landmarks:
     """Read a ``--landmarks`` npz: lmk68 [T,68,2], lmk_dense [T,478,2], image_size [2] (H,W),
-    optional valid [T]. Without `valid`, a frame is valid when its points are finite.
+    optional valid [T]. Without `valid`, a frame is valid when its 68 points are
+    finite; dense points may be partly NaN (e.g. from another detector).
     """
     path = Path(path)
     try:

@@ -267,6 +267,18 @@ def test_landmarks_file_round_trip_and_errors(tmp_path, carphone_mediapipe):
     np.savez(tmp_path / "no_valid.npz", lmk68=lmk68, lmk_dense=np.zeros((4, 478, 2)),
              image_size=[512, 512])
     assert L.load_landmarks_file(tmp_path / "no_valid.npz").valid.tolist() == [True, False, True, True]
+    dense = np.zeros((4, 478, 2))
+    dense[0, :10] = np.nan  # partly missing dense points keep the frame
+    lmk68[2, 5] = np.nan
+    np.savez(tmp_path / "partial.npz", lmk68=lmk68, lmk_dense=dense, image_size=[512, 512],
+             valid=[True, False, True, True])
+    with pytest.raises(VideoError, match="partial.npz.*NaN"):
+        L.load_landmarks_file(tmp_path / "partial.npz")
+    lmk68[2, 5] = 0
+    np.savez(tmp_path / "partial.npz", lmk68=lmk68, lmk_dense=dense, image_size=[512, 512])
+    partial = L.load_landmarks_file(tmp_path / "partial.npz")
+    assert partial.valid.tolist() == [True, False, True, True]
+    assert np.isnan(partial.lmk_dense[0, :10]).all() and np.isnan(partial.lmk_dense[1]).all()
 
     np.savez(tmp_path / "missing.npz", lmk68=lmk68)
     with pytest.raises(VideoError, match="missing.npz.*lmk_dense"):
