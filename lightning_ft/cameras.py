@@ -6,13 +6,18 @@ camera axes x right, y down, z forward (into the scene), and projects to
 pixels as ``(fx * x/z + cx, fy * y/z + cy)``. ``R [...,3,3]`` and
 ``t [...,3]`` are world-to-camera ("extrinsics", w2c).
 
-Pixel coordinates are continuous with (0, 0) at the top-left *corner* of the
-top-left pixel, so pixel (i, j) has its centre at (i + 0.5, j + 0.5); this is
-mediapipe's normalised coordinates times the image size and PyTorch3D's
-screen space, and a centred camera has (cx, cy) = (W/2, H/2). Consumers that
-put pixel centres on integers (NeRF-style ray casting) need cx - 0.5, cy - 0.5.
+Pixel coordinates follow OpenCV: pixel (i, j) (column i, row j) has its
+*centre* at (i, j), so an image of W x H pixels spans [-0.5, W-0.5] x
+[-0.5, H-0.5] and a centred camera has (cx, cy) = ((W-1)/2, (H-1)/2). This
+is what the landmark stage (mediapipe's normalised x * W - 0.5, FAN, dlib),
+the renderer and the fitting use, and what tracking.npz stores.
 
-The consumers of our exports use two other conventions:
+Several consumers measure pixels from the top-left *corner* instead (pixel
+centres at i + 0.5): PyTorch3D's screen space and rasterizer, nvdiffrast
+(VHAP's intrinsics), instant-ngp (INSTA). A coordinate there is ours plus
+``CORNER_ORIGIN_OFFSET`` (0.5); see `opencv_to_corner_pixels`.
+
+The consumers of our exports use two other camera-axis conventions:
 
 - **OpenGL / NeRF** (Blender, instant-ngp, nerface, VHAP/GaussianAvatars
   ``transforms.json``): camera axes x right, y up, z backward (the camera looks
@@ -23,10 +28,14 @@ The consumers of our exports use two other conventions:
   points are *row vectors*: ``X_view = X_world @ R + T``. So the stored ``R``
   is the transpose of the column-vector rotation. Intrinsics may be in NDC
   units: with ``s = min(H, W) / 2``, ``focal_ndc = focal_px / s`` and
-  ``principal_ndc = -(principal_px - (W/2, H/2)) / s`` (the sign because NDC
-  +x points left and +y up). These are the formulas of PyTorch3D's
-  ``opencv_from_cameras_projection`` / ``cameras_from_opencv_projection``
-  (pytorch3d/renderer/camera_conversions.py), inverted here.
+  ``principal_ndc = -(principal_px + 0.5 - (W/2, H/2)) / s`` (the sign because
+  NDC +x points left and +y up). PyTorch3D's own
+  ``cameras_from_opencv_projection`` (pytorch3d/renderer/camera_conversions.py)
+  uses the same formula *without* the 0.5, i.e. it reads K's principal point
+  as a corner-origin coordinate; but its rasterizer and
+  ``transform_points_screen`` put pixel i's centre at screen i + 0.5 (NDC
+  ``-1 + (2i + 1)/S``, rasterize_meshes.py ``pix_to_ndc``). The 0.5 here makes
+  a PyTorch3D camera land FLAME on the same pixels of the same image as ours.
 
 Rotations in PyTorch3D's 6D representation (``matrix_to_rotation_6d``) are
 the first two *rows* of the matrix, flattened; decoding runs Gram-Schmidt on
@@ -119,31 +128,56 @@ def intrinsic_matrix(focal_px: np.ndarray, principal_px: np.ndarray) -> np.ndarr
     return K
 
 
+CORNER_ORIGIN_OFFSET = 0.5
+
+
+def opencv_to_corner_pixels(xy: np.ndarray) -> np.ndarray:
+    """Corner-origin pixel coordinates [...,2] (PyTorch3D screen, nvdiffrast,
+    instant-ngp: pixel i spans [i, i+1]) from OpenCV coordinates [...,2] (centre at i)."""
+    return np.asarray(xy, dtype=np.float64) + CORNER_ORIGIN_OFFSET
+
+
+def corner_to_opencv_pixels(xy: np.ndarray) -> np.ndarray:
+    """OpenCV pixel coordinates [...,2] (pixel centres on integers) from corner-origin ones [...,2]."""
+    return np.asarray(xy, dtype=np.float64) - CORNER_ORIGIN_OFFSET
+
+
+def centred_principal_point(image_size_hw: np.ndarray) -> np.ndarray:
+    """The image centre [...,2] (cx, cy) = ((W-1)/2, (H-1)/2) in OpenCV pixels, from (H, W) [...,2]."""
+    hw = np.asarray(image_size_hw, dtype=np.float64)
+    return (hw[..., ::-1] - 1.0) / 2.0
+
+
 def pixel_to_ndc_intrinsics(
     focal_px: np.ndarray, principal_px: np.ndarray, image_size_hw: np.ndarray
 ) -> Tuple[np.ndarray, np.ndarray]:
-    """PyTorch3D NDC (focal [...,2], principal point [...,2]) from pixel intrinsics.
+    """PyTorch3D NDC (focal [...,2], principal point [...,2]) from OpenCV pixel intrinsics.
 
-    image_size_hw [...,2] is (H, W) in pixels; NDC units are half the shorter
-    image side, and NDC +x/+y point left/up.
+    principal_px is in OpenCV pixels (centres on integers); image_size_hw
+    [...,2] is (H, W). NDC units are half the shorter image side, NDC +x/+y
+    point left/up, and the NDC square's edges are the image edges, so a
+    centred camera ((W-1)/2, (H-1)/2) has principal point (0, 0). Differs from
+    PyTorch3D's `cameras_from_opencv_projection` by half a pixel on purpose
+    (see the module docstring).
     """
     hw = np.asarray(image_size_hw, dtype=np.float64)
     wh = hw[..., ::-1]
     scale = hw.min(axis=-1, keepdims=True) / 2.0
     focal_ndc = np.asarray(focal_px, dtype=np.float64) / scale
-    principal_ndc = -(np.asarray(principal_px, dtype=np.float64) - wh / 2.0) / scale
+    principal_ndc = -(opencv_to_corner_pixels(principal_px) - wh / 2.0) / scale
     return focal_ndc, principal_ndc
 
 
 def ndc_to_pixel_intrinsics(
     focal_ndc: np.ndarray, principal_ndc: np.ndarray, image_size_hw: np.ndarray
 ) -> Tuple[np.ndarray, np.ndarray]:
-    """Pixel (focal [...,2], principal point [...,2]) from PyTorch3D NDC intrinsics."""
+    """OpenCV pixel (focal [...,2], principal point [...,2]) from PyTorch3D NDC intrinsics;
+    the inverse of `pixel_to_ndc_intrinsics`."""
     hw = np.asarray(image_size_hw, dtype=np.float64)
     wh = hw[..., ::-1]
     scale = hw.min(axis=-1, keepdims=True) / 2.0
     focal_px = np.asarray(focal_ndc, dtype=np.float64) * scale
-    principal_px = -np.asarray(principal_ndc, dtype=np.float64) * scale + wh / 2.0
+    principal_px = corner_to_opencv_pixels(-np.asarray(principal_ndc, dtype=np.float64) * scale + wh / 2.0)
     return focal_px, principal_px
 
 

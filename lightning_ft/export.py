@@ -1,8 +1,10 @@
 """Exports of a tracking result for avatar pipelines (see docs/formats.md).
 
 Every exporter reads the same `tracking.npz` + `meta.json` (OpenCV cameras,
-FLAME model space in meters) and converts cameras through
-`lightning_ft.cameras`. Formats:
+FLAME model space in meters, OpenCV pixels: pixel centres on integers) and
+converts cameras through `lightning_ft.cameras` into each consumer's own
+pixel convention (several consumers measure pixels from the image corner;
+see docs/formats.md). Formats:
 
 - ``vhap``: VHAP's `tracked_flame_params.npz` plus the NeRF-style dataset that
   VHAP's `export_as_nerf_dataset.py` writes and GaussianAvatars trains on.
@@ -14,7 +16,8 @@ FLAME model space in meters) and converts cameras through
 - ``mesh``: per-frame OBJ in OpenCV camera space and the neutral identity mesh.
 
 Each output folder gets `export_info.json` with the FLAME version and model
-hash, and the list of approximations made (e.g. a neck rotation folded into
+hash, the pixel convention of the source and of the written intrinsics, and
+the list of approximations made (e.g. a neck rotation folded into
 the camera for a format without a neck joint).
 """
 
@@ -26,7 +29,7 @@ import logging
 import os
 import pickle
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
@@ -423,14 +426,16 @@ def _lightning_precheck(result: TrackingResult) -> None:
 
 def _centred_span(c: float, size: int, axis: str):
     """(start, length) of the largest pixel span [start, start+length) of an image side
-    whose centre is the principal point c; exact (no resampling) when 2c is an integer."""
+    whose centre, start + (length-1)/2 in OpenCV pixels, is the principal point c;
+    exact (no resampling) when 2c is an integer."""
     if abs(2 * c - round(2 * c)) > 1e-6:
         raise UsageError(f"export vhap: principal point {axis}={c} is not on a pixel or half-pixel, so the image "
                          "cannot be cropped to centre it without resampling; track with a centred principal point")
-    half = min(c, size - c)
+    edge = float(cam.opencv_to_corner_pixels(c))  # distance from the image's first edge
+    half = min(edge, size - edge)
     if half <= 0:
         raise UsageError(f"export vhap: principal point {axis}={c} lies outside the {size}-pixel image")
-    start = int(round(c - half))
+    start = int(round(edge - half))
     return start, int(round(2 * half))
 
 
@@ -450,7 +455,11 @@ def export_vhap(result: TrackingResult, out_dir: Path, flame_eval: FlameEvaluati
     if (x0, y0, W, H) != (0, 0, result.width, result.height):
         notes.append(f"vhap: images cropped to [{x0}:{x0 + W}, {y0}:{y0 + H}] of the {result.width}x{result.height} "
                      "crop so the principal point is centred, as GaussianAvatars' field-of-view camera assumes")
-    cx, cy = W / 2.0, H / 2.0
+    # VHAP's own cx, cy feed nvdiffrast, whose pixel centres sit at +0.5 from the
+    # corner (vhap/util/render_nvdiffrast.py projection_from_intrinsics): the
+    # centred principal point ((W-1)/2, (H-1)/2) of the crop is (W/2, H/2) there.
+    # GaussianAvatars ignores cx, cy and centres its field of view itself.
+    cx, cy = (float(v) for v in cam.opencv_to_corner_pixels(cam.centred_principal_point([H, W])))
     R_gl = cam.OPENCV_TO_OPENGL @ result.rotation[idx].astype(np.float64)
     t_gl = result.translation[idx].astype(np.float64) @ cam.OPENCV_TO_OPENGL
     J0 = flame_eval.root[idx]
@@ -522,7 +531,8 @@ def export_metrical(result: TrackingResult, out_dir: Path, flame_eval: FlameEval
 
     World = FLAME model space with identity global and neck rotation; the
     camera carries the head pose: PyTorch3D R (6D), T and NDC focal /
-    principal point, plus the same camera in OpenCV form (R, t, K).
+    principal point, plus the same camera in OpenCV form (R, t, K) with K's
+    principal point in corner-origin pixels, as metrical-tracker writes it.
     """
     torch = _torch()
     out_dir = Path(out_dir)
@@ -531,7 +541,10 @@ def export_metrical(result: TrackingResult, out_dir: Path, flame_eval: FlameEval
     H, W = result.height, result.width
     focal_ndc, pp_ndc = cam.pixel_to_ndc_intrinsics(result.focal_length, result.principal_point, [H, W])
     fl = focal_ndc[:1] if np.isclose(focal_ndc[0], focal_ndc[1], rtol=0, atol=1e-12) else focal_ndc
-    K = cam.intrinsic_matrix(result.focal_length, result.principal_point)
+    # metrical-tracker writes 'opencv' with PyTorch3D's opencv_from_cameras_projection,
+    # which puts K's principal point in PyTorch3D screen (corner-origin) pixels; INSTA
+    # hands that cx, cy to instant-ngp, which also measures from the corner.
+    K = cam.intrinsic_matrix(result.focal_length, cam.opencv_to_corner_pixels(result.principal_point))
     shape = _pad(result.shape.astype(np.float32)[None], METRICAL_N_SHAPE, "shape", "metrical")
     exp = _pad(result.expression.astype(np.float32), METRICAL_N_EXP, "expression", "metrical")
     tex_src = result.arrays.get("texture")
@@ -543,8 +556,8 @@ def export_metrical(result: TrackingResult, out_dir: Path, flame_eval: FlameEval
     eye6 = cam.matrix_to_rotation_6d(cam.axis_angle_to_matrix(result.eye_pose.reshape(-1, 2, 3))).reshape(-1, 12)
     jaw6 = cam.matrix_to_rotation_6d(cam.axis_angle_to_matrix(result.jaw_pose))
     R_p3d, T_p3d = cam.opencv_to_pytorch3d(R, t)
-    offset = np.asarray(result.principal_point, np.float64) - [W / 2.0, H / 2.0]
-    if np.abs(offset).max() > 0.5:
+    offset = np.asarray(result.principal_point, np.float64) - cam.centred_principal_point([H, W])
+    if np.abs(offset).max() > 1e-3:
         notes.append(f"metrical: principal point is ({offset[0]:+.2f}, {offset[1]:+.2f}) px from the image centre; "
                      "metrical-tracker and INSTA use it, FlashAvatar's field-of-view camera ignores it")
     _require_images_note(frames, "metrical", notes)
@@ -610,8 +623,10 @@ def export_lightning(result: TrackingResult, out_dir: Path, flame_eval: FlameEva
     records, written = {}, []
     for i in progress(idx, total=len(idx), desc="export lightning"):
         name = f"{result.video_name}_{int(result.frame_ids[i])}"
-        bbox = np.array([lmk[i, :, 0].min() / W, lmk[i, :, 1].min() / H,
-                         lmk[i, :, 0].max() / W, lmk[i, :, 1].max() / H], np.float32)
+        # Fractions of the image measured from its corner, as LightningTrack divides
+        # mediapipe's corner-origin pixels by the image size.
+        lo, hi = cam.opencv_to_corner_pixels(lmk[i].min(axis=0)), cam.opencv_to_corner_pixels(lmk[i].max(axis=0))
+        bbox = np.array([lo[0] / W, lo[1] / H, hi[0] / W, hi[1] / H], np.float32)
         records[name] = {
             "bbox": bbox, "mica_shape": shape.copy(), "emoca_shape": shape.copy(),
             "emoca_expression": expr[i], "emoca_pose": np.concatenate([np.zeros(3, np.float32),
@@ -646,16 +661,19 @@ def export_nerface(result: TrackingResult, out_dir: Path, flame_eval: FlameEvalu
                    notes: List[str]) -> List[Path]:
     """transforms_{train,val,test}.json: OpenGL camera-to-world per frame (head fixed at the
     FLAME origin), expression = FLAME expression followed by jaw pose, global
-    intrinsics [fx, fy, cx, cy] in pixels; images <split>/f_<0000>.png."""
+    intrinsics [fx, fy, cx/W, cy/H] (focal lengths in pixels, principal point as a fraction
+    of the image size, as nerface's loader reads it); images <split>/f_<0000>.png."""
     out_dir = Path(out_dir)
     idx = _valid_indices(result, notes, "nerface")
     R, t = _fold_neck(result, flame_eval, notes, "nerface")
     _record_dropped(result.eye_pose[idx], "eye rotation", "nerface", notes)
     c2w = cam.opencv_to_opengl_c2w(R, t)
     fx, fy = (float(v) for v in result.focal_length)
-    # nerface casts the ray of pixel (i, j) through (i, j) itself (pixel centres on
-    # integers); LightningFT puts pixel centres at +0.5 (PyTorch3D screen space).
-    cx, cy = (float(v) - 0.5 for v in result.principal_point)
+    # nerface's get_ray_bundle casts the ray of pixel (i, j) through
+    # ((i - W*cx_frac)/fx, -(j - H*cy_frac)/fy, -1): pixel centres on integers, as
+    # ours, and the principal point stored as a fraction of the image size.
+    cx_frac = float(result.principal_point[0]) / result.width
+    cy_frac = float(result.principal_point[1]) / result.height
     expression = np.concatenate([result.expression, result.jaw_pose], axis=1).astype(np.float64)
     _require_images_note(frames, "nerface", notes)
     written = []
@@ -669,7 +687,7 @@ def export_nerface(result: TrackingResult, out_dir: Path, flame_eval: FlameEvalu
             if frames.available:
                 written.append(_write_image(out_dir / f"{file_path}.png", frames(i)))
         meta = {"camera_angle_x": float(cam.focal_to_fov(fx, result.width)),
-                "intrinsics": [fx, fy, cx, cy], "frames": items}
+                "intrinsics": [fx, fy, cx_frac, cy_frac], "frames": items}
         written.append(_write_json(out_dir / f"transforms_{split}.json", meta))
     notes.append(f"nerface: expression vectors have {expression.shape[1]} values "
                  f"({result.expression.shape[1]} FLAME expression + 3 jaw); set the network's expression size")
@@ -706,23 +724,38 @@ class ExportFormat:
 
     expected_flame: the FLAME release the consumer's own FLAME code loads by
     default, or None when the consumer never evaluates FLAME itself.
+    pixel_convention: what the written intrinsics mean (recorded in export_info.json).
     """
 
     name: str
     writer: Callable[..., List[Path]]
     consumers: str
     expected_flame: Optional[str]
+    pixel_convention: str
     precheck: Optional[Callable[[TrackingResult], Any]] = None
 
 
+SOURCE_PIXEL_CONVENTION = ("OpenCV: pixel (i, j) has its centre at (i, j); the image spans "
+                           "[-0.5, W-0.5] x [-0.5, H-0.5]; a centred principal point is ((W-1)/2, (H-1)/2)")
+
 FORMATS: Dict[str, ExportFormat] = {
-    "vhap": ExportFormat("vhap", export_vhap, "GaussianAvatars (VHAP's NeRF dataset export)", "2023",
-                         _vhap_crop),
-    "metrical": ExportFormat("metrical", export_metrical, "INSTA, FlashAvatar (metrical-tracker)", "2020"),
-    "lightning": ExportFormat("lightning", export_lightning, "GPAvatar, GAGAvatar (LightningTrack)", "2020",
-                              _lightning_precheck),
-    "nerface": ExportFormat("nerface", export_nerface, "NeRFace", None),
-    "mesh": ExportFormat("mesh", export_mesh, "any mesh tool (OBJ)", None),
+    "vhap": ExportFormat(
+        "vhap", export_vhap, "GaussianAvatars (VHAP's NeRF dataset export)", "2023",
+        "cx, cy in corner-origin pixels (VHAP/nvdiffrast: pixel centres at i + 0.5), the centre of the "
+        "cropped images, (w/2, h/2); GaussianAvatars reads only the field of view", _vhap_crop),
+    "metrical": ExportFormat(
+        "metrical", export_metrical, "INSTA, FlashAvatar (metrical-tracker)", "2020",
+        "camera.pp in PyTorch3D NDC (image edges at the NDC bounds); opencv.K in corner-origin pixels "
+        "(= ours + 0.5), as PyTorch3D's opencv_from_cameras_projection writes it and instant-ngp reads it"),
+    "lightning": ExportFormat(
+        "lightning", export_lightning, "GPAvatar, GAGAvatar (LightningTrack)", "2020",
+        "PyTorch3D NDC (image edges at the NDC bounds); bbox as fractions of the image from its corner",
+        _lightning_precheck),
+    "nerface": ExportFormat(
+        "nerface", export_nerface, "NeRFace", None,
+        "intrinsics [fx, fy, cx/W, cy/H] with cx, cy in OpenCV pixels (nerface casts rays through integer "
+        "pixel indices)"),
+    "mesh": ExportFormat("mesh", export_mesh, "any mesh tool (OBJ)", None, "none (camera-space meshes)"),
 }
 
 
@@ -779,6 +812,7 @@ def export(result_dir: Path, formats: List[str], out_dir: Optional[Path] = None,
         target = out_dir / name
         files = fmt.writer(result, target, flame_eval, frame_source, notes)
         info = {"format": name, "consumers": fmt.consumers, "source": str(result.path),
+                "pixel_convention": {"source": SOURCE_PIXEL_CONVENTION, "written": fmt.pixel_convention},
                 "flame": {"version": result.flame_info.get("version"), "sha256": result.flame_info.get("sha256"),
                           "consumer_expects": fmt.expected_flame},
                 "n_frames": int(result.valid.sum()), "notes": notes}

@@ -43,11 +43,17 @@ def test_opengl_round_trip(rng):
 def pytorch3d_screen_projection(X, R_p3d, T_p3d, focal_ndc, pp_ndc, H, W):
     """PyTorch3D PerspectiveCameras(in_ndc=True).transform_points_screen, from its docs:
     row vectors X_view = X R + T; NDC x = f X/Z + p (+x left, +y up, the shorter
-    side spans [-1, 1]); screen has its origin at the top-left corner."""
+    side spans [-1, 1]); screen has its origin at the top-left corner, so pixel
+    i's centre is at screen i + 0.5."""
     Xv = np.einsum("bnj,bjk->bnk", X, R_p3d) + T_p3d[:, None]
     ndc = focal_ndc[:, None] * Xv[..., :2] / Xv[..., 2:3] + pp_ndc[:, None]
     s = min(H, W) / 2.0
     return np.stack([W / 2.0 - ndc[..., 0] * s, H / 2.0 - ndc[..., 1] * s], -1)
+
+
+# PyTorch3D screen coordinates measure from the image corner; ours put pixel
+# centres on integers (render.py, landmarks), so screen = ours + 0.5.
+PYTORCH3D_SCREEN_OFFSET = 0.5
 
 
 @pytest.mark.parametrize("H,W", [(256, 256), (240, 320), (400, 300)])
@@ -59,12 +65,34 @@ def test_pytorch3d_projection_matches_opencv(rng, H, W):
     px_cv = cam.project_opencv(X, R, t, cam.intrinsic_matrix(focal, pp)[None])
     R_p3d, T_p3d = cam.opencv_to_pytorch3d(R, t)
     f_ndc, p_ndc = cam.pixel_to_ndc_intrinsics(focal, pp, [H, W])
-    px_p3d = pytorch3d_screen_projection(X, R_p3d, T_p3d, np.broadcast_to(f_ndc, (5, 2)),
+    screen = pytorch3d_screen_projection(X, R_p3d, T_p3d, np.broadcast_to(f_ndc, (5, 2)),
                                          np.broadcast_to(p_ndc, (5, 2)), H, W)
-    np.testing.assert_allclose(px_p3d, px_cv, atol=1e-9)
+    np.testing.assert_allclose(screen - PYTORCH3D_SCREEN_OFFSET, px_cv, atol=1e-9)
     # Independent projection with the plain pinhole formula.
     x = np.einsum("bij,bnj->bni", R, X) + t[:, None]
     np.testing.assert_allclose(px_cv, focal * x[..., :2] / x[..., 2:] + pp, atol=1e-9)
+
+
+def pytorch3d_pixel_centre_ndc(i, S):
+    """NDC of the centre of pixel i (counted from the image's left/top) along a
+    side of S pixels, as PyTorch3D's rasterizer samples it (rasterize_meshes.py:
+    pix_to_ndc(S - 1 - i, S) = -1 + (2 (S-1-i) + 1)/S, NDC +x pointing left)."""
+    return -1.0 + (2.0 * (S - 1 - i) + 1.0) / S
+
+
+@pytest.mark.parametrize("H,W", [(128, 128), (96, 160)])
+def test_ndc_principal_point_is_the_pixel_pytorch3d_rasterizes_there(H, W):
+    # A principal point on the centre of pixel (37, 51) must become the NDC
+    # position at which PyTorch3D's rasterizer samples that pixel, scaled by
+    # the non-square NDC range (the shorter side spans [-1, 1]).
+    pp = np.array([37.0, 51.0])
+    _, p_ndc = cam.pixel_to_ndc_intrinsics([500.0, 500.0], pp, [H, W])
+    s = min(H, W)
+    expected = [pytorch3d_pixel_centre_ndc(37, W) * W / s, pytorch3d_pixel_centre_ndc(51, H) * H / s]
+    np.testing.assert_allclose(p_ndc, expected, atol=1e-12)
+    # The image centre is NDC (0, 0).
+    _, p0 = cam.pixel_to_ndc_intrinsics([500.0, 500.0], cam.centred_principal_point([H, W]), [H, W])
+    np.testing.assert_allclose(p0, [0.0, 0.0], atol=1e-12)
 
 
 def test_pytorch3d_round_trip_and_axes(rng):
@@ -80,13 +108,26 @@ def test_pytorch3d_round_trip_and_axes(rng):
     np.testing.assert_allclose(Xv, np.broadcast_to([-0.1, 0.0, 1.0], (5, 3)), atol=1e-12)
 
 
-def test_ndc_pixel_round_trip():
-    f_ndc, p_ndc = cam.pixel_to_ndc_intrinsics([500.0, 520.0], [100.0, 90.0], [180, 240])
-    np.testing.assert_allclose(f_ndc, [500 / 90, 520 / 90])
-    np.testing.assert_allclose(p_ndc, [-(100 - 120) / 90, -(90 - 90) / 90])
-    f, p = cam.ndc_to_pixel_intrinsics(f_ndc, p_ndc, [180, 240])
+def test_ndc_pixel_round_trip(rng):
+    H, W = 180, 240
+    f_ndc, p_ndc = cam.pixel_to_ndc_intrinsics([500.0, 520.0], [100.0, 90.0], [H, W])
+    s = min(H, W) / 2
+    np.testing.assert_allclose(f_ndc, [500 / s, 520 / s])
+    # Pixel centre 100 is 100.5 from the left edge, the centre line 120 from it.
+    np.testing.assert_allclose(p_ndc, [-(100.5 - W / 2) / s, -(90.5 - H / 2) / s])
+    f, p = cam.ndc_to_pixel_intrinsics(f_ndc, p_ndc, [H, W])
     np.testing.assert_allclose(f, [500, 520])
     np.testing.assert_allclose(p, [100, 90])
+    pp = rng.uniform(0, 200, size=(6, 2))
+    f2, p2 = cam.ndc_to_pixel_intrinsics(*cam.pixel_to_ndc_intrinsics(np.full((6, 2), 300.0), pp, [H, W]), [H, W])
+    np.testing.assert_allclose(p2, pp, atol=1e-12)
+
+
+def test_corner_and_centre_pixel_conventions():
+    np.testing.assert_allclose(cam.centred_principal_point([4, 6]), [2.5, 1.5])
+    xy = np.array([[0.0, 0.0], [-0.5, 3.25]])
+    np.testing.assert_allclose(cam.opencv_to_corner_pixels(xy), xy + 0.5)
+    np.testing.assert_allclose(cam.corner_to_opencv_pixels(cam.opencv_to_corner_pixels(xy)), xy)
 
 
 def test_rotation_6d_is_first_two_rows_and_decodes(rng):

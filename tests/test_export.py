@@ -24,7 +24,12 @@ torch.set_num_threads(1)
 T, H, W = 5, 96, 96
 FOCAL = np.array([310.0, 298.0])
 PRINCIPAL = np.array([50.5, 44.25])
+CENTRED = np.array([(W - 1) / 2, (H - 1) / 2])  # OpenCV pixels: centres on integers
 TOL_PX = 1e-3
+# Consumers that measure pixels from the image corner (PyTorch3D screen space,
+# nvdiffrast in VHAP, instant-ngp in INSTA) put pixel i's centre at i + 0.5;
+# tracking.npz puts it at i. Their coordinates minus this are ours.
+CORNER_OFFSET = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +95,21 @@ def native_projection(flame, result_dir):
     return npz, npz["focal_length"] * x[..., :2] / x[..., 2:] + npz["principal_point"]
 
 
+def gaussian_splatting_pixels(x, fovx, fovy, w, h):
+    """3D Gaussian Splatting's projection (GaussianAvatars, FlashAvatar): a symmetric
+    frustum from the field of view, then ndc2Pix(v, S) = ((v + 1) S - 1) / 2, which
+    puts pixel centres on integers, like ours. x: [N,3] in the camera (OpenCV axes)."""
+    ndc = np.stack([x[:, 0] / x[:, 2] / np.tan(fovx / 2), x[:, 1] / x[:, 2] / np.tan(fovy / 2)], 1)
+    return ((ndc + 1) * [w, h] - 1) / 2
+
+
+def largest_centred_span(c, size):
+    """Brute force: the longest pixel run [start, start+n) whose centre start + (n-1)/2 is c."""
+    spans = [(n, start) for start in range(size) for n in range(1, size - start + 1) if start + (n - 1) / 2 == c]
+    n, start = max(spans)
+    return start, n
+
+
 # ----------------------------------------------------------------------------
 # vhap: GaussianAvatars' readCamerasFromTransforms + VHAP's FlameHead
 
@@ -102,7 +122,7 @@ def test_vhap_round_trip_and_loader(tmp_path, flame):
     ex.export(result_dir, ["vhap"], tmp_path / "out", frames=images, flame=flame)
     root = tmp_path / "out" / "vhap"
     npz, native = native_projection(flame, result_dir)
-    x0, y0 = 5, 0  # largest spans centred on 50.5 in 96 and 44.5 in 96 columns/rows
+    (x0, crop_w), (y0, crop_h) = largest_centred_span(50.5, W), largest_centred_span(44.5, H)
 
     tracked = np.load(root / "tracked_flame_params_30.npz")
     assert {"rotation", "translation", "neck_pose", "jaw_pose", "eyes_pose", "shape", "expr", "timestep_id",
@@ -124,10 +144,10 @@ def test_vhap_round_trip_and_loader(tmp_path, flame):
         c2w[:3, 1:3] *= -1
         w2c = np.linalg.inv(c2w)
         w, h = frame["w"], frame["h"]
+        assert (w, h) == (crop_w, crop_h)
         fovx = frame["camera_angle_x"]
         fx = w / (2 * np.tan(fovx / 2))
         fovy = 2 * np.arctan(h / (2 * fx))
-        fy = h / (2 * np.tan(fovy / 2))
         assert np.isclose(tracked["focal_length"].item() * max(h, w), frame["fl_x"], rtol=1e-6)
         img = np.asarray(Image.open(root / frame["file_path"]))
         assert img.shape == (h, w, 3)
@@ -141,14 +161,15 @@ def test_vhap_round_trip_and_loader(tmp_path, flame):
                                       "eye_pose": p["eyes_pose"]}, global_pose=p["rotation"])[0]
         X = X + p["translation"][0]
         x = X @ w2c[:3, :3].T + w2c[:3, 3]
-        px = np.stack([fx * x[:, 0] / x[:, 2] + w / 2, fy * x[:, 1] / x[:, 2] + h / 2], 1)
+        px = gaussian_splatting_pixels(x, fovx, fovy, w, h)
         assert np.abs(px + [x0, y0] - native[i]).max() < TOL_PX
-        # VHAP's own NeRFDataset uses the explicit intrinsics instead.
+        # VHAP's own renderer (nvdiffrast, corner origin) uses the explicit intrinsics instead.
         px = np.stack([frame["fl_x"] * x[:, 0] / x[:, 2] + frame["cx"], frame["fl_y"] * x[:, 1] / x[:, 2] + frame["cy"]], 1)
-        assert np.abs(px + [x0, y0] - native[i]).max() < TOL_PX
+        assert np.abs(px - CORNER_OFFSET + [x0, y0] - native[i]).max() < TOL_PX
     info = json.loads((root / "export_info.json").read_text())
     assert info["flame"]["version"] == "FLAME 2023" and info["flame"]["sha256"] == flame.sha256
     assert any("cropped" in n for n in info["notes"])
+    assert "centre at (i, j)" in info["pixel_convention"]["source"] and info["pixel_convention"]["written"]
 
 
 @pytest.mark.parametrize("focal,principal,match", [
@@ -175,8 +196,9 @@ def decode_6d(d6):
     return np.stack([b1, b2, np.cross(b1, b2)], -2)
 
 
-def test_metrical_round_trip_and_loader(tmp_path, flame):
-    result_dir, images = make_result(tmp_path / "res", flame, version="FLAME 2020", invalid=(2,))
+@pytest.mark.parametrize("principal", [PRINCIPAL, CENTRED], ids=["off-centre", "centred"])
+def test_metrical_round_trip_and_loader(tmp_path, flame, principal):
+    result_dir, images = make_result(tmp_path / "res", flame, version="FLAME 2020", invalid=(2,), principal=principal)
     ex.export(result_dir, ["metrical"], tmp_path / "out", frames=images, flame=flame)
     root = tmp_path / "out" / "metrical"
     npz, native = native_projection(flame, result_dir)
@@ -195,22 +217,50 @@ def test_metrical_round_trip_and_loader(tmp_path, flame):
         eyes = Rotation.from_matrix(decode_6d(fl["eyes"].reshape(2, 6).astype(np.float64))).as_rotvec().reshape(1, 6)
         X = tracked_landmarks(flame, {"shape": fl["shape"][0, :20], "expression": fl["exp"][:, :10],
                                       "neck_pose": np.zeros((1, 3))}, jaw=jaw, eyes=eyes)[0]
-        # FlashAvatar: w2cR = opencv['R'][0], w2cT = opencv['t'][0], K = opencv['K'][0].
-        R, t, K = payload["opencv"]["R"][0], payload["opencv"]["t"][0], payload["opencv"]["K"][0]
-        uvw = (X @ R.T.astype(np.float64) + t) @ K.T.astype(np.float64)
-        assert np.abs(uvw[:, :2] / uvw[:, 2:] - native[i]).max() < TOL_PX
-        # metrical-tracker: PerspectiveCameras(R=rotation_6d_to_matrix(R), T=t, focal_length=fl,
-        # principal_point=pp, image_size=img_size).transform_points_screen.
-        c = payload["camera"]
+        R, t, K = (payload["opencv"][k][0].astype(np.float64) for k in ("R", "t", "K"))
+        x = X @ R.T + t
+        # INSTA (scripts/transforms.py) copies K's cx, cy into instant-ngp's transforms.json;
+        # instant-ngp: principal point cx/w, ray of uv = (i + 0.5)/w through
+        # (uv - cx/w) w / fx, so a point lands at uv = fx x/(z w) + cx/w, i.e. corner pixels uv w.
         Hs, Ws = payload["img_size"]
+        uv = np.stack([K[0, 0] * x[:, 0] / x[:, 2] / Ws + K[0, 2] / Ws,
+                       K[1, 1] * x[:, 1] / x[:, 2] / Hs + K[1, 2] / Hs], 1)
+        assert np.abs(uv * [Ws, Hs] - CORNER_OFFSET - native[i]).max() < TOL_PX
+        # FlashAvatar (scene/__init__.py): w2cR, w2cT = opencv R, t; only K's focal lengths,
+        # as fields of view; Gaussian Splatting centres the principal point itself.
+        px = gaussian_splatting_pixels(x, 2 * np.arctan(Ws / (2 * K[0, 0])), 2 * np.arctan(Hs / (2 * K[1, 1])), Ws, Hs)
+        if np.array_equal(principal, CENTRED):
+            assert np.abs(px - native[i]).max() < TOL_PX
+        else:  # off by exactly the principal point's offset from the centre
+            assert np.abs(px + (principal - CENTRED) - native[i]).max() < TOL_PX
+        # metrical-tracker: PerspectiveCameras(R=rotation_6d_to_matrix(R), T=t, focal_length=fl,
+        # principal_point=pp, image_size=img_size).transform_points_screen (corner origin).
+        c = payload["camera"]
         Rp = decode_6d(c["R"][0].astype(np.float64))
         Xv = X @ Rp + c["t"][0]
         ndc = c["fl"][0] * Xv[:, :2] / Xv[:, 2:] + c["pp"][0]
         s = min(Hs, Ws) / 2
-        px = np.stack([Ws / 2 - ndc[:, 0] * s, Hs / 2 - ndc[:, 1] * s], 1)
-        assert np.abs(px - native[i]).max() < TOL_PX
+        screen = np.stack([Ws / 2 - ndc[:, 0] * s, Hs / 2 - ndc[:, 1] * s], 1)
+        assert np.abs(screen - CORNER_OFFSET - native[i]).max() < TOL_PX
+        # The file is self-consistent as metrical-tracker writes it: 'opencv' is
+        # PyTorch3D's opencv_from_cameras_projection of 'camera'.
+        fl = np.broadcast_to(c["fl"][0].astype(np.float64), (2,))
+        np.testing.assert_allclose(K[[0, 1], [0, 1]], fl * s, rtol=1e-6)
+        np.testing.assert_allclose(K[:2, 2], -c["pp"][0].astype(np.float64) * s + [Ws / 2, Hs / 2], atol=1e-4)
+        np.testing.assert_allclose(R, np.diag([-1.0, -1.0, 1.0]) @ Rp.T, atol=1e-6)
     info = json.loads((root / "export_info.json").read_text())
     assert any("left out" in n for n in info["notes"])
+    assert any("FlashAvatar" in n for n in info["notes"]) != np.array_equal(principal, CENTRED)
+
+
+@pytest.mark.parametrize("principal,noted", [(CENTRED, False), (CENTRED + [0.5, 0.0], True),
+                                              (CENTRED + [0.0, -0.5], True)])
+def test_metrical_records_principal_point_flashavatar_ignores(tmp_path, flame, principal, noted):
+    # (W/2, H/2), the centre in a corner-origin convention, is half a pixel off ours.
+    result_dir, _ = make_result(tmp_path / "res", flame, version="FLAME 2020", principal=principal)
+    ex.export(result_dir, ["metrical"], tmp_path / "out", frames=None, flame=flame)
+    info = json.loads((tmp_path / "out" / "metrical" / "export_info.json").read_text())
+    assert any("FlashAvatar" in n for n in info["notes"]) == noted
 
 
 def test_metrical_neck_is_folded_and_recorded(tmp_path, flame):
@@ -251,8 +301,14 @@ def test_lightning_round_trip_and_loader(tmp_path, flame):
         M = d["transform_matrix"].astype(np.float64)
         Xv = X @ M[:, :3] + M[:, 3]
         ndc = np.asarray(calib["focal_length"]) * Xv[:, :2] / Xv[:, 2:] + np.asarray(calib["principal_point"])
-        px512 = size / 2 - ndc * size / 2
-        assert np.abs(px512 * W / size - native[i]).max() < TOL_PX
+        screen512 = size / 2 - ndc * size / 2  # PyTorch3D screen, corner origin, 512x512
+        # Resizing scales distances from the corner: back to the W x H crop, then to our pixels.
+        px = screen512 * W / size - CORNER_OFFSET
+        assert np.abs(px - native[i]).max() < TOL_PX
+        # bbox: fractions of the image from its corner, around the detected 68 landmarks.
+        lmk = npz["lmk68"][i].astype(np.float64)
+        np.testing.assert_allclose(d["bbox"] * [W, H, W, H] - CORNER_OFFSET,
+                                   np.concatenate([lmk.min(0), lmk.max(0)]), atol=1e-4)
 
 
 def test_lightning_refuses_non_square_crop(tmp_path, flame):
@@ -285,11 +341,13 @@ def test_nerface_round_trip_and_loader(tmp_path, flame):
             np.testing.assert_array_equal(img, images[i])
             assert len(frame["expression"]) == 13
             c2w = np.array(frame["transform_matrix"])
-            # nerface rays: pixel (i, j) -> d = ((i - cx)/fx, -(j - cy)/fy, -1) rotated by c2w,
-            # with i, j integer pixel indices (centres); native pixel centres sit at +0.5.
+            # nerface's get_ray_bundle: pixel (i, j) -> d = ((i - W cx)/fx, -(j - H cy)/fy, -1)
+            # rotated by c2w, with i, j integer pixel indices (centres on integers, as ours)
+            # and cx, cy fractions of the image size.
+            h, w = img.shape[:2]
             x = (X[i] - c2w[:3, 3]) @ c2w[:3, :3]
-            px = np.stack([cx + fx * x[:, 0] / -x[:, 2], cy - fy * x[:, 1] / -x[:, 2]], 1)
-            assert np.abs(px + 0.5 - native[i]).max() < TOL_PX
+            px = np.stack([w * cx + fx * x[:, 0] / -x[:, 2], h * cy - fy * x[:, 1] / -x[:, 2]], 1)
+            assert np.abs(px - native[i]).max() < TOL_PX
             seen.add(i)
     assert seen == set(range(T))
     assert np.isclose(0.5 * W / np.tan(0.5 * meta["camera_angle_x"]), fx)
