@@ -20,16 +20,17 @@ import numpy as np
 import torch
 
 from .errors import NoFaceError
-from .optimize import (FitConfig, FrameParams, LandmarkBasis, Targets, _apply_step, _point_arrays, _residuals,
-                       contour_rows, head_rotation_flame, initial_params)
+from .optimize import (ALL_BLOCKS, FitConfig, FrameParams, LandmarkBasis, Targets, _apply_step,
+                       _param_vector_terms, _point_arrays, _vector_cost, contour_rows, head_rotation_flame,
+                       initial_params, point_residuals)
 
 
 @dataclass
 class CalibrationConfig:
     n_frames: int = 32
     seed: int = 0
-    grid_factors: Sequence[float] = tuple(np.exp(np.linspace(np.log(0.45), np.log(2.2), 7)))
-    iters: int = 15
+    grid_factors: Sequence[float] = (0.5, 0.72, 1.0, 1.4, 2.0)
+    iters: int = 12
     focal_prior_factor: float = 2.5     # prior centre = factor * image width (px)
     focal_prior_sigma_log: float = 0.5  # weak: a factor e^0.5 = 1.65 is one sigma
     sigma_shape: float = 1.0
@@ -79,27 +80,22 @@ def yaw_proxy(lmk68: np.ndarray) -> np.ndarray:
     return (a - b) / np.maximum(a + b, 1e-6)
 
 
-def _joint_residuals(full: LandmarkBasis, S: int, params: FrameParams, shape, log_f, targets, pp, cfg, want_jac):
-    """Residuals r [T,N]; with want_jac also the per-frame Jacobian
-    A [T,N,D_frame] and the shared one B [T,N,S+1] (shape, log focal)."""
+def _joint_linearize(full: LandmarkBasis, S: int, params: FrameParams, shape, log_f, targets, pp, cfg,
+                     want_jac: bool):
+    """Point residuals r [T,N]; with want_jac also the per-frame Jacobian
+    A [T,N,15+E] (layout of `_layout(E)`) and the shared one B [T,N,S+1]
+    (shape, log focal)."""
     T = params.rotation.shape[0]
     f = torch.exp(log_f).reshape(1).expand(2)
     coeffs = torch.cat([shape.expand(T, -1), params.expression], 1)
     p = FrameParams(params.rotation, params.translation, coeffs, params.jaw, params.eyes, torch.zeros(0))
     rows = contour_rows(head_rotation_flame(params.rotation), full.n_rows)
     arrays = _point_arrays(full, rows, torch.zeros(0))
-    out = _residuals(full, arrays, p, targets, f, pp, cfg, (), want_jac)
-    r = out[0].clone()
-    n_pts = 2 * (arrays["M0"].shape[1] + 2) + 2 * 7
-    # The per-frame expression prior must not act on the shared shape columns.
-    r[:, n_pts:n_pts + S] = 0
     if not want_jac:
-        return r
-    J = out[4].clone()
-    J[:, n_pts:n_pts + S] = 0
+        return point_residuals(full, arrays, p, targets, f, pp, cfg)[0]
+    r, J = point_residuals(full, arrays, p, targets, f, pp, cfg, ALL_BLOCKS)[:2]
     eps = 1e-4
-    r_eps = _residuals(full, arrays, p, targets, f * (1 + eps), pp, cfg, (), False)[0].clone()
-    r_eps[:, n_pts:n_pts + S] = 0
+    r_eps = point_residuals(full, arrays, p, targets, f * (1 + eps), pp, cfg)[0]
     J_logf = ((r_eps - r) / eps)[..., None]
     E = params.expression.shape[1]
     frame_cols = torch.cat([torch.arange(0, 6), torch.arange(6 + S, 15 + S + E)])
@@ -108,30 +104,35 @@ def _joint_residuals(full: LandmarkBasis, S: int, params: FrameParams, shape, lo
 
 def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_f: torch.Tensor, pp, cfg: FitConfig,
                ccfg: CalibrationConfig, log_f0: float, iters: int = 40, fix_focal: bool = True):
-    """Levenberg-Marquardt on the sampled frames with shared shape and focal,
-    solved through the Schur complement of the per-frame blocks."""
+    """Levenberg-Marquardt on the sampled frames with shared shape (and
+    focal unless fixed), solved through the Schur complement of the
+    per-frame blocks. Returns (params with .shape, log focal, cost)."""
     S, E = basis.n_shape, basis.n_exp
     full = replace(basis, n_shape=0, n_exp=S + E)
     shape = params.shape.clone()
     params = params.clone()
     mu = 1e-3
+    n_shared = S if fix_focal else S + 1
     prior_diag = torch.cat([torch.full((S,), 1 / ccfg.sigma_shape ** 2),
-                            torch.tensor([1 / ccfg.focal_prior_sigma_log ** 2])])
+                            torch.tensor([1 / ccfg.focal_prior_sigma_log ** 2])])[:n_shared]
 
-    def total(r, shape, log_f):
-        return float((r ** 2).sum() + (shape ** 2).sum() / ccfg.sigma_shape ** 2
+    def total(r, params, shape, log_f):
+        return float((r ** 2).sum() + _vector_cost(_param_vector_terms(params, cfg, None)).sum()
+                     + (shape ** 2).sum() / ccfg.sigma_shape ** 2
                      + ((log_f - log_f0) / ccfg.focal_prior_sigma_log) ** 2)
 
-    n_shared = S if fix_focal else S + 1
-    prior_diag = prior_diag[:n_shared]
-    r, A, B = _joint_residuals(full, S, params, shape, log_f, targets, pp, cfg, True)
+    r, A, B = _joint_linearize(full, S, params, shape, log_f, targets, pp, cfg, True)
     B = B[..., :n_shared]
-    cost = total(r, shape, log_f)
+    cost = total(r, params, shape, log_f)
     for _ in range(iters):
         Hff = A.transpose(1, 2) @ A
+        gf = (A.transpose(1, 2) @ r[..., None])[..., 0]
+        for a, w in _param_vector_terms(params, cfg, None):  # per-frame priors (identity Jacobians)
+            Hff = Hff + torch.diag_embed(w)
+            gf = gf + w * a
+        gf = gf[..., None]
         Hfs = A.transpose(1, 2) @ B
         Hss = torch.einsum("tni,tnj->ij", B, B) + torch.diag(prior_diag)
-        gf = A.transpose(1, 2) @ r[..., None]
         gs = torch.einsum("tni,tn->i", B, r) + torch.cat(
             [shape / ccfg.sigma_shape ** 2, ((log_f - log_f0) / ccfg.focal_prior_sigma_log ** 2).reshape(1)])[:n_shared]
         improved, rel = False, 0.0
@@ -147,8 +148,8 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
             trial = _apply_step(params, df, E)
             shape_t = shape + ds[:S]
             log_f_t = log_f if fix_focal else log_f + ds[S]
-            r_t = _joint_residuals(full, S, trial, shape_t, log_f_t, targets, pp, cfg, False)
-            cost_t = total(r_t, shape_t, log_f_t)
+            r_t = _joint_linearize(full, S, trial, shape_t, log_f_t, targets, pp, cfg, False)
+            cost_t = total(r_t, trial, shape_t, log_f_t)
             if cost_t < cost:
                 rel = (cost - cost_t) / cost
                 params, shape, log_f, cost = trial, shape_t, log_f_t, cost_t
@@ -158,7 +159,7 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
             mu = min(mu * 4, 1e7)
         if not improved or rel < 1e-6:
             break
-        r, A, B = _joint_residuals(full, S, params, shape, log_f, targets, pp, cfg, True)
+        r, A, B = _joint_linearize(full, S, params, shape, log_f, targets, pp, cfg, True)
         B = B[..., :n_shared]
     params.shape = shape
     return params, log_f, cost
@@ -172,7 +173,7 @@ def calibrate(basis: LandmarkBasis, targets: Targets, valid: np.ndarray, image_s
     targets: all frames (crop pixels); valid [T]; image_size (H, W).
     """
     H, W = image_size
-    pp = torch.tensor([W / 2.0, H / 2.0])  # pixel centres at +0.5: the image spans [0, W]
+    pp = torch.tensor([(W - 1) / 2.0, (H - 1) / 2.0])  # OpenCV: pixel centres at integer coordinates
     frames = select_frames(valid, yaw_proxy(targets.lmk68.numpy()), ccfg.n_frames, ccfg.seed)
     sub = targets.select(torch.as_tensor(frames))
     shape0 = torch.zeros(basis.n_shape) if init_shape is None else torch.as_tensor(init_shape, dtype=torch.float32)
@@ -181,9 +182,9 @@ def calibrate(basis: LandmarkBasis, targets: Targets, valid: np.ndarray, image_s
     # Profile the focal: the joint problem's valley along focal and shape is
     # long and flat, so LM with a free focal stalls where it starts, while the
     # profile (every other unknown refitted at each focal) has a clear minimum.
-    def profile(start: Optional[FrameParams], start_f: Optional[float]):
+    def profile(factors, start: Optional[FrameParams], start_f: Optional[float]):
         out, params, prev_f = [], start, start_f
-        for factor in ccfg.grid_factors:
+        for factor in factors:
             f = f0 * factor
             if params is None:
                 focal = torch.tensor([f, f], dtype=torch.float32)
@@ -199,13 +200,23 @@ def calibrate(basis: LandmarkBasis, targets: Targets, valid: np.ndarray, image_s
                 params, prev_f = start, start_f
         return out
 
-    # Two passes: the first sweeps the grid from a cold start; the second
-    # refits every focal from the best solution of the first, so that the
-    # profile compares one basin at different focals rather than whichever
-    # basin each warm start happened to reach.
-    results = profile(None, None)
-    k = int(np.argmin([c for _, c, _ in results]))
-    results = profile(results[k][2], results[k][0])
+    # Two passes: the first sweeps a coarse grid from a cold start; the
+    # second refits the best focal's neighbours from the best solution, so
+    # the profile near its minimum compares one basin at different focals
+    # rather than whichever basin each warm start happened to reach.
+    coarse = profile(ccfg.grid_factors, None, None)
+    k = int(np.argmin([c for _, c, _ in coarse]))
+    # A minimum at the edge of the grid: walk on (within the prior's reach).
+    step = ccfg.grid_factors[1] / ccfg.grid_factors[0]
+    for _ in range(3):
+        if k not in (0, len(coarse) - 1):
+            break
+        factor = coarse[k][0] / f0 * (step if k else 1 / step)
+        extra = profile([factor], coarse[k][2], coarse[k][0])
+        coarse = sorted(coarse + extra, key=lambda x: x[0])
+        k = int(np.argmin([c for _, c, _ in coarse]))
+    near = [coarse[i][0] / f0 for i in (k - 1, k + 1) if 0 <= i < len(coarse)]
+    results = sorted(profile(near, coarse[k][2], coarse[k][0]) + [coarse[k]], key=lambda x: x[0])
     costs = np.array([c for _, c, _ in results])
     k = int(np.argmin(costs))
     best_f, best_params = results[k][0], results[k][2]

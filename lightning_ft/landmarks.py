@@ -142,7 +142,8 @@ class MeshTracker:
     """
 
     def __init__(self, static: bool = False, min_confidence: float = 0.5):
-        import mediapipe as mp
+        from ._mediapipe import import_mediapipe
+        mp = import_mediapipe()
 
         self._mesh = mp.solutions.face_mesh.FaceMesh(
             static_image_mode=static, max_num_faces=1, refine_landmarks=True,

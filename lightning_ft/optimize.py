@@ -216,45 +216,6 @@ def _skew(v: torch.Tensor) -> torch.Tensor:
                        -1).reshape(v.shape[:-1] + (3, 3))
 
 
-def _point_arrays(basis: LandmarkBasis, rows: torch.Tensor, shape: torch.Tensor):
-    """Per-frame point arrays for the active points (static, contour of each
-    frame's row, dense), with the shape folded in, plus the two pupils.
-
-    Face points (P): M0 [T,P,3], ME [T,P,3,E], MP [T,P,3,36] and the jaw's
-    W0 [T,P,3], WE [T,P,3,E], WP [T,P,3,36], omega [T,P].
-    Pupils: pM0 [2,3], pME [2,3,E], pMP [2,3,36]; joints J0 [3,3], JE [3,3,E]
-    (jaw, left eye, right eye).
-    """
-    S = basis.n_shape
-    T = rows.shape[0]
-    cs, ds, ps = basis.contour_start, basis.dense_start, basis.pupil_start
-    contour_ids = cs + rows[:, None] * 17 + torch.arange(17)  # [T,17]
-    fixed_ids = torch.cat([torch.arange(cs), torch.arange(ds, ps)])
-    n = basis.n_static
-
-    def gather(a):
-        # a [P_all, ...] -> [T, 51 + 17 + M, ...]
-        fixed = a[fixed_ids]
-        cont = a[contour_ids]
-        fixed = fixed.unsqueeze(0).expand((T,) + fixed.shape)
-        return torch.cat([fixed[:, :n], cont, fixed[:, n:]], dim=1)
-
-    M0 = basis.M0 + basis.MD[..., :S] @ shape
-    W0 = basis.W0[0] + basis.WD[0][..., :S] @ shape
-    J0 = basis.J0 + basis.Jd[..., :S] @ shape
-    ME, WE = basis.MD[..., S:], basis.WD[0][..., S:]
-    return dict(M0=gather(M0), ME=gather(ME), MP=gather(basis.MP), W0=gather(W0), WE=gather(WE),
-                WP=gather(basis.WP[0]), omega=gather(basis.omega[0]),
-                pM0=M0[ps:ps + 2], pME=ME[ps:ps + 2], pMP=basis.MP[ps:ps + 2], J0=J0, JE=basis.Jd[..., S:])
-
-
-def active_point_layout(basis: LandmarkBasis) -> Dict[str, slice]:
-    n = basis.n_static
-    return {"lmk68_inner": slice(0, n), "contour": slice(n, n + 17),
-            "dense": slice(n + 17, n + 17 + basis.n_dense),
-            "pupils": slice(n + 17 + basis.n_dense, n + 19 + basis.n_dense)}
-
-
 _GENERATORS = _skew(torch.eye(3))  # [3,3,3]: [e_i]x
 
 
@@ -263,11 +224,68 @@ def _feature_derivative(R: torch.Tensor) -> torch.Tensor:
     return torch.einsum("iab,tbc->tiac", _GENERATORS, R).reshape(R.shape[0], 3, 9)
 
 
-def model_points(basis: LandmarkBasis, arrays, expression, jaw_R, eye_R, want_jacobian=False):
-    """Model-space points [T,P+2,3] (face points, then left and right pupil)
-    and optionally their Jacobians with respect to expression [T,P+2,3,E]
-    and to left-increments of the jaw, left-eye and right-eye rotations
-    [T,P+2,3,3] each.
+# ----------------------------------------------------------------------------
+# Model evaluation
+#
+# Active points, in this order: static 68-point landmarks (51), dense
+# mediapipe points (M) -- together the "shared" points, the same for every
+# frame -- then the 17 contour points of each frame's yaw row, then the two
+# pupils. Shared points use plain matrix products over all frames; only the
+# contour needs per-frame gathered arrays.
+
+
+def active_point_layout(basis: LandmarkBasis) -> Dict[str, slice]:
+    n, m = basis.n_static, basis.n_dense
+    return {"lmk68_inner": slice(0, n), "dense": slice(n, n + m), "contour": slice(n + m, n + m + 17),
+            "pupils": slice(n + m + 17, n + m + 19)}
+
+
+def _point_arrays(basis: LandmarkBasis, rows: torch.Tensor, shape: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Point arrays with the shape folded in.
+
+    Face points: shared (static + dense) s_* without a frame axis and contour
+    c_* gathered per frame [T,17,...]: M0 [..,3], ME [..,3,E], MP [..,3,36],
+    and the jaw's W0, WE, WP, omega. Pupils p_*; joints J0 [3,3], JE [3,3,E]
+    (jaw, left eye, right eye).
+    """
+    S = basis.n_shape
+    cs, ds, ps = basis.contour_start, basis.dense_start, basis.pupil_start
+    shared_ids = torch.cat([torch.arange(cs), torch.arange(ds, ps)])
+    contour_ids = cs + rows[:, None] * 17 + torch.arange(17)  # [T,17]
+    M0 = basis.M0 + basis.MD[..., :S] @ shape
+    W0 = basis.W0[0] + basis.WD[0][..., :S] @ shape
+    J0 = basis.J0 + basis.Jd[..., :S] @ shape
+    full = {"M0": M0, "ME": basis.MD[..., S:], "MP": basis.MP, "W0": W0, "WE": basis.WD[0][..., S:],
+            "WP": basis.WP[0], "omega": basis.omega[0]}
+    out = {}
+    for k, a in full.items():
+        out["s_" + k] = a[shared_ids]
+        out["c_" + k] = a[contour_ids]
+    out.update(p_M0=M0[ps:ps + 2], p_ME=basis.MD[ps:ps + 2, :, S:], p_MP=basis.MP[ps:ps + 2],
+               J0=J0, JE=basis.Jd[..., S:])
+    return out
+
+
+def _face_points(a: Dict[str, torch.Tensor], pre: str, expression, feat, Aj, Jj, shared: bool):
+    """Face points X [T,P,3] and their jaw-relative Y [T,P,3] for one set."""
+    if shared:
+        M = a[pre + "M0"] + torch.einsum("pce,te->tpc", a[pre + "ME"], expression) \
+            + torch.einsum("pcf,tf->tpc", a[pre + "MP"], feat)
+        W = a[pre + "W0"] + torch.einsum("pce,te->tpc", a[pre + "WE"], expression) \
+            + torch.einsum("pcf,tf->tpc", a[pre + "WP"], feat)
+    else:
+        M = a[pre + "M0"] + torch.einsum("tpce,te->tpc", a[pre + "ME"], expression) \
+            + torch.einsum("tpcf,tf->tpc", a[pre + "MP"], feat)
+        W = a[pre + "W0"] + torch.einsum("tpce,te->tpc", a[pre + "WE"], expression) \
+            + torch.einsum("tpcf,tf->tpc", a[pre + "WP"], feat)
+    Y = W - a[pre + "omega"][..., None] * Jj[:, None]
+    return M + Y @ Aj.transpose(1, 2), Y
+
+
+def model_points(basis: LandmarkBasis, arrays, expression, jaw_R, eye_R, need=()):
+    """Model-space points [T,P,3] (layout of `active_point_layout`) and the
+    Jacobians named in `need` ('exp' [T,P,3,E], 'jaw', 'leye', 'reye'
+    [T,P,3,3], for left-increments of the rotations).
 
     Face points follow the jaw: X = M + (Rj - I)(W - omega Jj); a pupil is
     skinned to its eye alone: X = Je + Re (M - Je).
@@ -275,44 +293,51 @@ def model_points(basis: LandmarkBasis, arrays, expression, jaw_R, eye_R, want_ja
     a = arrays
     T = expression.shape[0]
     eye3 = torch.eye(3)
-    feat = torch.cat([torch.zeros(T, 9), (jaw_R - eye3).reshape(T, 9),
-                      (eye_R - eye3).reshape(T, 18)], 1)  # [T,36]
+    feat = torch.cat([torch.zeros(T, 9), (jaw_R - eye3).reshape(T, 9), (eye_R - eye3).reshape(T, 18)], 1)
     Jk = a["J0"][None] + torch.einsum("kce,te->tkc", a["JE"], expression)  # [T,3,3]
-    Jj = Jk[:, 0]
-    M = a["M0"] + (a["ME"] @ expression[:, None, :, None])[..., 0] + (a["MP"] @ feat[:, None, :, None])[..., 0]
-    W = a["W0"] + (a["WE"] @ expression[:, None, :, None])[..., 0] + (a["WP"] @ feat[:, None, :, None])[..., 0]
-    Y = W - a["omega"][..., None] * Jj[:, None]  # [T,P,3]
+    Jj, Je = Jk[:, 0], Jk[:, 1:]
     Aj = jaw_R - eye3
-    X_face = M + Y @ Aj.transpose(1, 2)
-    pM = a["pM0"][None] + torch.einsum("ice,te->tic", a["pME"], expression) + torch.einsum("icf,tf->tic", a["pMP"], feat)
-    Je = Jk[:, 1:]  # [T,2,3]
-    X_pup = Je + torch.einsum("tiab,tib->tia", eye_R, pM - Je)
-    X = torch.cat([X_face, X_pup], 1)
-    if not want_jacobian:
-        return X, None
-    E = expression.shape[1]
-    P = X_face.shape[1]
-    # Expression.
-    WJ = a["WE"] - a["omega"][..., None, None] * a["JE"][0][None, None]  # [T,P,3,E]
-    dF_de = a["ME"] + torch.einsum("tab,tpbe->tpae", Aj, WJ)
-    pJE = a["JE"][1:]  # [2,3,E]
-    dP_de = pJE[None] + torch.einsum("tiab,ibe->tiae", eye_R, a["pME"] - pJE)
-    dX_de = torch.cat([dF_de, dP_de], 1)
-    # Pose-corrective parts: d feat / d increment of each rotation.
-    d_jaw = _feature_derivative(jaw_R)  # [T,3,9]
-    d_le = _feature_derivative(eye_R[:, 0])
-    d_re = _feature_derivative(eye_R[:, 1])
-    Pf = a["MP"] + torch.einsum("tab,tpbf->tpaf", Aj, a["WP"])  # [T,P,3,36]
-    Pp = torch.einsum("tiab,ibf->tiaf", eye_R, a["pMP"])  # [T,2,3,36]
-    Pall = torch.cat([Pf, Pp], 1)  # [T,P+2,3,36]
-    jac_jaw = torch.einsum("tpaf,tif->tpai", Pall[..., 9:18], d_jaw)
-    jac_jaw[:, :P] += -_skew(Y @ jaw_R.transpose(1, 2))
-    jac_le = torch.einsum("tpaf,tif->tpai", Pall[..., 18:27], d_le)
-    jac_re = torch.einsum("tpaf,tif->tpai", Pall[..., 27:36], d_re)
+    Xs, Ys = _face_points(a, "s_", expression, feat, Aj, Jj, True)
+    Xc, Yc = _face_points(a, "c_", expression, feat, Aj, Jj, False)
+    pM = a["p_M0"][None] + torch.einsum("ice,te->tic", a["p_ME"], expression) \
+        + torch.einsum("icf,tf->tic", a["p_MP"], feat)
     rel = torch.einsum("tiab,tib->tia", eye_R, pM - Je)  # Re (M - Je)
-    jac_le[:, P] += -_skew(rel[:, 0])
-    jac_re[:, P + 1] += -_skew(rel[:, 1])
-    return X, (dX_de, jac_jaw, jac_le, jac_re)
+    X = torch.cat([Xs, Xc, Je + rel], 1)
+    jac = {}
+    if not need:
+        return X, jac
+    Ps = Xs.shape[1]
+    if "exp" in need:
+        JEj = a["JE"][0]
+        WJs = a["s_WE"] - a["s_omega"][:, None, None] * JEj[None]  # [Ps,3,E]
+        WJc = a["c_WE"] - a["c_omega"][..., None, None] * JEj[None, None]  # [T,17,3,E]
+        d_s = a["s_ME"][None] + torch.einsum("tab,pbe->tpae", Aj, WJs)
+        d_c = a["c_ME"] + torch.einsum("tab,tpbe->tpae", Aj, WJc)
+        pJE = a["JE"][1:]
+        d_p = pJE[None] + torch.einsum("tiab,ibe->tiae", eye_R, a["p_ME"] - pJE)
+        jac["exp"] = torch.cat([d_s, d_c, d_p], 1)
+    rot_need = [k for k in ("jaw", "leye", "reye") if k in need]
+    if rot_need:
+        slots = {"jaw": slice(9, 18), "leye": slice(18, 27), "reye": slice(27, 36)}
+        Rs = {"jaw": jaw_R, "leye": eye_R[:, 0], "reye": eye_R[:, 1]}
+        for k in rot_need:
+            sl = slots[k]
+            dfeat = _feature_derivative(Rs[k])  # [T,3,9]
+            # Pose-corrective part: (MP + Aj WP) d feat (face), Re MP d feat (pupils).
+            Ps_ = torch.einsum("pcf,tif->tpci", a["s_MP"][..., sl], dfeat) \
+                + torch.einsum("tab,pbf,tif->tpai", Aj, a["s_WP"][..., sl], dfeat)
+            Pc_ = torch.einsum("tpcf,tif->tpci", a["c_MP"][..., sl], dfeat) \
+                + torch.einsum("tab,tpbf,tif->tpai", Aj, a["c_WP"][..., sl], dfeat)
+            Pp_ = torch.einsum("tiab,ibf,tjf->tiaj", eye_R, a["p_MP"][..., sl], dfeat)
+            d = torch.cat([Ps_, Pc_, Pp_], 1)
+            if k == "jaw":  # rigid part: d(exp([d]x) Rj Y)/dd = -[Rj Y]x
+                Y = torch.cat([Ys, Yc], 1)
+                d[:, :Y.shape[1]] += -_skew(Y @ jaw_R.transpose(1, 2))
+            else:
+                i = 0 if k == "leye" else 1
+                d[:, X.shape[1] - 2 + i] += -_skew(rel[:, i])
+            jac[k] = d
+    return X, jac
 
 
 def project(p: torch.Tensor, focal: torch.Tensor, pp: torch.Tensor) -> torch.Tensor:
@@ -328,10 +353,7 @@ def head_rotation_flame(R_cv: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------
-# The solver
-
-
-N_POSE = 6  # rotation increment (3) + translation (3)
+# Residuals
 
 
 def _layout(E: int) -> Dict[str, slice]:
@@ -348,96 +370,135 @@ class FitResult:
     cost_history: list = field(default_factory=list)
 
 
-def _residuals(basis, arrays, params, targets, focal, pp, cfg, free_blocks, want_jac, robust_w=None,
-               neighbours=None):
-    """Stacked weighted residuals r [T,N] and Jacobian J [T,N,D] of one frame each."""
+def _targets_in_layout(basis: LandmarkBasis, targets: Targets) -> torch.Tensor:
+    """Targets [T,P,2] in the active point layout (pupils: left, right eye)."""
+    return torch.cat([targets.lmk68[:, 17:], targets.dense, targets.lmk68[:, :17], targets.iris[:, [1, 0]]], 1)
+
+
+def _point_weights(basis: LandmarkBasis, cfg: FitConfig) -> torch.Tensor:
+    return torch.cat([torch.full((basis.n_static,), cfg.w_lmk68), torch.full((basis.n_dense,), cfg.w_dense),
+                      torch.full((17,), cfg.w_contour), torch.full((2,), cfg.w_iris)])
+
+
+def _closure_index(basis: LandmarkBasis) -> Tuple[torch.Tensor, torch.Tensor]:
+    lay = active_point_layout(basis)
+
+    def pos(i):  # iBUG index -> active point index
+        return (i - 17) if i >= 17 else lay["contour"].start + i
+
+    return (torch.tensor([pos(a) for a, _ in CLOSURE_PAIRS]), torch.tensor([pos(b) for _, b in CLOSURE_PAIRS]))
+
+
+def point_residuals(basis, arrays, params, targets, focal, pp, cfg, free=(), robust_w=None):
+    """Weighted point and closure residuals r [T,N] (in 512-pixel units) and,
+    for the blocks in `free` (of rot, trans, exp, jaw, eyes), the Jacobian
+    J [T,N,D_free] with columns in `_layout` order restricted to `free`.
+    Also returns the per-point pixel errors [T,P] and validity [T,P]."""
     T = params.rotation.shape[0]
-    E = params.expression.shape[1]
     jaw_R = batch_rodrigues(params.jaw)
     eye_R = batch_rodrigues(params.eyes.reshape(-1, 3)).reshape(T, 2, 3, 3)
-    X, jac = model_points(basis, arrays, params.expression, jaw_R, eye_R, want_jacobian=want_jac)
-    pcam = torch.einsum("tij,tpj->tpi", params.rotation, X) + params.translation[:, None]
+    need = set()
+    if "exp" in free:
+        need.add("exp")
+    if "jaw" in free:
+        need.add("jaw")
+    if "eyes" in free:
+        need |= {"leye", "reye"}
+    X, jac = model_points(basis, arrays, params.expression, jaw_R, eye_R, need)
+    RX = torch.einsum("tij,tpj->tpi", params.rotation, X)
+    pcam = RX + params.translation[:, None]
     uv = project(pcam, focal, pp)
-    lay = active_point_layout(basis)
-    n_in = basis.n_static
     scale = 512.0 / cfg.image_size  # residuals in "512-pixel" units
-    tgt = torch.cat([targets.lmk68[:, 17:], targets.lmk68[:, :17], targets.dense, targets.iris[:, [1, 0]]], 1)
-    # pupils: basis order is (left eye, right eye) = mediapipe (473, 468)
-    w_pt = torch.cat([torch.full((n_in,), cfg.w_lmk68), torch.full((17,), cfg.w_contour),
-                      torch.full((basis.n_dense,), cfg.w_dense), torch.full((2,), cfg.w_iris)])
+    tgt = _targets_in_layout(basis, targets)
     valid = torch.isfinite(tgt).all(-1)
     diff = (uv - torch.nan_to_num(tgt)) * scale  # [T,P,2]
-    w = w_pt[None] * valid
+    w = _point_weights(basis, cfg)[None] * valid
     if robust_w is not None:
         w = w * robust_w
     sw = w.sqrt()[..., None]
-    r_pts = (diff * sw).reshape(T, -1)
-    blocks_r = [r_pts]
-    # Closure terms: 2-D differences of lid/lip pairs.
-    idx68 = lambda i: (i - 17) if i >= 17 else n_in + i  # noqa: E731
-    pa = torch.tensor([idx68(a) for a, b in CLOSURE_PAIRS])
-    pb = torch.tensor([idx68(b) for a, b in CLOSURE_PAIRS])
-    cw = (valid[:, pa] & valid[:, pb]).float() * cfg.w_closure
-    r_clo = ((diff[:, pa] - diff[:, pb]) * cw.sqrt()[..., None]).reshape(T, -1)
-    blocks_r.append(r_clo)
-    # Priors (as residuals): expression ridge, jaw, eyes.
-    r_exp = params.expression / cfg.sigma_expression
-    jaw_sig = torch.tensor([cfg.sigma_jaw_open, cfg.sigma_jaw_side, cfg.sigma_jaw_side])
-    r_jaw = params.jaw / jaw_sig
-    r_eye = params.eyes / cfg.sigma_eyes
-    blocks_r += [r_exp, r_jaw, r_eye]
-    # Temporal prior against the neighbours' current mean (Jacobi form).
-    if neighbours is not None:
-        nb_R, nb_t, nb_e, nb_j, nb_y, nb_w = neighbours
-        rel = rotation_matrix_to_axis_angle(params.rotation @ nb_R.transpose(1, 2))
-        sqw = nb_w.sqrt()[:, None]
-        blocks_r += [rel / cfg.smooth_rotation * sqw, (params.translation - nb_t) / cfg.smooth_translation * sqw,
-                     (params.expression - nb_e) / cfg.smooth_expression * sqw,
-                     (params.jaw - nb_j) / cfg.smooth_jaw * sqw, (params.eyes - nb_y) / cfg.smooth_eyes * sqw]
-    r = torch.cat(blocks_r, 1)
-    if not want_jac:
-        return r, uv, diff, valid
-    dX_de, dX_jaw, dX_le, dX_re = jac
-    D = 15 + E
-    L = _layout(E)
-    # d uv / d pcam
+    pa, pb = _closure_index(basis)
+    cw = ((valid[:, pa] & valid[:, pb]).float() * cfg.w_closure).sqrt()[..., None]
+    r = torch.cat([(diff * sw).reshape(T, -1), ((diff[:, pa] - diff[:, pb]) * cw).reshape(T, -1)], 1)
+    err = diff.norm(dim=-1) / scale
+    if not free:
+        return r, None, err, valid
     z = pcam[..., 2].clamp(min=1e-6)
     fx, fy = focal[0], focal[1]
-    dproj = torch.zeros(T, pcam.shape[1], 2, 3)
-    dproj[..., 0, 0] = fx / z
-    dproj[..., 0, 2] = -fx * pcam[..., 0] / z ** 2
-    dproj[..., 1, 1] = fy / z
-    dproj[..., 1, 2] = -fy * pcam[..., 1] / z ** 2
-    dproj = dproj * scale
-    P = pcam.shape[1]
-    Jp = torch.zeros(T, P, 2, D)
-    # rotation left-increment of R: d(exp([d]x) R X)/dd = -[R X]x
-    RX = pcam - params.translation[:, None]
-    Jp[..., L["rot"]] = dproj @ (-_skew(RX))
-    Jp[..., L["trans"]] = dproj
+    # d uv / d pcam rows, pre-multiplied by R for model-space Jacobians.
+    du = torch.stack([fx / z, torch.zeros_like(z), -fx * pcam[..., 0] / z ** 2], -1) * scale  # [T,P,3]
+    dv = torch.stack([torch.zeros_like(z), fy / z, -fy * pcam[..., 1] / z ** 2], -1) * scale
+    dproj = torch.stack([du, dv], 2)  # [T,P,2,3]
     dproj_R = dproj @ params.rotation[:, None]  # [T,P,2,3]
-    Jp[..., L["exp"]] = dproj_R @ dX_de
-    Jp[..., L["jaw"]] = dproj_R @ dX_jaw
-    Jp[..., 9 + E:12 + E] = dproj_R @ dX_le
-    Jp[..., 12 + E:15 + E] = dproj_R @ dX_re
-    J_pts = (Jp * sw[..., None]).reshape(T, -1, D)
-    J_clo = ((Jp[:, pa] - Jp[:, pb]) * cw.sqrt()[..., None, None]).reshape(T, -1, D)
-    J_blocks = [J_pts, J_clo]
-    Jprior = torch.zeros(T, E + 9, D)
-    Jprior[:, :E, L["exp"]] = torch.eye(E) / cfg.sigma_expression
-    Jprior[:, E:E + 3, L["jaw"]] = torch.diag(1 / jaw_sig)
-    Jprior[:, E + 3:, L["eyes"]] = torch.eye(6) / cfg.sigma_eyes
-    J_blocks.append(Jprior)
+
+    def through(dX):  # dX [T,P,3,K] -> [T,P,2,K] without tiny matmuls
+        return dproj_R[..., :, 0, None] * dX[:, :, None, 0] + dproj_R[..., :, 1, None] * dX[:, :, None, 1] \
+            + dproj_R[..., :, 2, None] * dX[:, :, None, 2]
+
+    cols = []
+    for b in ("rot", "trans", "exp", "jaw", "eyes"):
+        if b not in free:
+            continue
+        if b == "rot":
+            cols.append(dproj @ (-_skew(RX)))
+        elif b == "trans":
+            cols.append(dproj)
+        elif b == "exp":
+            cols.append(through(jac["exp"]))
+        elif b == "jaw":
+            cols.append(through(jac["jaw"]))
+        else:
+            cols.append(torch.cat([through(jac["leye"]), through(jac["reye"])], -1))
+    Jp = torch.cat(cols, -1)  # [T,P,2,D]
+    D = Jp.shape[-1]
+    J = torch.cat([(Jp * sw[..., None]).reshape(T, -1, D), ((Jp[:, pa] - Jp[:, pb]) * cw[..., None]).reshape(T, -1, D)],
+                  1)
+    return r, J, err, valid
+
+
+def _prior_sigmas(cfg: FitConfig, E: int) -> torch.Tensor:
+    """Prior standard deviations of all 15+E per-frame parameters (inf = none)."""
+    s = torch.full((15 + E,), float("inf"))
+    L = _layout(E)
+    s[L["exp"]] = cfg.sigma_expression
+    s[L["jaw"]] = torch.tensor([cfg.sigma_jaw_open, cfg.sigma_jaw_side, cfg.sigma_jaw_side])
+    s[L["eyes"]] = cfg.sigma_eyes
+    return s
+
+
+def _temporal_sigmas(cfg: FitConfig, E: int) -> torch.Tensor:
+    s = torch.empty(15 + E)
+    L = _layout(E)
+    s[L["rot"]], s[L["trans"]] = cfg.smooth_rotation, cfg.smooth_translation
+    s[L["exp"]], s[L["jaw"]], s[L["eyes"]] = cfg.smooth_expression, cfg.smooth_jaw, cfg.smooth_eyes
+    return s
+
+
+def _param_vector_terms(params: FrameParams, cfg: FitConfig, neighbours) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prior and temporal terms as residual values a [T,15+E] with per-entry
+    weights w [T,15+E] (cost = sum w a^2; Jacobian of a is the identity in
+    the increment parametrisation)."""
+    T, E = params.expression.shape
+    L = _layout(E)
+    a = torch.zeros(T, 15 + E)
+    a[:, L["exp"]] = params.expression
+    a[:, L["jaw"]] = params.jaw
+    a[:, L["eyes"]] = params.eyes
+    w = (1.0 / _prior_sigmas(cfg, E) ** 2).expand(T, -1).clone()
+    terms = [(a, w)]
     if neighbours is not None:
-        Jt = torch.zeros(T, 15 + E, D)
-        Jt[:, :3, L["rot"]] = torch.eye(3) / cfg.smooth_rotation
-        Jt[:, 3:6, L["trans"]] = torch.eye(3) / cfg.smooth_translation
-        Jt[:, 6:6 + E, L["exp"]] = torch.eye(E) / cfg.smooth_expression
-        Jt[:, 6 + E:9 + E, L["jaw"]] = torch.eye(3) / cfg.smooth_jaw
-        Jt[:, 9 + E:, L["eyes"]] = torch.eye(6) / cfg.smooth_eyes
-        J_blocks.append(Jt * sqw[..., None])
-    J = torch.cat(J_blocks, 1)
-    return r, uv, diff, valid, J
+        nb_R, nb_t, nb_e, nb_j, nb_y, nb_w = neighbours
+        b = torch.zeros(T, 15 + E)
+        b[:, L["rot"]] = rotation_matrix_to_axis_angle(params.rotation @ nb_R.transpose(1, 2))
+        b[:, L["trans"]] = params.translation - nb_t
+        b[:, L["exp"]] = params.expression - nb_e
+        b[:, L["jaw"]] = params.jaw - nb_j
+        b[:, L["eyes"]] = params.eyes - nb_y
+        terms.append((b, nb_w[:, None] / _temporal_sigmas(cfg, E)[None] ** 2))
+    return terms
+
+
+def _vector_cost(terms) -> torch.Tensor:
+    return sum((w * a ** 2).sum(1) for a, w in terms)
 
 
 def _apply_step(params: FrameParams, step: torch.Tensor, E: int) -> FrameParams:
@@ -457,7 +518,7 @@ def _apply_step(params: FrameParams, step: torch.Tensor, E: int) -> FrameParams:
 
 def _neighbour_means(params: FrameParams, order_ok: torch.Tensor):
     """Mean of each frame's previous and next frame (one side at the ends),
-    and the number of neighbours (0, 1 or 2) as the prior's weight."""
+    and the number of neighbours (0, 1 or 2) / 2 as the prior's weight."""
     T = params.rotation.shape[0]
     idx_prev = torch.clamp(torch.arange(T) - 1, min=0)
     idx_next = torch.clamp(torch.arange(T) + 1, max=T - 1)
@@ -475,13 +536,18 @@ def _neighbour_means(params: FrameParams, order_ok: torch.Tensor):
     d = torch.det(U @ Vh)
     U = U.clone()
     U[:, :, 2] *= d[:, None]
-    Rm = U @ Vh
-    return (Rm, mean(params.translation), mean(params.expression), mean(params.jaw), mean(params.eyes),
+    return (U @ Vh, mean(params.translation), mean(params.expression), mean(params.jaw), mean(params.eyes),
             (wp + wn) / 2)
 
 
+# ----------------------------------------------------------------------------
+# The solver
+
+ALL_BLOCKS = ("rot", "trans", "exp", "jaw", "eyes")
+
+
 def fit_frames(basis: LandmarkBasis, targets: Targets, init: FrameParams, focal: torch.Tensor,
-               pp: torch.Tensor, cfg: FitConfig = FitConfig(), free: Tuple[str, ...] = ("rot", "trans", "exp", "jaw", "eyes"),
+               pp: torch.Tensor, cfg: FitConfig = FitConfig(), free: Tuple[str, ...] = ALL_BLOCKS,
                temporal: bool = True, contiguous: Optional[torch.Tensor] = None) -> FitResult:
     """Levenberg-Marquardt over all frames at once, one block per frame.
 
@@ -495,6 +561,7 @@ def fit_frames(basis: LandmarkBasis, targets: Targets, init: FrameParams, focal:
     T = params.rotation.shape[0]
     E = params.expression.shape[1]
     L = _layout(E)
+    free = tuple(b for b in ALL_BLOCKS if b in free)
     free_idx = torch.cat([torch.arange(L[b].start, L[b].stop) for b in free])
     contiguous = torch.ones(T, dtype=torch.bool) if contiguous is None else contiguous
     mu = torch.full((T,), 1e-3)
@@ -505,21 +572,24 @@ def fit_frames(basis: LandmarkBasis, targets: Targets, init: FrameParams, focal:
     arrays = _point_arrays(basis, rows, params.shape)
     for it in range(1, cfg.max_iters + 1):
         nb = _neighbour_means(params, contiguous) if temporal else None
-        r, uv, diff, valid, J = _residuals(basis, arrays, params, targets, focal, pp, cfg, free, True, robust, nb)
-        cost = (r ** 2).sum(1)
-        Jf = J[..., free_idx]
-        H = Jf.transpose(1, 2) @ Jf
-        g = Jf.transpose(1, 2) @ r[..., None]
+        r, J, err, valid = point_residuals(basis, arrays, params, targets, focal, pp, cfg, free, robust)
+        terms = _param_vector_terms(params, cfg, nb)
+        cost = (r ** 2).sum(1) + _vector_cost(terms)
+        H = J.transpose(1, 2) @ J
+        g = (J.transpose(1, 2) @ r[..., None])[..., 0]
+        for a, w in terms:  # identity Jacobians: diagonal additions
+            H = H + torch.diag_embed(w[:, free_idx])
+            g = g + (w * a)[:, free_idx]
         diagH = torch.diagonal(H, dim1=1, dim2=2)
         accepted = torch.zeros(T, dtype=torch.bool)
         for _ in range(4):  # LM: retry rejected frames with more damping
             A = H + torch.diag_embed(mu[:, None] * (diagH + 1e-6))
-            step_f = -torch.linalg.solve(A, g)[..., 0]
+            step_f = -torch.linalg.solve(A, g[..., None])[..., 0]
             step = torch.zeros(T, 15 + E)
             step[:, free_idx] = step_f
             trial = _apply_step(params, step, E)
-            r_new = _residuals(basis, arrays, trial, targets, focal, pp, cfg, free, False, robust, nb)[0]
-            cost_new = (r_new ** 2).sum(1)
+            r_new = point_residuals(basis, arrays, trial, targets, focal, pp, cfg, (), robust)[0]
+            cost_new = (r_new ** 2).sum(1) + _vector_cost(_param_vector_terms(trial, cfg, nb))
             ok = (cost_new < cost) & ~accepted
             for name in ("rotation", "translation", "expression", "jaw", "eyes"):
                 getattr(params, name)[ok] = getattr(trial, name)[ok]
@@ -532,9 +602,9 @@ def fit_frames(basis: LandmarkBasis, targets: Targets, init: FrameParams, focal:
         history.append(total_old)
         # Geman-McClure weights from the current per-point errors (after a
         # plain first iteration, so a bad start does not discard good points).
-        err = diff.norm(dim=-1)
         s2 = cfg.robust_scale_px ** 2
-        robust = (s2 / (s2 + err ** 2)) ** 2 if it >= 2 else None
+        err512 = err * (512.0 / cfg.image_size)
+        robust = (s2 / (s2 + err512 ** 2)) ** 2
         new_rows = contour_rows(head_rotation_flame(params.rotation), basis.n_rows)
         if not torch.equal(new_rows, rows):
             rows = new_rows
@@ -543,8 +613,7 @@ def fit_frames(basis: LandmarkBasis, targets: Targets, init: FrameParams, focal:
         # cost (relative), after the robust weights have come in.
         if it >= 3 and (total_old - total_new) <= cfg.tol * max(total_old, 1e-12):
             break
-    r, uv, diff, valid = _residuals(basis, arrays, params, targets, focal, pp, cfg, free, False)[:4]
-    err = diff.norm(dim=-1) / (512.0 / cfg.image_size)
+    _, _, err, valid = point_residuals(basis, arrays, params, targets, focal, pp, cfg)
     lay = active_point_layout(basis)
     v68 = torch.cat([valid[:, lay["contour"]], valid[:, lay["lmk68_inner"]]], 1)
     e68 = torch.cat([err[:, lay["contour"]], err[:, lay["lmk68_inner"]]], 1)
@@ -581,21 +650,20 @@ def initial_params(basis: LandmarkBasis, targets: Targets, focal: torch.Tensor, 
     E = basis.n_exp
     shape = torch.zeros(basis.n_shape) if shape is None else shape
     R0 = FLIP_YZ.expand(T, 3, 3).clone() if rotation is None else rotation.clone()
-    # Model eye-corner distance vs. detected, for the depth.
-    arr = _point_arrays(basis, torch.zeros(T, dtype=torch.long), shape)
-    X = arr["M0"][0]  # [P,3] neutral points of frame 0 (static part first)
+    arr = _point_arrays(basis, torch.zeros(1, dtype=torch.long), shape)
+    X = arr["s_M0"][:basis.n_static]  # neutral static landmarks (iBUG 17..67)
     eye_model = (X[36 - 17] - X[45 - 17]).norm()
     eye_img = (targets.lmk68[:, 36] - targets.lmk68[:, 45]).norm(dim=-1)
     eye_img = torch.where(torch.isfinite(eye_img), eye_img, torch.nanmedian(eye_img))
     z = focal.mean() * eye_model / eye_img.clamp(min=1.0)
     centre = torch.nanmean(targets.lmk68[:, 17:], dim=1)
     centre = torch.where(torch.isfinite(centre), centre, pp.expand_as(centre))
-    model_centre = X[: 68 - 17].mean(0)
+    model_centre = X.mean(0)
     t = torch.cat([(centre - pp) / focal * z[:, None], z[:, None]], 1) - torch.einsum("tij,j->ti", R0, model_centre)
     params = FrameParams(
         rotation=R0, translation=t,
         expression=torch.zeros(T, E) if expression is None else expression.clone(),
         jaw=torch.zeros(T, 3) if jaw is None else jaw.clone(),
         eyes=torch.zeros(T, 6), shape=shape.clone())
-    rigid_cfg = replace(cfg, max_iters=10)
+    rigid_cfg = replace(cfg, max_iters=8)
     return fit_frames(basis, targets, params, focal, pp, rigid_cfg, free=("rot", "trans"), temporal=False).params

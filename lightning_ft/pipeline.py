@@ -346,7 +346,7 @@ def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: FLAME, 
                   **{f"{k}_path" if k != "model" else "model_path": str(v)
                      for k, v in _flame_paths(cfg.assets_dir).items()}},
         "camera": {"convention": "OpenCV: x right, y down, z forward; p = R X + t; u = fx x/z + cx; "
-                                 "pixel centres at +0.5 (the crop spans [0, W] x [0, H])",
+                                 "pixel centres at integer coordinates (OpenCV; the crop spans [-0.5, W-0.5])",
                    "focal_length": fit.focal_length, "principal_point": fit.principal_point},
         "calibration": fit.calibration,
         "quality": fit.quality,
@@ -367,41 +367,62 @@ def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: FLAME, 
 
 def _visualization_writer(face_video, tracking, flame, cfg, timer):
     def write(tmp_folder: Path):
-        from .visualize import write_visualization
-
         with timer("visualization"):
             write_visualization_from_tracking(tmp_folder / "visualization.mp4", face_video, tracking, flame,
                                               cfg.progress)
     return write
 
 
-def write_visualization_from_tracking(out_path: Path, face_video, tracking, flame: FLAME, progress=None) -> Path:
-    """Evaluate the full mesh per frame (chunked) and write the -v video."""
-    from .visualize import write_visualization
-    from .lbs import batch_rodrigues  # noqa: F401
+class _ChunkedMesh:
+    """Camera-space vertices of frame t, evaluated 64 frames at a time so a
+    long video never holds [T,V,3] in memory."""
 
-    T = len(tracking["frame_ids"])
-    t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
-    verts, lmk_fit = [], []
-    with torch.no_grad():
-        for s in range(0, T, 64):
-            sl = slice(s, min(T, s + 64))
-            B = sl.stop - sl.start
-            out = flame(shape=t(tracking["shape"])[None].expand(B, -1), expression=t(tracking["expression"][sl]),
-                        jaw_pose=t(tracking["jaw_pose"][sl]), eye_pose=t(tracking["eye_pose"][sl]))
-            R, tr = t(tracking["rotation"][sl]), t(tracking["translation"][sl])
-            from .optimize import head_rotation_flame
+    def __init__(self, tracking, flame: FLAME, chunk: int = 64):
+        self.tr, self.flame, self.chunk = tracking, flame, chunk
+        self.start, self.verts, self.lmk = -1, None, None
 
-            lmk = flame.landmarks68(out.vertices, head_rotation_flame(R))
-            verts.append((torch.einsum("tij,tvj->tvi", R, out.vertices) + tr[:, None]).numpy())
+    def _load(self, t: int):
+        from .optimize import head_rotation_flame
+
+        s = (t // self.chunk) * self.chunk
+        sl = slice(s, min(len(self.tr["frame_ids"]), s + self.chunk))
+        B = sl.stop - sl.start
+        f = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
+        with torch.no_grad():
+            out = self.flame(shape=f(self.tr["shape"])[None].expand(B, -1), expression=f(self.tr["expression"][sl]),
+                             jaw_pose=f(self.tr["jaw_pose"][sl]), eye_pose=f(self.tr["eye_pose"][sl]))
+            R, tr = f(self.tr["rotation"][sl]), f(self.tr["translation"][sl])
+            lmk = self.flame.landmarks68(out.vertices, head_rotation_flame(R))
+            self.verts = (torch.einsum("tij,tvj->tvi", R, out.vertices) + tr[:, None]).numpy()
             pc = torch.einsum("tij,tvj->tvi", R, lmk) + tr[:, None]
-            f, c = t(tracking["focal_length"]), t(tracking["principal_point"])
-            lmk_fit.append((pc[..., :2] / pc[..., 2:3] * f + c).numpy())
-    verts = np.concatenate(verts)
-    return write_visualization(out_path, face_video.frames(), verts, flame.faces.numpy(),
-                               focal=tracking["focal_length"], pp=tracking["principal_point"],
-                               lmk_detected=tracking["lmk68"], lmk_fitted=np.concatenate(lmk_fit),
-                               fps=float(tracking["fps"]), valid=tracking["valid"], progress=progress)
+            self.lmk = (pc[..., :2] / pc[..., 2:3] * f(self.tr["focal_length"]) + f(self.tr["principal_point"])).numpy()
+        self.start = s
+
+    def __call__(self, t: int) -> np.ndarray:
+        if not (self.start <= t < self.start + self.chunk) or self.verts is None:
+            self._load(t)
+        return self.verts[t - self.start]
+
+    def landmarks(self) -> np.ndarray:
+        out = []
+        for s in range(0, len(self.tr["frame_ids"]), self.chunk):
+            self._load(s)
+            out.append(self.lmk)
+        return np.concatenate(out)
+
+
+def write_visualization_from_tracking(out_path: Path, face_video, tracking, flame: FLAME, progress=None) -> Path:
+    """The -v video: crop | mesh overlay with detected and fitted landmarks | shaded mesh."""
+    from .visualize import write_visualization
+
+    mesh = _ChunkedMesh(tracking, flame)
+    lmk_fitted = mesh.landmarks()
+    fx, fy = (float(v) for v in tracking["focal_length"])
+    cx, cy = (float(v) for v in tracking["principal_point"])
+    K = np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1.0]])
+    return write_visualization(out_path, face_video.frames(), mesh, flame.faces.numpy(), K,
+                               lmk_detected=tracking["lmk68"], lmk_fitted=lmk_fitted, fps=float(tracking["fps"]),
+                               valid=tracking["valid"], progress=progress)
 
 
 # ----------------------------------------------------------------------------

@@ -215,7 +215,8 @@ class FaceBoxDetector:
     model on frames where the short-range one finds nothing (small faces)."""
 
     def __init__(self, min_confidence: float = 0.5):
-        import mediapipe as mp
+        from ._mediapipe import import_mediapipe
+        mp = import_mediapipe()
 
         make = mp.solutions.face_detection.FaceDetection
         self.short = make(model_selection=0, min_detection_confidence=min_confidence)
