@@ -667,3 +667,47 @@ def initial_params(basis: LandmarkBasis, targets: Targets, focal: torch.Tensor, 
         eyes=torch.zeros(T, 6), shape=shape.clone())
     rigid_cfg = replace(cfg, max_iters=8)
     return fit_frames(basis, targets, params, focal, pp, rigid_cfg, free=("rot", "trans"), temporal=False).params
+
+
+def fit_sequence(basis: LandmarkBasis, targets: Targets, focal: torch.Tensor, pp: torch.Tensor,
+                 shape: torch.Tensor, cfg: FitConfig = FitConfig(), contiguous: Optional[torch.Tensor] = None,
+                 rotation: Optional[torch.Tensor] = None, expression: Optional[torch.Tensor] = None,
+                 jaw: Optional[torch.Tensor] = None, chunk: int = 512, overlap: int = 16) -> FitResult:
+    """Initialise and fit T frames in overlapping chunks, so memory stays
+    bounded for long videos (the Jacobians are [chunk, ~360, 65] floats).
+
+    Within a chunk the temporal prior couples all frames; across chunks the
+    `overlap` frames are fitted by both and each keeps its inner half.
+    Optional per-frame initial rotation [T,3,3], expression [T,E], jaw [T,3].
+    """
+    T = targets.lmk68.shape[0]
+    contiguous = torch.ones(T, dtype=torch.bool) if contiguous is None else contiguous
+    if T <= chunk:
+        starts = [0]
+    else:
+        starts = list(range(0, T - overlap, chunk - overlap))
+    pieces, iters, rms68, rmsd = [], [], [], []
+    keep_from = 0
+    for n, s in enumerate(starts):
+        e = min(T, s + chunk)
+        sl = slice(s, e)
+        sub = targets.select(sl)
+        pick = lambda a: None if a is None else a[sl]  # noqa: E731
+        init = initial_params(basis, sub, focal, pp, shape=shape, expression=pick(expression), jaw=pick(jaw),
+                              rotation=pick(rotation), cfg=cfg)
+        cont = contiguous[sl].clone()
+        cont[0] = False
+        res = fit_frames(basis, sub, init, focal, pp, cfg, contiguous=cont)
+        last = n == len(starts) - 1
+        keep_to = e if last else e - overlap // 2
+        pieces.append(res.params.select(slice(keep_from - s, keep_to - s)))
+        keep_from = keep_to
+        iters.append(res.iterations)
+        rms68.append((res.rmse68_px, e - s))
+        rmsd.append((res.rmse_dense_px, e - s))
+        if last:
+            break
+    cat = lambda name: torch.cat([getattr(p, name) for p in pieces])  # noqa: E731
+    params = FrameParams(cat("rotation"), cat("translation"), cat("expression"), cat("jaw"), cat("eyes"), shape)
+    wmean = lambda xs: float(np.sqrt(sum(v ** 2 * w for v, w in xs) / sum(w for _, w in xs)))  # noqa: E731
+    return FitResult(params=params, iterations=max(iters), rmse68_px=wmean(rms68), rmse_dense_px=wmean(rmsd))

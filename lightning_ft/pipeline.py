@@ -13,7 +13,7 @@ import logging
 import platform
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -24,8 +24,7 @@ from . import __version__
 from .calibration import CalibrationConfig, calibrate
 from .errors import LightningFTError, UsageError
 from .flame import FLAME
-from .optimize import (FitConfig, FrameParams, Targets, build_basis, fit_frames, initial_params,
-                       predict_landmarks)
+from .optimize import FitConfig, FrameParams, Targets, build_basis, fit_sequence, predict_landmarks
 from .output import is_finished, result_dir, write_result
 from .smoothing import SmoothingConfig, second_difference_jitter, smooth_tracking
 
@@ -151,8 +150,7 @@ def fit_landmarks(flame: FLAME, lmk68: np.ndarray, lmk_dense: np.ndarray, valid:
                   timestamps: Optional[np.ndarray] = None) -> FitOutput:
     """Calibrate, fit every valid frame, interpolate invalid ones, smooth."""
     H, W = image_size
-    fit_cfg = cfg.fit
-    fit_cfg.image_size = max(H, W)
+    fit_cfg = replace(cfg.fit, image_size=max(H, W))
     with timer("calibration"):
         basis = build_basis(flame)
         targets = Targets.from_landmarks(lmk68, lmk_dense, basis)
@@ -174,10 +172,9 @@ def fit_landmarks(flame: FLAME, lmk68: np.ndarray, lmk_dense: np.ndarray, valid:
                 rot0 = torch.as_tensor(emoca_pose_to_opencv(emoca.global_pose[idx]), dtype=torch.float32)
                 exp0 = torch.as_tensor(emoca.expression[idx][:, :flame.n_exp], dtype=torch.float32)
                 jaw0 = torch.as_tensor(emoca.jaw_pose[idx], dtype=torch.float32)
-        init = initial_params(basis, sub, focal, pp, shape=shape, expression=exp0, jaw=jaw0, rotation=rot0,
-                              cfg=fit_cfg)
         contiguous = torch.as_tensor(np.concatenate([[False], np.diff(idx) == 1]))
-        res = fit_frames(basis, sub, init, focal, pp, fit_cfg, contiguous=contiguous)
+        res = fit_sequence(basis, sub, focal, pp, shape, fit_cfg, contiguous=contiguous, rotation=rot0,
+                           expression=exp0, jaw=jaw0)
     p = res.params
 
     def full(a, fill_shape):
