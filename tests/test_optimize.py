@@ -1,0 +1,107 @@
+"""The landmark fit: exact landmark-level FLAME, analytic Jacobians, recovery,
+robustness, chunking."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_ft.optimize import (ALL_BLOCKS, FitConfig, FrameParams, Targets, _apply_step, _point_arrays,
+                                   build_basis, contour_rows, fit_frames, fit_sequence, head_rotation_flame,
+                                   initial_params, point_residuals, predict_landmarks)
+from lightning_ft.synthetic.sequences import make_sequence
+
+FOCAL = torch.tensor([1200.0, 1200.0])
+PP = torch.tensor([255.5, 255.5])
+
+
+@pytest.fixture(scope="module")
+def basis(flame_model):
+    return build_basis(flame_model)
+
+
+@pytest.fixture(scope="module")
+def seq(flame_model):
+    return make_sequence(flame_model, T=40, focal=1200.0, seed=5, noise_px=1.0)
+
+
+def _gt(seq):
+    t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
+    return FrameParams(t(seq.rotation), t(seq.translation), t(seq.expression), t(seq.jaw), t(seq.eyes), t(seq.shape))
+
+
+def _err(basis, params, seq):
+    pred, _ = predict_landmarks(basis, params, FOCAL, PP)
+    return float(np.linalg.norm(pred.numpy() - seq.clean_lmk68, axis=-1).mean())
+
+
+def test_landmark_basis_is_exact(basis, seq):
+    # The landmark-level model at the true parameters reproduces the full
+    # FLAME's projected landmarks (which generated the sequence).
+    assert _err(basis, _gt(seq), seq) < 1e-3
+
+
+def test_jacobian_matches_finite_differences(basis, seq):
+    torch.manual_seed(0)
+    p = _gt(seq).select(slice(0, 3))
+    p.jaw = p.jaw + 0.1
+    p.eyes = p.eyes + 0.05
+    tg = Targets.from_landmarks(seq.lmk68[:3], seq.lmk_dense[:3], basis)
+    rows = contour_rows(head_rotation_flame(p.rotation), basis.n_rows)
+    arrays = _point_arrays(basis, rows, p.shape)
+    cfg = FitConfig()
+    r, J = point_residuals(basis, arrays, p, tg, FOCAL, PP, cfg, ALL_BLOCKS)[:2]
+    E = p.expression.shape[1]
+    for col in [0, 2, 4, 6, 6 + E // 2, 6 + E, 7 + E, 9 + E, 14 + E]:
+        # Expression enters linearly before projection: a larger step keeps
+        # float32 rounding out of the difference quotient.
+        eps = 2e-2 if 6 <= col < 6 + E else 1e-3
+        step = torch.zeros(3, 15 + E)
+        step[:, col] = eps
+        rp = point_residuals(basis, arrays, _apply_step(p, step, E), tg, FOCAL, PP, cfg)[0]
+        step[:, col] = -eps
+        rm = point_residuals(basis, arrays, _apply_step(p, step, E), tg, FOCAL, PP, cfg)[0]
+        num = (rp - rm) / (2 * eps)
+        scale = num.abs().max().clamp(min=1e-3)
+        assert (num - J[..., col]).abs().max() / scale < 2e-2, col
+
+
+def test_fit_recovers_from_a_rigid_start(basis, seq):
+    tg = Targets.from_landmarks(seq.lmk68, seq.lmk_dense, basis)
+    init = initial_params(basis, tg, FOCAL, PP, shape=_gt(seq).shape)
+    res = fit_frames(basis, tg, init, FOCAL, PP)
+    assert _err(basis, res.params, seq) < 0.6 < _err(basis, init, seq)
+    assert res.iterations < FitConfig().max_iters  # stopped on convergence
+
+
+def test_one_bad_landmark_does_not_drag_the_frame(basis, seq):
+    lmk = seq.lmk68.copy()
+    lmk[:, 30] += 60.0  # the nose tip detected 60 px off in every frame
+    tg = Targets.from_landmarks(lmk, seq.lmk_dense, basis)
+    init = initial_params(basis, tg, FOCAL, PP, shape=_gt(seq).shape)
+    res = fit_frames(basis, tg, init, FOCAL, PP)
+    pred, _ = predict_landmarks(basis, res.params, FOCAL, PP)
+    others = np.delete(np.arange(68), 30)
+    err = np.linalg.norm(pred.numpy()[:, others] - seq.clean_lmk68[:, others], axis=-1).mean()
+    assert err < 1.0
+    # ... and the fitted nose stays near the true nose, not the outlier.
+    assert np.linalg.norm(pred.numpy()[:, 30] - seq.clean_lmk68[:, 30], axis=-1).mean() < 5.0
+
+
+def test_chunks_agree_with_one_batch(basis, seq):
+    tg = Targets.from_landmarks(seq.lmk68, seq.lmk_dense, basis)
+    shape = _gt(seq).shape
+    whole = fit_sequence(basis, tg, FOCAL, PP, shape, chunk=512)
+    chunked = fit_sequence(basis, tg, FOCAL, PP, shape, chunk=16, overlap=6)
+    assert chunked.params.rotation.shape[0] == seq.lmk68.shape[0]
+    assert abs(_err(basis, chunked.params, seq) - _err(basis, whole.params, seq)) < 0.1
+
+
+def test_temporal_prior_lowers_jitter(basis, seq):
+    tg = Targets.from_landmarks(seq.lmk68, seq.lmk_dense, basis)
+    init = initial_params(basis, tg, FOCAL, PP, shape=_gt(seq).shape)
+    with_prior = fit_frames(basis, tg, init, FOCAL, PP, temporal=True).params
+    without = fit_frames(basis, tg, init, FOCAL, PP, temporal=False).params
+    jit = lambda p: np.abs(np.diff(p.translation.numpy(), 2, axis=0)).mean()  # noqa: E731
+    assert jit(with_prior) < jit(without)
