@@ -141,3 +141,22 @@ def test_assets_check_subcommand(assets_dir, capsys):
     out = capsys.readouterr().out
     assert "generic_model.pkl" in out and "present" in out
     assert rc == 3  # EMOCA and texture tiers are missing from this folder
+
+
+def test_export_subcommand_writes_meshes(gt_run, capsys):
+    seq, r, meta, d = gt_run
+    rc = main(["export", str(d / "out" / "seq"), "--format", "mesh", "--out", str(d / "exported")])
+    assert rc == 0
+    objs = sorted((d / "exported").rglob("*.obj"))
+    assert len(objs) == seq.lmk68.shape[0] + 1  # one per frame + the identity mesh
+    info = json.loads(next((d / "exported").rglob("export_info.json")).read_text())
+    assert info and "sha256" in json.dumps(info)
+
+
+def test_unknown_export_format_is_refused_before_work(tmp_path, assets_dir, capsys):
+    lm = tmp_path / "lm.npz"
+    np.savez(lm, lmk68=np.zeros((2, 68, 2)), lmk_dense=np.zeros((2, 478, 2)), image_size=np.array([64, 64]))
+    rc = track_main(["--landmarks", str(lm), "--no-emoca", "--assets", str(assets_dir), "--out",
+                     str(tmp_path / "out"), "--export", "blender"])
+    assert rc == 2 and "blender" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
