@@ -355,6 +355,9 @@ def archives(tmp_path_factory, flame_files):
     with zipfile.ZipFile(synthetic_embedding, "w") as z:
         z.write(flame_files.landmark_embedding, "FLAME_embedding/landmark_embedding.npy")
         z.write(flame_files.mediapipe_embedding, "FLAME_embedding/mediapipe_landmark_embedding.npz")
+        # Without ../shared the pinned archive zips the same two files: this
+        # entry keeps the two archives' bytes (and checksums) different.
+        z.writestr("FLAME_embedding/embedding_readme.txt", "a different archive")
     return {"emoca": emoca, "flame": flame_zip.read_bytes(), "texture": texture_zip.read_bytes(),
             "embedding": embedding, "synthetic_embedding": synthetic_embedding.read_bytes(),
             "sources": dict(DOWNLOADS, embedding=embedding_source)}
