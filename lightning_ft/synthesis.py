@@ -70,7 +70,7 @@ from .lbs import batch_rodrigues
 from .optimize import FrameParams, head_rotation_flame
 from .optimize import project as project_points
 from .progress import progress as progress_bar
-from .render import antialias, face_adjacency, interpolate, project, rasterize, sh_shading, vertex_normals
+from .render import antialias, face_adjacency, project, rasterize, sh_shading, vertex_normals
 from .smoothing import SmoothingConfig, smooth_tracking
 
 __all__ = [
@@ -287,6 +287,17 @@ class Rendering:
         return self.colour + (1.0 - self.coverage[..., None]) * frames
 
 
+def _pixel_sh(normals: torch.Tensor, sh_coeffs: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """SH shading [N,3] of pixel normals [N,3] (OpenCV camera) lit by their frame's sh_coeffs [B,9,3]."""
+    B = sh_coeffs.shape[0]
+    if B == 1:
+        return sh_shading(normals[None], sh_coeffs)[0]
+    # group pixels by frame: the covered pixels are in ascending flat order, so frames are contiguous
+    counts = torch.bincount(batch, minlength=B).tolist()
+    parts = [sh_shading(n[None], sh_coeffs[b:b + 1])[0] for b, n in enumerate(torch.split(normals, counts))]
+    return torch.cat(parts)
+
+
 def render_appearance(vertices_cam: torch.Tensor, faces: torch.Tensor, face_uvs: torch.Tensor,
                       albedo_texture: torch.Tensor, sh_coeffs: torch.Tensor, focal: torch.Tensor,
                       principal_point: torch.Tensor, image_size: Tuple[int, int], region_faces: torch.Tensor,
@@ -305,25 +316,46 @@ def render_appearance(vertices_cam: torch.Tensor, faces: torch.Tensor, face_uvs:
     H, W = image_size
     screen = project(vertices_cam, focal=focal, principal_point=principal_point)
     fragments = rasterize(screen, faces, (H, W))
-    normals = F.normalize(interpolate(fragments, vertex_normals(vertices_cam, faces), faces), dim=-1, eps=1e-12)
-    shading = sh_shading(normals, sh_coeffs)
-    uv = interpolate(fragments, face_uvs.to(vertices_cam.dtype))  # [B,H,W,2]
-    grid = torch.stack([uv[..., 0] * 2 - 1, 1 - uv[..., 1] * 2], dim=-1)
-    if albedo_texture.shape[0] == 1 and B > 1:
-        # one texture for all frames: sample it once with the frames stacked as rows
-        albedo = F.grid_sample(albedo_texture, grid.reshape(1, B * H, W, 2), mode="bilinear",
-                               padding_mode="border", align_corners=False)
-        albedo = albedo.view(3, B, H, W).permute(1, 2, 3, 0)
+    faces = faces.to(device=vertices_cam.device, dtype=torch.long)
+    # Shade only the covered pixels (a face crop leaves much of the image to
+    # the background): per pixel its batch, face and barycentrics.
+    sel = fragments.covered
+    if sel is None:
+        sel = torch.nonzero(fragments.face_idx.reshape(-1) >= 0).squeeze(1)
+    batch = torch.div(sel, H * W, rounding_mode="floor")
+    face = fragments.face_idx.reshape(-1).index_select(0, sel)
+    bary = fragments.bary.reshape(-1, 3).index_select(0, sel)  # [N,3], differentiable
+    V = vertices_cam.shape[1]
+    corners = (faces.index_select(0, face) + (batch * V)[:, None]).reshape(-1)
+
+    def at_pixels(per_vertex: torch.Tensor) -> torch.Tensor:  # [B,V,C] -> [N,C]
+        values = per_vertex.reshape(B * V, -1).index_select(0, corners).view(-1, 3, per_vertex.shape[-1])
+        return (bary[..., None] * values).sum(1)
+
+    normals = F.normalize(at_pixels(vertex_normals(vertices_cam, faces)), dim=-1, eps=1e-12)
+    shading = _pixel_sh(normals, sh_coeffs, batch)
+    uv_corner = face_uvs.to(vertices_cam.dtype).index_select(0, face)  # [N,3,2]
+    uv = (bary[..., None] * uv_corner).sum(1)
+    grid = torch.stack([uv[:, 0] * 2 - 1, 1 - uv[:, 1] * 2], dim=-1)
+    if albedo_texture.shape[0] == 1:
+        albedo = F.grid_sample(albedo_texture, grid.view(1, -1, 1, 2), mode="bilinear",
+                               padding_mode="border", align_corners=False)[0, :, :, 0].T  # [N,3]
     else:
-        albedo = F.grid_sample(albedo_texture, grid, mode="bilinear", padding_mode="border",
-                               align_corners=False).permute(0, 2, 3, 1)
-    face_idx = fragments.face_idx
-    in_region = torch.cat([region_faces.to(face_idx.device), region_faces.new_zeros(1)])
-    region = in_region[torch.where(face_idx >= 0, face_idx, torch.full_like(face_idx, len(region_faces)))]
-    weight = region[..., None].to(albedo.dtype)
+        # per-frame textures: sample each frame's pixels from its own texture
+        albedo = torch.zeros(len(sel), 3, dtype=grid.dtype, device=grid.device)
+        for b in range(B):
+            m = batch == b
+            albedo[m] = F.grid_sample(albedo_texture[b:b + 1], grid[m].view(1, -1, 1, 2), mode="bilinear",
+                                      padding_mode="border", align_corners=False)[0, :, :, 0].T
+    in_region = region_faces.to(face.device).index_select(0, face)
     # a camera saturates: clamping keeps over-bright pixels from pulling the fit
-    colour = (albedo * shading).clamp(0.0, 1.0) * weight
-    blended = antialias(torch.cat([colour, weight], dim=-1), fragments, screen, faces, adjacency)
+    values = torch.cat([(albedo * shading).clamp(0.0, 1.0), torch.ones_like(albedo[:, :1])], dim=-1)
+    values = values * in_region[:, None].to(values.dtype)
+    dense = torch.zeros(B * H * W, 4, dtype=values.dtype, device=values.device).index_put((sel,), values)
+    region = torch.zeros(B * H * W, dtype=torch.bool, device=values.device).index_put(
+        (sel,), in_region).view(B, H, W)
+    dense = dense.view(B, H, W, 4)
+    blended = antialias(dense, fragments, screen, faces, adjacency)
     return Rendering(colour=blended[..., :3], coverage=blended[..., 3], region=region)
 
 
@@ -346,6 +378,9 @@ class SynthesisConfig:
         fit image's longest side; w_contour scales the jaw contour's share
         (the photometric term should place the outline).
     w_expression, w_jaw, w_texture: Gaussian priors (mean of squares).
+    w_lighting_change: per-frame lighting only: prior on each frame's SH
+        coefficients' squared distance from the video's (stage 1) average;
+        it keeps light direction from standing in for head rotation.
     lighting: 'per_video' (one [9,3]) or 'per_frame' ([T,9,3]).
     n_texture: texture components used; texture_size: side the texture is
         resampled to (DECA renders at 256).
@@ -370,7 +405,8 @@ class SynthesisConfig:
     w_expression: float = 1e-4
     w_jaw: float = 1e-3
     w_texture: float = 1e-4
-    lighting: str = "per_video"
+    w_lighting_change: float = 0.05
+    lighting: str = "per_frame"
     n_texture: int = 50
     texture_size: int = 256
     smoothing: Optional[SmoothingConfig] = field(default_factory=SmoothingConfig)
@@ -544,6 +580,9 @@ def _fit_batch(scene: _Scene, init: FrameParams, images: torch.Tensor, lmk_targe
         loss = (cfg.w_photometric * photo + cfg.w_landmark * lmk + prior).sum()
         if fit_appearance:
             loss = loss + cfg.w_texture * tex.pow(2).mean() * B
+        if per_frame_light:
+            ref = light.mean(0) if fit_appearance else lighting
+            loss = loss + cfg.w_lighting_change * (light - ref).pow(2).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         factor = _cosine(step, iterations, cfg.lr_final_fraction)
@@ -623,13 +662,16 @@ def refine(flame: FLAME, texture_space: TextureSpace, frames: Frames, params: Fr
     app_images = _load_batch(frames, app_idx, size, dev)
     app_init = p_all.select(sel)
     texture = torch.zeros(n_tex, device=dev)
+    per_frame = cfg.lighting == "per_frame"
     with torch.no_grad():
         verts, _ = scene.geometry(app_init.rotation, app_init.translation, app_init.expression, app_init.jaw,
                                   app_init.eyes, app_init.shape)
         lighting = _initial_lighting(scene, verts, tex.albedo(texture).clamp(0, 1), app_images)
-    per_frame = cfg.lighting == "per_frame"
     _, texture, lighting, _ = _fit_batch(scene, app_init, app_images, lmk_all[sel], texture, lighting,
-                                            cfg.appearance_iterations, fit_appearance=True, per_frame_light=False)
+                                         cfg.appearance_iterations, fit_appearance=True, per_frame_light=per_frame)
+    if per_frame:
+        # each frame's light starts from the appearance frames' average
+        lighting = lighting.mean(0)
 
     # Stage 2: all valid frames in batches, texture fixed.
     refined = p_all.clone()
