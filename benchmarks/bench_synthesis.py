@@ -4,7 +4,8 @@ Speed: a FLAME-sized synthetic model (FLAME's real topology from
 ../shared/real-assets/FLAME_embedding.zip when present, else a procedural
 head of 5023 vertices), a 50-component texture space at 256x256, T textured
 frames rendered at 512x512 and fitted at `--size` (default 256) with the
-default `SynthesisConfig`. Prints wall and process-CPU time of `refine` and
+default `SynthesisConfig` (smoothing off: the frames are independent random
+poses, not a motion). Prints wall and process-CPU time of `refine` and
 of one Adam iteration (forward + backward) per frame.
 
 Lighting: the same recovery experiment as the tests (64 px, perturbed pose
@@ -87,7 +88,8 @@ def speed(args, tmp: Path) -> None:
     print(f"model: {what}; texture 256x256x50; {args.frames} frames 512x512 rendered in "
           f"{time.perf_counter() - t0:.1f} s")
     init = perturb(seq.params, 1)
-    cfg = replace(SynthesisConfig(), image_size=args.size, batch_size=args.batch)
+    # the synthetic frames have independent random poses, not a motion: no smoothing
+    cfg = replace(SynthesisConfig(), image_size=args.size, batch_size=args.batch, smoothing=None)
     T = args.frames
     c0, t0 = time.process_time(), time.perf_counter()
     res = refine(flame, ts, list(seq.frames), init, seq.focal, seq.principal_point, seq.lmk68,
