@@ -210,3 +210,29 @@ def test_refine_rejects_mismatched_texture_and_frames(flame_model, head_texture,
     with pytest.raises(UsageError, match="one size"):
         refine(flame_model, head_texture, frames, sequence.params, sequence.focal, sequence.principal_point,
                sequence.lmk68, np.ones(T, bool), replace(SynthesisConfig(), iterations=1, appearance_iterations=1))
+
+
+def test_real_template_uvs_and_face_region(real_embedding_dir, tmp_path):
+    """FLAME's own head_template_mesh.obj: its UVs load for a BFM albedo, and
+    the face region on FLAME's topology is the front of the face."""
+    if real_embedding_dir is None:
+        pytest.skip("../shared/real-assets not beside this checkout")
+    from lightning_ft.flame import FLAME
+    from lightning_ft.synthetic.flame_files import write_synthetic_flame
+
+    obj = real_embedding_dir / "head_template_mesh.obj"
+    bfm = write_synthetic_bfm_albedo(tmp_path / "FLAME_albedo_from_BFM.npz", size=8, n_comp=2)
+    ts = load_texture_space(bfm, uv_obj=obj)
+    assert ts.vt.shape == (5118, 2) and ts.ft.shape == (9976, 3)
+    assert float(ts.vt.min()) >= 0.0 and float(ts.vt.max()) <= 1.0
+    f = write_synthetic_flame(tmp_path / "flame", template_obj=obj, real_embeddings=real_embedding_dir)
+    flame = FLAME(f.model, f.landmark_embedding, f.mediapipe_embedding)
+    region = face_region_mask(flame)
+    faces, v = flame.faces, flame.v_template
+    share = float(region.float().mean())
+    assert 0.05 < share < 0.5, share
+    centre = v[faces[region]].mean((0, 1))
+    lmk = flame.landmarks68(v[None], torch.eye(3)[None])[0]
+    # the region's centre lies near the nose, between the eyes and the mouth
+    assert lmk[48:68, 1].mean() < centre[1] < lmk[36:48, 1].mean()
+    assert abs(float(centre[0])) < 0.01
