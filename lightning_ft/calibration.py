@@ -113,12 +113,13 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
     params = params.clone()
     mu = 1e-3
     n_shared = S if fix_focal else S + 1
-    prior_diag = torch.cat([torch.full((S,), 1 / ccfg.sigma_shape ** 2),
+    sigma_shape = ccfg.sigma_shape
+    prior_diag = torch.cat([torch.full((S,), 1 / sigma_shape ** 2),
                             torch.tensor([1 / ccfg.focal_prior_sigma_log ** 2])])[:n_shared]
 
     def total(r, params, shape, log_f):
         return float((r ** 2).sum() + _vector_cost(_param_vector_terms(params, cfg, None)).sum()
-                     + (shape ** 2).sum() / ccfg.sigma_shape ** 2
+                     + (shape ** 2).sum() / sigma_shape ** 2
                      + ((log_f - log_f0) / ccfg.focal_prior_sigma_log) ** 2)
 
     r, A, B = _joint_linearize(full, S, params, shape, log_f, targets, pp, cfg, True)
@@ -134,7 +135,7 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
         Hfs = A.transpose(1, 2) @ B
         Hss = torch.einsum("tni,tnj->ij", B, B) + torch.diag(prior_diag)
         gs = torch.einsum("tni,tn->i", B, r) + torch.cat(
-            [shape / ccfg.sigma_shape ** 2, ((log_f - log_f0) / ccfg.focal_prior_sigma_log ** 2).reshape(1)])[:n_shared]
+            [shape / sigma_shape ** 2, ((log_f - log_f0) / ccfg.focal_prior_sigma_log ** 2).reshape(1)])[:n_shared]
         improved, rel = False, 0.0
         for _ in range(6):
             Hff_d = Hff + torch.diag_embed(mu * (torch.diagonal(Hff, dim1=1, dim2=2) + 1e-6))

@@ -327,6 +327,9 @@ def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: FLAME, 
         "lmk68": np.asarray(lm.lmk68, np.float32), "lmk_dense": np.asarray(lm.lmk_dense, np.float32),
         "fps": np.float32(fps),
     }
+    synthesis_meta = None
+    if cfg.synthesis:
+        synthesis_meta = _run_synthesis(flame, frames_source, tracking, valid, fps, timestamps, cfg, timer)
     folder = result_dir(cfg.out_dir, stem)
     extra = None
     if cfg.visualize:
@@ -347,6 +350,7 @@ def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: FLAME, 
                    "focal_length": fit.focal_length, "principal_point": fit.principal_point},
         "calibration": fit.calibration,
         "quality": fit.quality,
+        "synthesis": synthesis_meta,
         "settings": {"device": cfg.device, "image_size": cfg.image_size, "fps": cfg.fps, "lmk68": cfg.lmk68,
                      "no_emoca": cfg.no_emoca, "synthesis": cfg.synthesis, "visualize": cfg.visualize,
                      "fit": asdict(cfg.fit), "calibration": asdict(cfg.calibration)},
@@ -360,6 +364,35 @@ def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: FLAME, 
 
         export(folder, cfg.export, frames=(frames_source.frame if frames_source is not None else None), flame=flame)
     return folder
+
+
+def _run_synthesis(flame: FLAME, frames_source, tracking: dict, valid, fps, timestamps, cfg: TrackConfig,
+                   timer: StageTimer) -> dict:
+    """Photometric refinement of the smoothed landmark track, in place in
+    `tracking` (adds `texture` and `lighting`); returns the meta.json entry."""
+    from .synthesis import SynthesisConfig, load_texture_space, refine
+
+    if frames_source is None:
+        raise UsageError("--synthesis needs the video frames (--data)")
+    with timer("synthesis"):
+        scfg = SynthesisConfig(smoothing=cfg.smoothing)
+        space = load_texture_space(Path(cfg.assets_dir) / "FLAME" / "FLAME_texture.npz",
+                                   n_components=scfg.n_texture)
+        t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
+        params = FrameParams(t(tracking["rotation"]), t(tracking["translation"]), t(tracking["expression"]),
+                             t(tracking["jaw_pose"]), t(tracking["eye_pose"]), t(tracking["shape"]))
+        res = refine(flame, space, frames_source.frame, params, tracking["focal_length"],
+                     tracking["principal_point"], tracking["lmk68"], valid, scfg, device=cfg.device,
+                     progress=cfg.progress, fps=fps, timestamps=timestamps)
+    p = res.params
+    tracking.update(rotation=p.rotation.numpy().astype(np.float32),
+                    translation=p.translation.numpy().astype(np.float32),
+                    expression=p.expression.numpy().astype(np.float32), jaw_pose=p.jaw.numpy().astype(np.float32),
+                    eye_pose=p.eyes.numpy().astype(np.float32),
+                    texture=np.asarray(res.texture, np.float32), lighting=np.asarray(res.lighting, np.float32))
+    return {"photometric_error_before": res.photometric_error_before,
+            "photometric_error_after": res.photometric_error_after, "lighting_mode": res.lighting_mode,
+            "image_size": res.image_size, "seconds": res.seconds, "texture_space": space.source}
 
 
 def _visualization_writer(face_video, tracking, flame, cfg, timer):
@@ -426,6 +459,15 @@ def write_visualization_from_tracking(out_path: Path, face_video, tracking, flam
 # A whole run
 
 
+def _remove_stale_partials(folder: Path) -> None:
+    """Temporary folders a killed run left for this video (they never look
+    finished, but they take disk space)."""
+    import shutil
+
+    for stale in Path(folder).parent.glob(f".{Path(folder).name}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 @dataclass
 class VideoOutcome:
     name: str
@@ -443,9 +485,8 @@ def run(cfg: TrackConfig) -> List[VideoOutcome]:
     from .assets import require, tiers_for
 
     require(cfg.assets_dir, tiers_for(emoca=not cfg.no_emoca, synthesis=cfg.synthesis))
-    if cfg.synthesis:
-        raise UsageError("--synthesis is not available yet in this version (photometric refinement is being "
-                         "built); run without it")
+    if cfg.synthesis and cfg.landmarks_file is not None and cfg.data is None:
+        raise UsageError("--synthesis fits the video frames: pass --data with --landmarks")
     if cfg.landmarks_file is not None:
         if cfg.data is not None and Path(cfg.data).is_dir():
             raise UsageError("--landmarks goes with a single video (or none), not a folder")
@@ -474,6 +515,7 @@ def run(cfg: TrackConfig) -> List[VideoOutcome]:
         if is_finished(folder) and not cfg.overwrite:
             outcomes.append(VideoOutcome(name, "skipped", f"finished result in {folder} (--overwrite to redo)", 0.0))
             continue
+        _remove_stale_partials(folder)
         try:
             folder = track_one(video, stem, cfg, flame, emoca_model)
             outcomes.append(VideoOutcome(name, "done", str(folder), time.perf_counter() - t0))
