@@ -506,7 +506,10 @@ def run(cfg: TrackConfig) -> List[VideoOutcome]:
     if not cfg.no_emoca:
         from .emoca import EmocaEncoder
 
-        emoca_model = EmocaEncoder.from_release(Path(cfg.assets_dir) / "EMOCA", device=cfg.device)
+        # Inference only: BatchNorm folded into the convolutions, channels_last
+        # (faster on CPU, benchmarks/bench_emoca.py).
+        emoca_model = EmocaEncoder.from_release(Path(cfg.assets_dir) / "EMOCA", device=cfg.device,
+                                                fold_batchnorm=True).to(memory_format=torch.channels_last)
     outcomes = []
     for video, stem in zip(videos, stems):
         t0 = time.perf_counter()

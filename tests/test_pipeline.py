@@ -160,3 +160,23 @@ def test_unknown_export_format_is_refused_before_work(tmp_path, assets_dir, caps
                      str(tmp_path / "out"), "--export", "blender"])
     assert rc == 2 and "blender" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_emoca_tier_runs_end_to_end(tmp_path, assets_dir):
+    """With an EMOCA release present (synthetic weights of the real structure)
+    the tracker initialises from it and records that in meta.json."""
+    import shutil
+
+    from lightning_ft.synthetic.clips import carphone_path, write_excerpt
+    from lightning_ft.synthetic.emoca_files import write_synthetic_release
+
+    assets = tmp_path / "assets"
+    shutil.copytree(assets_dir, assets)
+    write_synthetic_release(assets / "EMOCA")
+    clip = write_excerpt(carphone_path(), tmp_path / "clip.mp4", n_frames=6)
+    rc = track_main(["--data", str(clip), "--assets", str(assets), "--out", str(tmp_path / "out"),
+                     "--image-size", "128", "-q", "-d", "cpu"])
+    assert rc == 0
+    meta = json.loads((tmp_path / "out" / "clip" / "meta.json").read_text())
+    assert meta["emoca"]["used"] and "emoca" in meta["stage_seconds"]
+    assert np.isfinite(meta["quality"]["mean_error_68_px"])
