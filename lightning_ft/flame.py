@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 

@@ -306,7 +306,6 @@ def model_points(basis: LandmarkBasis, arrays, expression, jaw_R, eye_R, need=()
     jac = {}
     if not need:
         return X, jac
-    Ps = Xs.shape[1]
     if "exp" in need:
         JEj = a["JE"][0]
         WJs = a["s_WE"] - a["s_omega"][:, None, None] * JEj[None]  # [Ps,3,E]

@@ -217,7 +217,6 @@ def _quality(basis, smoothed, raw, shape, focal, pp, lmk68, lmk_dense, valid, id
         out["mean_error_dense_px"] = float(np.nanmean(np.linalg.norm(pred_dense - det_d, axis=-1)))
     else:
         out["mean_error_dense_px"] = None
-    v = np.ones(len(idx), bool)
     cont = np.concatenate([[True], np.diff(idx) == 1])
     # Jitter over runs of consecutive valid frames only.
     out["jitter_68_fitted_px"] = float(second_difference_jitter(_break_runs(pred68, cont), None))
