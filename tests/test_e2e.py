@@ -195,9 +195,11 @@ def test_carphone_fit_quality(carphone_run, e2e_flame, real_embedding_dir):
     at512 = 512 / CROP
     # Measured 2.0-2.1 px at 256 (4.1-4.3 px at 512) with the real-topology
     # stand-in; 8 px at 512 leaves ~2x headroom and is still well below what a
-    # wrong pose or scale gives (tens of px). The procedural model has no
-    # real facial layout, so it only gets a loose bound.
-    bound512 = 8.0 if real_embedding_dir is not None else 25.0
+    # wrong pose or scale gives (tens of px).
+    if real_embedding_dir is None:
+        pytest.skip("fit quality on a real face needs the real-topology stand-in (../shared/real-assets); "
+                    "the procedural head has no real facial layout (CI has ../shared)")
+    bound512 = 8.0
     assert q["mean_error_dense_px"] * at512 < bound512
     assert q["mean_error_68_px"] * at512 < 2 * bound512
     # The temporal prior and smoother must take out detector jitter.
@@ -231,7 +233,10 @@ def test_carphone_saved_parameters_reproduce_the_fit(carphone_run, e2e_flame):
 # 2. A still face holds still
 
 
-def test_still_face_holds_still(still_run):
+def test_still_face_holds_still(still_run, real_embedding_dir):
+    if real_embedding_dir is None:
+        pytest.skip("stillness of a real photograph's fit needs the real-topology stand-in "
+                    "(../shared/real-assets); the procedural head has no real facial layout (CI has ../shared)")
     rc, video, folder = still_run
     assert rc == 0 and is_finished(folder)
     r = load_tracking(folder)
