@@ -81,7 +81,7 @@ def yaw_proxy(lmk68: np.ndarray) -> np.ndarray:
 
 
 def _joint_linearize(full: LandmarkBasis, S: int, params: FrameParams, shape, log_f, targets, pp, cfg,
-                     want_jac: bool):
+                     want_jac: bool, want_focal: bool = True):
     """Point residuals r [T,N]; with want_jac also the per-frame Jacobian
     A [T,N,15+E] (layout of `_layout(E)`) and the shared one B [T,N,S+1]
     (shape, log focal)."""
@@ -94,11 +94,13 @@ def _joint_linearize(full: LandmarkBasis, S: int, params: FrameParams, shape, lo
     if not want_jac:
         return point_residuals(full, arrays, p, targets, f, pp, cfg)[0]
     r, J = point_residuals(full, arrays, p, targets, f, pp, cfg, ALL_BLOCKS)[:2]
+    E = params.expression.shape[1]
+    frame_cols = torch.cat([torch.arange(0, 6), torch.arange(6 + S, 15 + S + E)])
+    if not want_focal:  # a fixed focal needs no focal column (one residual pass fewer)
+        return r, J[..., frame_cols], J[..., 6:6 + S]
     eps = 1e-4
     r_eps = point_residuals(full, arrays, p, targets, f * (1 + eps), pp, cfg)[0]
     J_logf = ((r_eps - r) / eps)[..., None]
-    E = params.expression.shape[1]
-    frame_cols = torch.cat([torch.arange(0, 6), torch.arange(6 + S, 15 + S + E)])
     return r, J[..., frame_cols], torch.cat([J[..., 6:6 + S], J_logf], -1)
 
 
@@ -122,8 +124,7 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
                      + (shape ** 2).sum() / sigma_shape ** 2
                      + ((log_f - log_f0) / ccfg.focal_prior_sigma_log) ** 2)
 
-    r, A, B = _joint_linearize(full, S, params, shape, log_f, targets, pp, cfg, True)
-    B = B[..., :n_shared]
+    r, A, B = _joint_linearize(full, S, params, shape, log_f, targets, pp, cfg, True, not fix_focal)
     cost = total(r, params, shape, log_f)
     for _ in range(iters):
         Hff = A.transpose(1, 2) @ A
@@ -160,8 +161,7 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
             mu = min(mu * 4, 1e7)
         if not improved or rel < 1e-6:
             break
-        r, A, B = _joint_linearize(full, S, params, shape, log_f, targets, pp, cfg, True)
-        B = B[..., :n_shared]
+        r, A, B = _joint_linearize(full, S, params, shape, log_f, targets, pp, cfg, True, not fix_focal)
     params.shape = shape
     return params, log_f, cost
 
