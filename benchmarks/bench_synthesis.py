@@ -29,11 +29,10 @@ import numpy as np
 import torch
 
 from lightning_ft.flame import FLAME
-from lightning_ft.lbs import batch_rodrigues
-from lightning_ft.optimize import FrameParams
 from lightning_ft.synthesis import SynthesisConfig, load_texture_space, refine, render_appearance
 from lightning_ft.synthetic.flame_files import write_synthetic_flame
-from lightning_ft.synthetic.texture_files import render_textured_sequence, write_synthetic_texture_for_mesh
+from lightning_ft.synthetic.texture_files import (perturb_params, recovery_errors, render_textured_sequence,
+                                                  write_synthetic_texture_for_mesh)
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_ZIP = REPO.parent / "shared" / "real-assets" / "FLAME_embedding.zip"
@@ -53,29 +52,10 @@ def build_model(folder: Path, n_vertices: int) -> tuple[FLAME, str]:
     return flame, f"{what}: {flame.n_vertices} vertices, {flame.faces.shape[0]} faces"
 
 
-def perturb(p: FrameParams, seed: int) -> FrameParams:
-    rng = np.random.default_rng(seed)
-    T, E = p.expression.shape
-    f32 = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
-    return FrameParams(batch_rodrigues(f32(rng.normal(0, np.deg2rad(2.5), (T, 3)))) @ p.rotation,
-                       p.translation + f32(rng.normal(0, 0.003, (T, 3))),
-                       p.expression + f32(rng.normal(0, 0.7, (T, E)) * (np.arange(E) < 10)),
-                       p.jaw + f32(np.c_[rng.normal(0, 0.05, T), np.zeros((T, 2))]), p.eyes, p.shape)
-
-
 def errors(flame, p, truth, region_vertices, focal):
     """(rotation error deg, image-plane error of face-region vertices px)."""
-    dR = p.rotation.transpose(1, 2) @ truth.rotation
-    angle = torch.rad2deg(torch.acos(((dR.diagonal(dim1=1, dim2=2).sum(-1) - 1) / 2).clamp(-1, 1)))
-
-    def cam(q):
-        out = flame(shape=q.shape.expand(len(q.rotation), -1), expression=q.expression, jaw_pose=q.jaw)
-        return (torch.einsum("tij,tvj->tvi", q.rotation, out.vertices) + q.translation[:, None])[:, region_vertices]
-
-    with torch.no_grad():
-        a, b = cam(p), cam(truth)
-        px = (a[..., :2] / a[..., 2:] - b[..., :2] / b[..., 2:]).norm(dim=-1).mean() * float(np.mean(focal))
-    return float(angle.mean()), float(px)
+    deg, _, px = recovery_errors(flame, p, truth, region_vertices, focal)
+    return deg, px
 
 
 def speed(args, tmp: Path) -> None:
@@ -87,7 +67,7 @@ def speed(args, tmp: Path) -> None:
     seq = render_textured_sequence(flame, ts, T=args.frames, size=512, seed=0)
     print(f"model: {what}; texture 256x256x50; {args.frames} frames 512x512 rendered in "
           f"{time.perf_counter() - t0:.1f} s")
-    init = perturb(seq.params, 1)
+    init = perturb_params(seq.params, 1)
     # the synthetic frames have independent random poses, not a motion: no smoothing
     cfg = replace(SynthesisConfig(), image_size=args.size, batch_size=args.batch, smoothing=None)
     T = args.frames
@@ -157,7 +137,7 @@ def lighting_comparison(tmp: Path) -> None:
                 frames = seq.frames
                 if varying:
                     frames = relight(flame, ts, seq)
-                init = perturb(seq.params, seed + 10)
+                init = perturb_params(seq.params, seed + 10)
                 acc0.append(errors(flame, init, seq.params, seq.region_vertices, seq.focal))
                 cfg = SynthesisConfig(image_size=64, texture_size=64, w_landmark=0.0, smoothing=None,
                                       iterations=60, appearance_iterations=60, batch_size=6, lighting=mode)

@@ -10,13 +10,12 @@ import pytest
 import torch
 
 from lightning_ft.errors import AssetError, UsageError
-from lightning_ft.lbs import batch_rodrigues
-from lightning_ft.optimize import FrameParams
 from lightning_ft.render import render_shaded
 from lightning_ft.synthesis import (SynthesisConfig, face_region_mask, load_texture_space, refine,
                                     render_appearance)
-from lightning_ft.synthetic.texture_files import (render_textured_sequence, write_synthetic_bfm_albedo,
-                                                  write_synthetic_texture, write_synthetic_texture_for_mesh)
+from lightning_ft.synthetic.texture_files import (perturb_params, recovery_errors, render_textured_sequence,
+                                                  write_synthetic_bfm_albedo, write_synthetic_texture,
+                                                  write_synthetic_texture_for_mesh)
 
 torch.set_num_threads(1)
 
@@ -127,45 +126,17 @@ def test_render_appearance_matches_render_shaded_in_the_region(flame_model, head
 # Fitting
 
 
-def _perturb(p: FrameParams, seed: int) -> FrameParams:
-    rng = np.random.default_rng(seed)
-    T, E = p.expression.shape
-    f32 = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
-    return FrameParams(batch_rodrigues(f32(rng.normal(0, np.deg2rad(2.5), (T, 3)))) @ p.rotation,
-                       p.translation + f32(rng.normal(0, 0.003, (T, 3))),
-                       p.expression + f32(rng.normal(0, 0.7, (T, E)) * (np.arange(E) < 10)),
-                       p.jaw + f32(np.c_[rng.normal(0, 0.05, T), np.zeros((T, 2))]), p.eyes, p.shape)
-
-
-def _errors(flame, p: FrameParams, truth: FrameParams, region_vertices, focal):
-    """Mean rotation error (degrees), mean face-region vertex error (mm) and
-    its image-plane part (pixels: what the photometric term sees; depth is
-    weakly observable through perspective only)."""
-    dR = p.rotation.transpose(1, 2) @ truth.rotation
-    angle = torch.rad2deg(torch.acos(((dR.diagonal(dim1=1, dim2=2).sum(-1) - 1) / 2).clamp(-1, 1)))
-
-    def cam(q):
-        out = flame(shape=q.shape.expand(len(q.rotation), -1), expression=q.expression, jaw_pose=q.jaw)
-        return torch.einsum("tij,tvj->tvi", q.rotation, out.vertices) + q.translation[:, None]
-
-    with torch.no_grad():
-        a, b = cam(p)[:, region_vertices], cam(truth)[:, region_vertices]
-        d = (a - b).norm(dim=-1).mean() * 1000
-        px = (a[..., :2] / a[..., 2:] - b[..., :2] / b[..., 2:]).norm(dim=-1).mean() * float(np.mean(focal))
-    return float(angle.mean()), float(d), float(px)
-
-
 def test_photometric_fit_recovers_perturbed_pose_and_expression(flame_model, head_texture, sequence):
     """Landmark term off: only the rendering can bring the parameters back.
     The frames have one light, so the per-video lighting model is exact."""
-    init = _perturb(sequence.params, seed=2)
+    init = perturb_params(sequence.params, seed=2)
     cfg = SynthesisConfig(image_size=64, texture_size=64, w_landmark=0.0, smoothing=None, iterations=80,
                           lighting="per_video", appearance_iterations=60, batch_size=4)
     T = len(sequence.frames)
     res = refine(flame_model, head_texture, list(sequence.frames), init, sequence.focal,
                  sequence.principal_point, sequence.lmk68, np.ones(T, bool), cfg)
-    rot0, _, px0 = _errors(flame_model, init, sequence.params, sequence.region_vertices, sequence.focal)
-    rot1, _, px1 = _errors(flame_model, res.params, sequence.params, sequence.region_vertices, sequence.focal)
+    rot0, _, px0 = recovery_errors(flame_model, init, sequence.params, sequence.region_vertices, sequence.focal)
+    rot1, _, px1 = recovery_errors(flame_model, res.params, sequence.params, sequence.region_vertices, sequence.focal)
     assert rot1 < rot0 / 2, (rot0, rot1)
     assert px1 < px0 / 2, (px0, px1)
     assert res.photometric_error_after < res.photometric_error_before / 2
@@ -174,7 +145,7 @@ def test_photometric_fit_recovers_perturbed_pose_and_expression(flame_model, hea
 
 
 def test_per_frame_lighting_invalid_frames_and_smoothing(flame_model, head_texture, sequence):
-    init = _perturb(sequence.params, seed=3)
+    init = perturb_params(sequence.params, seed=3)
     T = len(sequence.frames)
     valid = np.ones(T, bool)
     valid[2] = False

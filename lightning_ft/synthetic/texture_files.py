@@ -167,3 +167,41 @@ def render_textured_sequence(flame, texture_space, T: int = 4, size: int = 64, s
     return TexturedSequence(frames=frames, params=params, texture=texture.numpy(), lighting=lighting.numpy(),
                             focal=focal, principal_point=pp, lmk68=lmk_px.numpy(),
                             region_vertices=flame.faces[region].unique().numpy())
+
+
+def perturb_params(p, seed: int):
+    """Known parameters `p` (FrameParams) disturbed as a landmark fit might
+    leave them: ~2.5 deg rotation, 3 mm translation, the first 10 expression
+    components and the jaw opening; for synthesis recovery tests."""
+    import torch
+
+    from ..lbs import batch_rodrigues
+    from ..optimize import FrameParams
+
+    rng = np.random.default_rng(seed)
+    T, E = p.expression.shape
+    f32 = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
+    return FrameParams(batch_rodrigues(f32(rng.normal(0, np.deg2rad(2.5), (T, 3)))) @ p.rotation,
+                       p.translation + f32(rng.normal(0, 0.003, (T, 3))),
+                       p.expression + f32(rng.normal(0, 0.7, (T, E)) * (np.arange(E) < 10)),
+                       p.jaw + f32(np.c_[rng.normal(0, 0.05, T), np.zeros((T, 2))]), p.eyes, p.shape)
+
+
+def recovery_errors(flame, p, truth, region_vertices, focal):
+    """Mean rotation error (degrees), mean face-region vertex error (mm) and
+    its image-plane part (pixels: what the photometric term sees; depth is
+    weakly observable through perspective only) of `p` against `truth`."""
+    import torch
+
+    dR = p.rotation.transpose(1, 2) @ truth.rotation
+    angle = torch.rad2deg(torch.acos(((dR.diagonal(dim1=1, dim2=2).sum(-1) - 1) / 2).clamp(-1, 1)))
+
+    def cam(q):
+        out = flame(shape=q.shape.expand(len(q.rotation), -1), expression=q.expression, jaw_pose=q.jaw)
+        return torch.einsum("tij,tvj->tvi", q.rotation, out.vertices) + q.translation[:, None]
+
+    with torch.no_grad():
+        a, b = cam(p)[:, region_vertices], cam(truth)[:, region_vertices]
+        d = (a - b).norm(dim=-1).mean() * 1000
+        px = (a[..., :2] / a[..., 2:] - b[..., :2] / b[..., 2:]).norm(dim=-1).mean() * float(np.mean(focal))
+    return float(angle.mean()), float(d), float(px)
