@@ -377,9 +377,7 @@ def _run_synthesis(flame: FLAME, frames_source, tracking: dict, valid, fps, time
         scfg = SynthesisConfig(smoothing=cfg.smoothing)
         space = load_texture_space(Path(cfg.assets_dir) / "FLAME" / "FLAME_texture.npz",
                                    n_components=scfg.n_texture)
-        t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
-        params = FrameParams(t(tracking["rotation"]), t(tracking["translation"]), t(tracking["expression"]),
-                             t(tracking["jaw_pose"]), t(tracking["eye_pose"]), t(tracking["shape"]))
+        params = _params_from(tracking, torch.as_tensor(tracking["shape"], dtype=torch.float32))
         res = refine(flame, space, frames_source.frame, params, tracking["focal_length"],
                      tracking["principal_point"], tracking["lmk68"], valid, scfg, device=cfg.device,
                      progress=cfg.progress, fps=fps, timestamps=timestamps)
