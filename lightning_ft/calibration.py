@@ -174,7 +174,7 @@ def calibrate(basis: LandmarkBasis, targets: Targets, valid: np.ndarray, image_s
     targets: all frames (crop pixels); valid [T]; image_size (H, W).
     """
     H, W = image_size
-    pp = torch.tensor([(W - 1) / 2.0, (H - 1) / 2.0])  # OpenCV: pixel centres at integer coordinates
+    pp = torch.tensor([(W - 1) / 2.0, (H - 1) / 2.0], dtype=torch.float32)  # OpenCV: pixel centres at integer coordinates
     frames = select_frames(valid, yaw_proxy(targets.lmk68.numpy()), ccfg.n_frames, ccfg.seed)
     sub = targets.select(torch.as_tensor(frames))
     shape0 = torch.zeros(basis.n_shape) if init_shape is None else torch.as_tensor(init_shape, dtype=torch.float32)
