@@ -587,9 +587,10 @@ def fit_frames(basis: LandmarkBasis, targets: Targets, init: FrameParams, focal:
             step = torch.zeros(T, 15 + E)
             step[:, free_idx] = step_f
             trial = _apply_step(params, step, E)
-            r_new = point_residuals(basis, arrays, trial, targets, focal, pp, cfg, (), robust)[0]
+            r_new, _, err_new, _ = point_residuals(basis, arrays, trial, targets, focal, pp, cfg, (), robust)
             cost_new = (r_new ** 2).sum(1) + _vector_cost(_param_vector_terms(trial, cfg, nb))
             ok = (cost_new < cost) & ~accepted
+            err[ok] = err_new[ok]
             for name in ("rotation", "translation", "expression", "jaw", "eyes"):
                 getattr(params, name)[ok] = getattr(trial, name)[ok]
             mu = torch.where(ok, mu / 3, torch.where(accepted, mu, mu * 4)).clamp(1e-7, 1e7)
@@ -599,8 +600,9 @@ def fit_frames(basis: LandmarkBasis, targets: Targets, init: FrameParams, focal:
         total_old = cost.sum().item()
         total_new = torch.where(accepted, cost_new, cost).sum().item()
         history.append(total_old)
-        # Geman-McClure weights from the current per-point errors (after a
-        # plain first iteration, so a bad start does not discard good points).
+        # Geman-McClure weights from the per-point errors after this step (a
+        # plain first iteration, so a bad start does not discard good points;
+        # weights from before the step lag behind and make the fit oscillate).
         s2 = cfg.robust_scale_px ** 2
         err512 = err * (512.0 / cfg.image_size)
         robust = (s2 / (s2 + err512 ** 2)) ** 2
