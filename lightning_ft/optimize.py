@@ -240,13 +240,18 @@ def active_point_layout(basis: LandmarkBasis) -> Dict[str, slice]:
             "pupils": slice(n + m + 17, n + m + 19)}
 
 
+_POSE = slice(9, 36)  # pose-corrective features of jaw and eyes (the neck stays at rest)
+_ROT_FEATURES = {"jaw": slice(0, 9), "leye": slice(9, 18), "reye": slice(18, 27)}  # within _POSE
+
+
 def _point_arrays(basis: LandmarkBasis, rows: torch.Tensor, shape: torch.Tensor) -> Dict[str, torch.Tensor]:
     """Point arrays with the shape folded in.
 
     Face points: shared (static + dense) s_* without a frame axis and contour
     c_* gathered per frame [T,17,...]: M0 [..,3], ME [..,3,E], MP [..,3,36],
-    and the jaw's W0, WE, WP, omega. Pupils p_*; joints J0 [3,3], JE [3,3,E]
-    (jaw, left eye, right eye).
+    and the jaw's W0, WE, WP, omega; Q [..,6,E+27] stacks what a face point's
+    Jacobian multiplies (see `_point_jacobians`). Pupils p_*; joints J0 [3,3],
+    JE [3,3,E] (jaw, left eye, right eye).
     """
     S = basis.n_shape
     cs, ds, ps = basis.contour_start, basis.dense_start, basis.pupil_start
@@ -255,14 +260,18 @@ def _point_arrays(basis: LandmarkBasis, rows: torch.Tensor, shape: torch.Tensor)
     M0 = basis.M0 + basis.MD[..., :S] @ shape
     W0 = basis.W0[0] + basis.WD[0][..., :S] @ shape
     J0 = basis.J0 + basis.Jd[..., :S] @ shape
-    full = {"M0": M0, "ME": basis.MD[..., S:], "MP": basis.MP, "W0": W0, "WE": basis.WD[0][..., S:],
-            "WP": basis.WP[0], "omega": basis.omega[0]}
+    JE = basis.Jd[..., S:]
+    WE = basis.WD[0][..., S:]
+    # Face points follow the jaw: X = M + Aj (W - omega Jj), so d X = [I | Aj] Q d(e, feat).
+    Q = torch.cat([torch.cat([basis.MD[..., S:], WE - basis.omega[0][:, None, None] * JE[0]], 1),
+                   torch.cat([basis.MP[..., _POSE], basis.WP[0][..., _POSE]], 1)], 2)
+    full = {"M0": M0, "ME": basis.MD[..., S:], "MP": basis.MP, "W0": W0, "WE": WE,
+            "WP": basis.WP[0], "omega": basis.omega[0], "Q": Q}
     out = {}
     for k, a in full.items():
         out["s_" + k] = a[shared_ids]
         out["c_" + k] = a[contour_ids]
-    out.update(p_M0=M0[ps:ps + 2], p_ME=basis.MD[ps:ps + 2, :, S:], p_MP=basis.MP[ps:ps + 2],
-               J0=J0, JE=basis.Jd[..., S:])
+    out.update(p_M0=M0[ps:ps + 2], p_ME=basis.MD[ps:ps + 2, :, S:], p_MP=basis.MP[ps:ps + 2], J0=J0, JE=JE)
     return out
 
 
@@ -282,10 +291,9 @@ def _face_points(a: Dict[str, torch.Tensor], pre: str, expression, feat, Aj, Jj,
     return M + Y @ Aj.transpose(1, 2), Y
 
 
-def model_points(basis: LandmarkBasis, arrays, expression, jaw_R, eye_R, need=()):
+def model_points(basis: LandmarkBasis, arrays, expression, jaw_R, eye_R):
     """Model-space points [T,P,3] (layout of `active_point_layout`) and the
-    Jacobians named in `need` ('exp' [T,P,3,E], 'jaw', 'leye', 'reye'
-    [T,P,3,3], for left-increments of the rotations).
+    intermediate quantities their Jacobians reuse (`_point_jacobians`).
 
     Face points follow the jaw: X = M + (Rj - I)(W - omega Jj); a pupil is
     skinned to its eye alone: X = Je + Re (M - Je).
@@ -303,40 +311,54 @@ def model_points(basis: LandmarkBasis, arrays, expression, jaw_R, eye_R, need=()
         + torch.einsum("icf,tf->tic", a["p_MP"], feat)
     rel = torch.einsum("tiab,tib->tia", eye_R, pM - Je)  # Re (M - Je)
     X = torch.cat([Xs, Xc, Je + rel], 1)
-    jac = {}
-    if not need:
-        return X, jac
+    return X, {"Aj": Aj, "Y": torch.cat([Ys, Yc], 1), "rel": rel}
+
+
+def _point_jacobians(a, parts, G: torch.Tensor, jaw_R, eye_R, need) -> Dict[str, torch.Tensor]:
+    """Pixel Jacobians [T,P,2,K] of the blocks in `need` (exp: K=E; jaw,
+    leye, reye: K=3, left-increments of the rotations), given G [T,P,2,3],
+    the derivative of the pixels by the model-space points.
+
+    The model-space Jacobians are never formed: a face point's derivative is
+    [I | Aj] Q, so G [I | Aj] (six numbers per pixel row) times the constant
+    Q of its point is one batched product for expression and pose correctives
+    together.
+    """
+    T, P = G.shape[:2]
+    Ps = a["s_Q"].shape[0]
+    Pf = P - 2
+    Gf = G[:, :Pf]
+    G6 = torch.cat([Gf, Gf @ parts["Aj"][:, None]], -1)  # [T,Pf,2,6]
+    K = a["s_Q"].shape[-1]
+    E = K - 27
+    face = torch.empty(T, Pf, 2, K)
+    # Shared points: batch over points, frames and both pixel rows in the rows.
+    face[:, :Ps] = torch.bmm(G6[:, :Ps].permute(1, 0, 2, 3).reshape(Ps, 2 * T, 6),
+                             a["s_Q"]).reshape(Ps, T, 2, K).transpose(0, 1)
+    face[:, Ps:] = G6[:, Ps:] @ a["c_Q"]
+    Gp = G[:, Pf:]  # pupils [T,2,2,3]
+    out = {}
     if "exp" in need:
-        JEj = a["JE"][0]
-        WJs = a["s_WE"] - a["s_omega"][:, None, None] * JEj[None]  # [Ps,3,E]
-        WJc = a["c_WE"] - a["c_omega"][..., None, None] * JEj[None, None]  # [T,17,3,E]
-        d_s = a["s_ME"][None] + torch.einsum("tab,pbe->tpae", Aj, WJs)
-        d_c = a["c_ME"] + torch.einsum("tab,tpbe->tpae", Aj, WJc)
         pJE = a["JE"][1:]
-        d_p = pJE[None] + torch.einsum("tiab,ibe->tiae", eye_R, a["p_ME"] - pJE)
-        jac["exp"] = torch.cat([d_s, d_c, d_p], 1)
-    rot_need = [k for k in ("jaw", "leye", "reye") if k in need]
-    if rot_need:
-        slots = {"jaw": slice(9, 18), "leye": slice(18, 27), "reye": slice(27, 36)}
+        d_p = pJE[None] + torch.einsum("tiab,ibe->tiae", eye_R, a["p_ME"] - pJE)  # [T,2,3,E]
+        out["exp"] = torch.cat([face[..., :E], Gp @ d_p], 1)
+    rots = [k for k in ("jaw", "leye", "reye") if k in need]
+    if rots:
+        pupil_pose = Gp @ (eye_R @ a["p_MP"][None, ..., _POSE])  # [T,2,2,27]
+        pose = torch.cat([face[..., E:], pupil_pose], 1)  # [T,P,2,27]
         Rs = {"jaw": jaw_R, "leye": eye_R[:, 0], "reye": eye_R[:, 1]}
-        for k in rot_need:
-            sl = slots[k]
+        for k in rots:
             dfeat = _feature_derivative(Rs[k])  # [T,3,9]
-            # Pose-corrective part: (MP + Aj WP) d feat (face), Re MP d feat (pupils).
-            Ps_ = torch.einsum("pcf,tif->tpci", a["s_MP"][..., sl], dfeat) \
-                + torch.einsum("tab,pbf,tif->tpai", Aj, a["s_WP"][..., sl], dfeat)
-            Pc_ = torch.einsum("tpcf,tif->tpci", a["c_MP"][..., sl], dfeat) \
-                + torch.einsum("tab,tpbf,tif->tpai", Aj, a["c_WP"][..., sl], dfeat)
-            Pp_ = torch.einsum("tiab,ibf,tjf->tiaj", eye_R, a["p_MP"][..., sl], dfeat)
-            d = torch.cat([Ps_, Pc_, Pp_], 1)
-            if k == "jaw":  # rigid part: d(exp([d]x) Rj Y)/dd = -[Rj Y]x
-                Y = torch.cat([Ys, Yc], 1)
-                d[:, :Y.shape[1]] += -_skew(Y @ jaw_R.transpose(1, 2))
+            d = (pose[..., _ROT_FEATURES[k]].reshape(T, P * 2, 9) @ dfeat.transpose(1, 2)).reshape(T, P, 2, 3)
+            # Rigid parts: d(exp([d]x) R y)/dd = -[R y]x, and g^T (-[v]x) = (v x g)^T.
+            if k == "jaw":
+                v = parts["Y"] @ jaw_R.transpose(1, 2)  # [T,Pf,3]
+                d[:, :Pf] += torch.linalg.cross(v[:, :, None].expand_as(Gf), Gf, dim=-1)
             else:
                 i = 0 if k == "leye" else 1
-                d[:, X.shape[1] - 2 + i] += -_skew(rel[:, i])
-            jac[k] = d
-    return X, jac
+                d[:, Pf + i] += torch.linalg.cross(parts["rel"][:, i, None].expand_as(Gp[:, i]), Gp[:, i], dim=-1)
+            out[k] = d
+    return out
 
 
 def project(p: torch.Tensor, focal: torch.Tensor, pp: torch.Tensor) -> torch.Tensor:
@@ -396,14 +418,7 @@ def point_residuals(basis, arrays, params, targets, focal, pp, cfg, free=(), rob
     T = params.rotation.shape[0]
     jaw_R = batch_rodrigues(params.jaw)
     eye_R = batch_rodrigues(params.eyes.reshape(-1, 3)).reshape(T, 2, 3, 3)
-    need = set()
-    if "exp" in free:
-        need.add("exp")
-    if "jaw" in free:
-        need.add("jaw")
-    if "eyes" in free:
-        need |= {"leye", "reye"}
-    X, jac = model_points(basis, arrays, params.expression, jaw_R, eye_R, need)
+    X, parts = model_points(basis, arrays, params.expression, jaw_R, eye_R)
     RX = torch.einsum("tij,tpj->tpi", params.rotation, X)
     pcam = RX + params.translation[:, None]
     uv = project(pcam, focal, pp)
@@ -421,36 +436,36 @@ def point_residuals(basis, arrays, params, targets, focal, pp, cfg, free=(), rob
     err = diff.norm(dim=-1) / scale
     if not free:
         return r, None, err, valid
+    P = X.shape[1]
     z = pcam[..., 2].clamp(min=1e-6)
     fx, fy = focal[0], focal[1]
-    # d uv / d pcam rows, pre-multiplied by R for model-space Jacobians.
     du = torch.stack([fx / z, torch.zeros_like(z), -fx * pcam[..., 0] / z ** 2], -1) * scale  # [T,P,3]
     dv = torch.stack([torch.zeros_like(z), fy / z, -fy * pcam[..., 1] / z ** 2], -1) * scale
-    dproj = torch.stack([du, dv], 2)  # [T,P,2,3]
-    dproj_R = dproj @ params.rotation[:, None]  # [T,P,2,3]
-
-    def through(dX):  # dX [T,P,3,K] -> [T,P,2,K] without tiny matmuls
-        return dproj_R[..., :, 0, None] * dX[:, :, None, 0] + dproj_R[..., :, 1, None] * dX[:, :, None, 1] \
-            + dproj_R[..., :, 2, None] * dX[:, :, None, 2]
-
-    cols = []
+    dproj = torch.stack([du, dv], 2)  # [T,P,2,3] d uv / d pcam
+    need = {"exp"} & set(free) | ({"jaw"} & set(free)) | ({"leye", "reye"} if "eyes" in free else set())
+    model_jac = _point_jacobians(arrays, parts, dproj @ params.rotation[:, None], jaw_R, eye_R, need)
+    blocks = []
     for b in ("rot", "trans", "exp", "jaw", "eyes"):
         if b not in free:
             continue
-        if b == "rot":
-            cols.append(dproj @ (-_skew(RX)))
+        if b == "rot":  # d(exp([d]x) R X)/dd = -[R X]x
+            blocks.append(torch.linalg.cross(RX[:, :, None].expand_as(dproj), dproj, dim=-1))
         elif b == "trans":
-            cols.append(dproj)
-        elif b == "exp":
-            cols.append(through(jac["exp"]))
-        elif b == "jaw":
-            cols.append(through(jac["jaw"]))
+            blocks.append(dproj)
+        elif b == "eyes":
+            blocks += [model_jac["leye"], model_jac["reye"]]
         else:
-            cols.append(torch.cat([through(jac["leye"]), through(jac["reye"])], -1))
-    Jp = torch.cat(cols, -1)  # [T,P,2,D]
-    D = Jp.shape[-1]
-    J = torch.cat([(Jp * sw[..., None]).reshape(T, -1, D), ((Jp[:, pa] - Jp[:, pb]) * cw[..., None]).reshape(T, -1, D)],
-                  1)
+            blocks.append(model_jac[b])
+    D = sum(x.shape[-1] for x in blocks)
+    n_cl = len(pa)
+    J = torch.empty(T, 2 * (P + n_cl), D)
+    Jp = J[:, :2 * P].view(T, P, 2, D)
+    c = 0
+    for x in blocks:
+        Jp[..., c:c + x.shape[-1]] = x
+        c += x.shape[-1]
+    J[:, 2 * P:] = ((Jp[:, pa] - Jp[:, pb]) * cw[..., None]).reshape(T, -1, D)
+    Jp.mul_(sw[..., None])
     return r, J, err, valid
 
 
