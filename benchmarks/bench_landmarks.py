@@ -5,9 +5,10 @@ astronaut, panning), prints in one run:
   - decode fps (video.iter_frames, all frames, RGB upright),
   - bare mediapipe FaceMesh ``process()`` ms/frame on frames already in memory
     (refined landmarks, tracking mode: what any tracker pays at least),
-  - the stage: ``video.prepare`` (two decoding passes, face boxes, crop,
-    JPEG into LMDB) + ``landmarks.detect`` (cache read, FaceMesh on the crop,
-    68 points) in ms/frame, and its ratio to the bare time,
+  - the stage: ``video.prepare`` (first decoding pass: face boxes) +
+    ``landmarks.detect`` (second pass: crops made in a decoding thread, handed
+    to FaceMesh and the 68-point detector from memory, JPEG-encoded into LMDB
+    by a writer thread) in ms/frame, and its ratio to the bare time,
   - a rerun that finds the cache, and the cache's size per frame (JPEG vs raw).
 Each time is the best of --repeat runs (the machine is shared).
 

@@ -17,6 +17,8 @@ import functools
 import importlib.util
 import logging
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
@@ -329,6 +331,7 @@ def detect_frames(frames: Iterable[np.ndarray], n_frames: int, image_size, *, lm
     fan = _fan_detector(device, fan_flip, batch_size, fan_weights_path()) if source == "fan" else None
     dlib_predictor = _dlib_detector(dlib_predictor_path()) if source == "dlib" else None
     pending: list = []  # (index, image) for FAN batches
+    dlib_pending: deque = deque()  # (index, future of [68,2] points)
 
     def flush():
         if pending:
@@ -337,7 +340,15 @@ def detect_frames(frames: Iterable[np.ndarray], n_frames: int, image_size, *, lm
             lmk68_out[idx] = fan([im for _, im in pending], boxes)
             pending.clear()
 
-    with MeshTracker(static=static) as mesh:
+    def collect_dlib(keep: int):
+        while len(dlib_pending) > keep:
+            i, points68 = dlib_pending.popleft()
+            lmk68_out[i] = points68.result()
+
+    # dlib runs in a thread beside the mesh of the next frames (mediapipe
+    # releases the GIL), a few frames behind so that few crops are held
+    with MeshTracker(static=static) as mesh, \
+            ThreadPoolExecutor(1, thread_name_prefix="lightning_ft-dlib") as dlib_thread:
         count = 0
         for i, image in enumerate(progress_bar(frames, total=n_frames, desc=desc, enabled=progress)):
             if i >= n_frames:
@@ -351,12 +362,15 @@ def detect_frames(frames: Iterable[np.ndarray], n_frames: int, image_size, *, lm
             if source == "mediapipe":
                 lmk68_out[i] = mediapipe_to_ibug68(points)
             elif source == "dlib":
-                lmk68_out[i] = dlib_predictor(image, box_from_points(mediapipe_to_ibug68(points)))
+                dlib_pending.append((i, dlib_thread.submit(
+                    dlib_predictor, image, box_from_points(mediapipe_to_ibug68(points)))))
+                collect_dlib(keep=4)
             else:
                 pending.append((i, image))
                 if len(pending) >= batch_size:
                     flush()
         flush()
+        collect_dlib(keep=0)
     if count != n_frames:
         raise ValueError(f"expected {n_frames} frames, got {count}")
     return Landmarks(lmk68=lmk68_out, lmk_dense=lmk_dense, valid=valid, source68=source,
@@ -366,7 +380,8 @@ def detect_frames(frames: Iterable[np.ndarray], n_frames: int, image_size, *, lm
 def detect(face_video, *, lmk68: str = "auto", device: str = "cpu",
            progress: Optional[bool] = None, batch_size: int = 8,
            fan_flip: bool = True) -> Landmarks:
-    """Landmarks on every crop of a `FaceVideo` (read from its frame cache).
+    """Landmarks on every crop of a `FaceVideo` (from its frame cache, or as
+    they are made when the cache is not written yet).
 
     Raises NoFaceError naming the video when no frame has a face.
     """

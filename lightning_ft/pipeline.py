@@ -287,6 +287,8 @@ def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: FLAME, 
         from . import video as video_stage
 
         cache_dir = cfg.cache_dir or (Path(cfg.out_dir) / ".cache")
+        # without a frame cache, "decode_crop" times the face-box pass and the
+        # crops are made during "landmarks", which reads them as they are cropped
         with timer("decode_crop"):
             face_video = video_stage.prepare(video, cache_dir=cache_dir, image_size=cfg.image_size, fps=cfg.fps,
                                              progress=cfg.progress)

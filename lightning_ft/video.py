@@ -13,6 +13,8 @@ import io
 import json
 import logging
 import os
+import queue
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
@@ -192,6 +194,56 @@ def _to_rgb(frame, max_side: Optional[int] = None) -> np.ndarray:
     return image
 
 
+def _in_background(items: Iterator, maxsize: int, name: str) -> Iterator:
+    """Iterate `items` in a daemon thread, at most `maxsize` items ahead of the consumer.
+
+    PyAV decoding and OpenCV release the GIL, so the producer's work runs
+    beside the consumer's (mediapipe releases it too). An exception of the
+    producer is raised in the consumer; closing the returned generator stops
+    the producer and closes `items`.
+    """
+    handoff: queue.Queue = queue.Queue(maxsize)
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        handoff.put((True, item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+                if stop.is_set():
+                    return
+            handoff.put((False, None))
+        except BaseException as exc:  # handed to the consumer, which raises it
+            handoff.put((False, exc))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=produce, name=name, daemon=True)
+    thread.start()
+    try:
+        while True:
+            has_item, value = handoff.get()
+            if has_item:
+                yield value
+            elif value is None:
+                return
+            else:
+                raise value
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                handoff.get(timeout=0.05)
+            except queue.Empty:
+                pass
+
+
 def iter_frames(path, fps: Optional[float] = None, *, max_side: Optional[int] = None,
                 ) -> Iterator[tuple[int, float, np.ndarray]]:
     """Stream ``(source frame index, pts seconds, RGB uint8 [H,W,3])`` upright frames.
@@ -365,6 +417,7 @@ class FaceVideo:
     face_examined: np.ndarray = None
     source_size: tuple = None  # (H, W) of the upright source frames
     _env: object = field(default=None, repr=False, compare=False)
+    _fill: Optional["_CacheFill"] = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.frame_ids)
@@ -380,7 +433,29 @@ class FaceVideo:
         return self._env
 
     def frames(self, indices: Optional[Iterable[int]] = None) -> Iterator[np.ndarray]:
-        """RGB uint8 [H,W,3] crops from the cache, in the order asked."""
+        """RGB uint8 [H,W,3] crops, in the order asked.
+
+        While the cache is not written yet, all frames in order (no `indices`)
+        come straight from the decoder as the cache is filled; asking for
+        `indices` first fills the cache.
+        """
+        if self._fill is not None and indices is None:
+            return self._crops_while_caching()
+        self.write_cache()
+        return self._cached_frames(indices)
+
+    def write_cache(self) -> None:
+        """Decode, crop and store every frame in the cache, unless already done."""
+        if self._fill is not None:
+            for _ in progress_bar(self._crops_while_caching(), total=len(self),
+                                  desc=f"{self.source.name}: crop", enabled=self._fill.progress):
+                pass
+
+    def _crops_while_caching(self) -> Iterator[np.ndarray]:
+        yield from _crops_into_cache(self, self._fill)
+        self._fill = None
+
+    def _cached_frames(self, indices: Optional[Iterable[int]]) -> Iterator[np.ndarray]:
         env = self._open()
         if indices is None:
             indices = range(len(self))
@@ -400,6 +475,104 @@ class FaceVideo:
         if self._env is not None:
             self._env.close()
             self._env = None
+
+
+@dataclass
+class _CacheFill:
+    """What pass 2 needs besides the FaceVideo: the decoding rate and the cache's contents."""
+
+    fps: Optional[float]
+    cache_format: str
+    meta: bytes  # JSON, stored under _META_KEY
+    arrays: bytes  # npz of the FaceVideo arrays
+    progress: Optional[bool]
+
+
+def _cropped_frames(face_video: FaceVideo, fps: Optional[float]) -> Iterator[np.ndarray]:
+    """Decode the source again and crop the frames of `face_video` with its crop boxes."""
+    size = face_video.image_size[0]
+    wanted = iter(zip(face_video.frame_ids, face_video.crop_boxes))
+    want_id, want_box = next(wanted)
+    n_out = 0
+    for index, _, frame in _decoded_frames(face_video.source, fps):
+        if index != want_id:
+            continue
+        yield crop_frame(_to_rgb(frame), want_box, size)
+        n_out += 1
+        nxt = next(wanted, None)
+        if nxt is None:
+            break
+        want_id, want_box = nxt
+    if n_out != len(face_video):
+        raise VideoError(f"{face_video.source}: second decoding pass gave {n_out} of {len(face_video)} "
+                         "frames; the file changed while reading; retry.")
+
+
+def _write_cache(tmp_path: Path, crops: Iterable[np.ndarray], fill: _CacheFill) -> int:
+    """Encode `crops` into a new LMDB at `tmp_path` with the FaceVideo arrays; returns the count."""
+    env = lmdb.open(str(tmp_path), subdir=False, lock=False, map_size=1 << 40,
+                    writemap=False, meminit=False)
+    try:
+        n_out = 0
+        txn = env.begin(write=True)
+        for crop in crops:
+            txn.put(f"{n_out:08d}".encode(), _encode_image(crop, fill.cache_format))
+            n_out += 1
+            if n_out % 256 == 0:
+                txn.commit()
+                txn = env.begin(write=True)
+        txn.put(b"__arrays__", fill.arrays)
+        txn.put(_META_KEY, fill.meta)
+        txn.commit()
+        env.sync(True)
+    finally:
+        env.close()
+    return n_out
+
+
+def _crops_into_cache(face_video: FaceVideo, fill: _CacheFill) -> Iterator[np.ndarray]:
+    """Yield the crops of `face_video` in order from a decoding thread while a
+    writer thread JPEG-encodes them into a temporary LMDB, renamed into place
+    once all frames are in (so an interrupted run leaves no partial cache)."""
+    cache_path = face_video.cache_path
+    tmp_path = cache_path.with_name(cache_path.name + f".tmp-{os.getpid()}-{threading.get_ident()}")
+    to_write: queue.Queue = queue.Queue(maxsize=16)
+    stored: list = []  # the writer's frame count, or its exception
+
+    def crops_to_write():
+        while (crop := to_write.get()) is not None:
+            yield crop
+
+    def write():
+        try:
+            stored.append(_write_cache(tmp_path, crops_to_write(), fill))
+        except BaseException as exc:  # raised by the consumer below
+            stored.append(exc)
+            while to_write.get() is not None:  # let the consumer finish its puts
+                pass
+
+    writer = threading.Thread(target=write, name="lightning_ft-cache-writer", daemon=True)
+    writer.start()
+    complete = False
+    try:
+        for crop in _in_background(_cropped_frames(face_video, fill.fps), maxsize=8,
+                                   name="lightning_ft-crop"):
+            if stored:
+                break  # the writer failed; its error is raised below
+            to_write.put(crop)
+            yield crop
+        to_write.put(None)
+        writer.join()
+        if isinstance(stored[0], BaseException):
+            raise stored[0]
+        os.replace(tmp_path, cache_path)
+        complete = True
+    finally:
+        if not complete:
+            # an error, or the consumer stopped early: no partial cache stays
+            to_write.put(None)
+            writer.join()
+            tmp_path.unlink(missing_ok=True)
 
 
 def _encode_image(image: np.ndarray, cache_format: str) -> bytes:
@@ -455,12 +628,14 @@ def _load_cache(cache_path: Path, expected: dict) -> Optional[FaceVideo]:
 def prepare(path, *, cache_dir, image_size: int = 512, fps: Optional[float] = None,
             progress: Optional[bool] = None, crop_scale: float = 2.0,
             cache_format: str = "jpeg", box_rate: Optional[float] = 15.0) -> FaceVideo:
-    """Decode, find the face, choose smooth square crops, fill the LMDB cache.
+    """Decode, find the face, choose smooth square crops for the LMDB cache.
 
-    Two streamed passes over the video: (1) face boxes on frames downscaled to
-    at most DETECT_MAX_SIDE pixels (mediapipe BlazeFace, `FaceBoxDetector`),
-    on about `box_rate` frames per second (None: every frame) and the last; (2)
-    crop + resize to ``image_size`` with the smoothed boxes, written to the cache.
+    Two streamed passes over the video: (1) here, face boxes on frames
+    downscaled to at most DETECT_MAX_SIDE pixels (mediapipe BlazeFace,
+    `FaceBoxDetector`), on about `box_rate` frames per second (None: every
+    frame) and the last; (2) on the first read of the crops
+    (`FaceVideo.frames`), crop + resize to ``image_size`` with the smoothed
+    boxes, handed to the reader and written to the cache in the background.
     A valid cache (same source path, size, mtime and settings) is reused
     without decoding. Raises VideoError for unreadable input and NoFaceError
     when no frame has a face.
@@ -488,16 +663,17 @@ def prepare(path, *, cache_dir, image_size: int = 512, fps: Optional[float] = No
     source_fps = fps if fps else (info.fps or 30.0)
     box_every = max(1, int(round(source_fps / box_rate))) if box_rate else 1
     try:
-        frames = _decoded_frames(path, fps)
-        for k, (index, t, frame) in enumerate(progress_bar(
+        # decoding and shrinking in a thread, beside the detector
+        frames = _in_background(_small_frames(path, fps, box_every), maxsize=8,
+                                name="lightning_ft-face-boxes")
+        for index, t, frame, small in progress_bar(
                 frames, total=info.n_frames or None, desc=f"{path.name}: face boxes",
-                enabled=progress)):
+                enabled=progress):
             ids.append(index)
             times.append(t)
             box = None
-            examined.append(k % box_every == 0)
+            examined.append(small is not None)
             if examined[-1]:
-                small = _to_rgb(frame, DETECT_MAX_SIDE)
                 box = detect_face_box(detector, small)
                 if box is not None:
                     box = box * (info.width / small.shape[1])
@@ -529,51 +705,25 @@ def prepare(path, *, cache_dir, image_size: int = 512, fps: Optional[float] = No
     out_fps = _output_fps(timestamps, info.fps, fps)
     crop_boxes = smooth_crop_boxes(face_boxes, found, out_fps, scale=crop_scale)
 
-    # pass 2: crops into a temporary LMDB, then one atomic rename
-    tmp_path = cache_path.with_name(cache_path.name + f".tmp-{os.getpid()}")
-    env = lmdb.open(str(tmp_path), subdir=False, lock=False, map_size=1 << 40,
-                    writemap=False, meminit=False)
-    try:
-        wanted = iter(zip(frame_ids, crop_boxes))
-        want_id, want_box = next(wanted)
-        out_i = 0
-        txn = env.begin(write=True)
-        for index, _, frame in progress_bar(_decoded_frames(path, fps), total=len(frame_ids),
-                                            desc=f"{path.name}: crop", enabled=progress):
-            if index != want_id:
-                continue
-            crop = crop_frame(_to_rgb(frame), want_box, image_size)
-            txn.put(f"{out_i:08d}".encode(), _encode_image(crop, cache_format))
-            out_i += 1
-            if out_i % 256 == 0:
-                txn.commit()
-                txn = env.begin(write=True)
-            nxt = next(wanted, None)
-            if nxt is None:
-                break
-            want_id, want_box = nxt
-        if out_i != len(frame_ids):
-            txn.abort()
-            raise VideoError(f"{path}: second decoding pass gave {out_i} of {len(frame_ids)} frames; "
-                             "the file changed while reading; retry.")
-        meta = {"key": key, "fps": out_fps, "image_size": [image_size, image_size],
-                "source_size": [info.height, info.width], "n_frames": len(frame_ids)}
-        txn.put(b"__arrays__", _array_bytes(frame_ids=frame_ids, timestamps=timestamps,
-                                            crop_boxes=crop_boxes, face_found=found,
-                                            face_boxes=face_boxes, face_examined=examined))
-        txn.put(_META_KEY, json.dumps(meta).encode())
-        txn.commit()
-        env.sync(True)
-    except BaseException:
-        env.close()
-        tmp_path.unlink(missing_ok=True)
-        raise
-    env.close()
-    os.replace(tmp_path, cache_path)
+    meta = {"key": key, "fps": out_fps, "image_size": [image_size, image_size],
+            "source_size": [info.height, info.width], "n_frames": len(frame_ids)}
+    arrays = _array_bytes(frame_ids=frame_ids, timestamps=timestamps, crop_boxes=crop_boxes,
+                          face_found=found, face_boxes=face_boxes, face_examined=examined)
+    # pass 2 runs when the crops are first read (`FaceVideo.frames`), so the
+    # landmark detector gets them from memory while they go into the cache
+    fill = _CacheFill(fps=fps, cache_format=cache_format, meta=json.dumps(meta).encode(),
+                      arrays=arrays, progress=progress)
     return FaceVideo(source=path, frame_ids=frame_ids, timestamps=timestamps, fps=out_fps,
                      crop_boxes=crop_boxes, image_size=(image_size, image_size),
                      cache_path=cache_path, face_boxes=face_boxes, face_found=found,
-                     face_examined=examined, source_size=(info.height, info.width))
+                     face_examined=examined, source_size=(info.height, info.width), _fill=fill)
+
+
+def _small_frames(path: Path, fps: Optional[float], every: int):
+    """``(index, seconds, av.VideoFrame, small RGB or None)`` of the decoded frames:
+    every `every`-th frame shrunk to DETECT_MAX_SIDE for the face-box detector."""
+    for k, (index, t, frame) in enumerate(_decoded_frames(path, fps)):
+        yield index, t, frame, _to_rgb(frame, DETECT_MAX_SIDE) if k % every == 0 else None
 
 
 def _output_fps(timestamps: np.ndarray, source_fps: float, requested: Optional[float]) -> float:
