@@ -256,9 +256,7 @@ def test_visualization_after_synthesis_shows_the_fitted_appearance(synthesis_run
     H, W = (int(v) for v in r["image_size"])
     panel = frame0[:H, 2 * W:3 * W].astype(np.float64)
 
-    _, verts = _project({k: v[:1] if v.ndim and len(v) == len(r["frame_ids"]) else v for k, v in r.items()},
-                        flame_model)
-    verts = torch.as_tensor(verts)
+    verts = torch.as_tensor(_project(r, flame_model)[1][:1])
     space = load_texture_space(assets / "FLAME" / "FLAME_texture.npz")
     albedo = space.albedo(torch.as_tensor(r["texture"])).clamp(0, 1)
     focal, pp = torch.as_tensor(r["focal_length"]), torch.as_tensor(r["principal_point"])
