@@ -22,11 +22,12 @@ import torch
 
 from . import __version__
 from .calibration import CalibrationConfig, calibrate
-from .errors import LightningFTError, UsageError
+from .errors import AssetError, LightningFTError, UsageError
 from .flame import FLAME
 from .optimize import FitConfig, FrameParams, Targets, build_basis, fit_sequence, predict_landmarks
 from .output import is_finished, result_dir, write_result
 from .smoothing import SmoothingConfig, second_difference_jitter, smooth_tracking
+from .synthesis import SynthesisConfig
 
 log = logging.getLogger("lightning_ft")
 
@@ -35,7 +36,11 @@ VIDEO_SUFFIXES = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpe
 
 @dataclass
 class TrackConfig:
-    """Everything a run needs, built once by the CLI."""
+    """Everything a run needs, built once by the CLI.
+
+    synthesis_config: settings of --synthesis; its smoothing is replaced by
+    `smoothing`, so the landmark and photometric tracks are smoothed alike.
+    """
 
     data: Optional[Path]
     out_dir: Path
@@ -56,6 +61,7 @@ class TrackConfig:
     fit: FitConfig = field(default_factory=FitConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)
+    synthesis_config: SynthesisConfig = field(default_factory=SynthesisConfig)
 
 
 class StageTimer:
@@ -328,16 +334,16 @@ def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: FLAME, 
         "lmk68": np.asarray(lm.lmk68, np.float32), "lmk_dense": np.asarray(lm.lmk_dense, np.float32),
         "fps": np.float32(fps),
     }
-    synthesis_meta = None
+    synthesis_meta = albedo = None
     if cfg.synthesis:
-        synthesis_meta = _run_synthesis(flame, frames_source, tracking, valid, fps, timestamps, cfg, timer)
+        synthesis_meta, albedo = _run_synthesis(flame, frames_source, tracking, valid, fps, timestamps, cfg, timer)
     folder = result_dir(cfg.out_dir, stem)
     extra = None
     if cfg.visualize:
         if frames_source is None:
             log.warning("-v needs video frames; with --landmarks alone no visualization is written")
         else:
-            extra = _visualization_writer(frames_source, tracking, flame, cfg, timer)
+            extra = _visualization_writer(frames_source, tracking, flame, cfg, timer, albedo)
     meta = {
         "video": video_meta, "frames": {"total": int(T), "valid": int(valid.sum()), "invalid": int((~valid).sum())},
         "landmarks": {"source68": lm.source68, "image_size": [H, W]},
@@ -367,18 +373,43 @@ def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: FLAME, 
     return folder
 
 
+@dataclass
+class AlbedoTexture:
+    """Synthesis's fitted albedo, for the -v video.
+
+    image: [Ht,Wt,3] float32 RGB in 0..1 in FLAME's UV layout (row 0 at v = 1),
+    at the texture space's own resolution; face_uvs: [F,3,2] UVs of every
+    face corner, FLAME's face order."""
+
+    image: np.ndarray
+    face_uvs: np.ndarray
+
+
+def _texture_space_path(assets_dir: Path) -> Path:
+    """The texture space --synthesis reads. `assets.require` also accepts
+    DECA's FLAME_albedo_from_BFM.npz, which has no UVs of its own, so this is
+    checked too before any work rather than after fitting."""
+    path = Path(assets_dir) / "FLAME" / "FLAME_texture.npz"
+    if not path.exists():
+        raise AssetError(f"{path}: not found; --synthesis reads FLAME's texture space (unzip TextureSpace.zip "
+                         f"into assets/FLAME or run 'lightning-ft assets fetch --item texture'; a BFM albedo "
+                         f"alone has no UVs), or run without --synthesis")
+    return path
+
+
 def _run_synthesis(flame: FLAME, frames_source, tracking: dict, valid, fps, timestamps, cfg: TrackConfig,
-                   timer: StageTimer) -> dict:
+                   timer: StageTimer) -> Tuple[dict, AlbedoTexture]:
     """Photometric refinement of the smoothed landmark track, in place in
-    `tracking` (adds `texture` and `lighting`); returns the meta.json entry."""
-    from .synthesis import SynthesisConfig, load_texture_space, refine
+    `tracking` (adds `texture` and `lighting`); returns the meta.json entry
+    and the fitted albedo (computed here, so the texture space, ~600 MB for
+    FLAME's, is not kept for the -v video)."""
+    from .synthesis import load_texture_space, refine
 
     if frames_source is None:
         raise UsageError("--synthesis needs the video frames (--data)")
     with timer("synthesis"):
-        scfg = SynthesisConfig(smoothing=cfg.smoothing)
-        space = load_texture_space(Path(cfg.assets_dir) / "FLAME" / "FLAME_texture.npz",
-                                   n_components=scfg.n_texture)
+        scfg = replace(cfg.synthesis_config, smoothing=cfg.smoothing)
+        space = load_texture_space(_texture_space_path(cfg.assets_dir), n_components=scfg.n_texture)
         params = _params_from(tracking, torch.as_tensor(tracking["shape"], dtype=torch.float32))
         res = refine(flame, space, frames_source.frame, params, tracking["focal_length"],
                      tracking["principal_point"], tracking["lmk68"], valid, scfg, device=cfg.device,
@@ -389,16 +420,21 @@ def _run_synthesis(flame: FLAME, frames_source, tracking: dict, valid, fps, time
                     expression=p.expression.numpy().astype(np.float32), jaw_pose=p.jaw.numpy().astype(np.float32),
                     eye_pose=p.eyes.numpy().astype(np.float32),
                     texture=np.asarray(res.texture, np.float32), lighting=np.asarray(res.lighting, np.float32))
-    return {"photometric_error_before": res.photometric_error_before,
+    with torch.no_grad():
+        image = space.albedo(torch.as_tensor(tracking["texture"])).clamp(0.0, 1.0)[0].permute(1, 2, 0)
+    albedo = AlbedoTexture(image=image.numpy(), face_uvs=space.face_uvs().numpy())
+    meta = {"photometric_error_before": res.photometric_error_before,
             "photometric_error_after": res.photometric_error_after, "lighting_mode": res.lighting_mode,
-            "image_size": res.image_size, "seconds": res.seconds, "texture_space": space.source}
+            "image_size": res.image_size, "seconds": res.seconds, "texture_space": space.source,
+            "settings": asdict(scfg)}
+    return meta, albedo
 
 
-def _visualization_writer(face_video, tracking, flame, cfg, timer):
+def _visualization_writer(face_video, tracking, flame, cfg, timer, albedo: Optional[AlbedoTexture]):
     def write(tmp_folder: Path):
         with timer("visualization"):
             write_visualization_from_tracking(tmp_folder / "visualization.mp4", face_video, tracking, flame,
-                                              cfg.progress)
+                                              cfg.progress, albedo=albedo)
     return write
 
 
@@ -440,8 +476,13 @@ class _ChunkedMesh:
         return np.concatenate(out)
 
 
-def write_visualization_from_tracking(out_path: Path, face_video, tracking, flame: FLAME, progress=None) -> Path:
-    """The -v video: crop | mesh overlay with detected and fitted landmarks | shaded mesh."""
+def write_visualization_from_tracking(out_path: Path, face_video, tracking, flame: FLAME, progress=None,
+                                      albedo: Optional[AlbedoTexture] = None) -> Path:
+    """The -v video: crop | mesh overlay with detected and fitted landmarks | shaded mesh.
+
+    albedo: synthesis's fitted texture; the mesh is then rendered with it
+    under the track's SH `lighting` ([9,3] or [T,9,3]), as synthesis saw it.
+    """
     from .visualize import write_visualization
 
     mesh = _ChunkedMesh(tracking, flame)
@@ -449,9 +490,12 @@ def write_visualization_from_tracking(out_path: Path, face_video, tracking, flam
     fx, fy = (float(v) for v in tracking["focal_length"])
     cx, cy = (float(v) for v in tracking["principal_point"])
     K = np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1.0]])
+    appearance = {}
+    if albedo is not None:
+        appearance = {"textures": albedo.image, "face_uvs": albedo.face_uvs, "lighting": tracking["lighting"]}
     return write_visualization(out_path, face_video.frames(), mesh, flame.faces.numpy(), K,
                                lmk_detected=tracking["lmk68"], lmk_fitted=lmk_fitted, fps=float(tracking["fps"]),
-                               valid=tracking["valid"], progress=progress)
+                               valid=tracking["valid"], progress=progress, **appearance)
 
 
 # ----------------------------------------------------------------------------
@@ -484,6 +528,8 @@ def run(cfg: TrackConfig) -> List[VideoOutcome]:
     from .assets import require, tiers_for
 
     require(cfg.assets_dir, tiers_for(emoca=not cfg.no_emoca, synthesis=cfg.synthesis))
+    if cfg.synthesis:
+        _texture_space_path(cfg.assets_dir)
     if cfg.synthesis and cfg.landmarks_file is not None and cfg.data is None:
         raise UsageError("--synthesis fits the video frames: pass --data with --landmarks")
     if cfg.landmarks_file is not None:

@@ -6,10 +6,11 @@ Each output frame has three panels of the crop's size:
 
 Detected landmarks are drawn in green, fitted (projected model) landmarks in
 magenta; frames the tracker marked invalid get a red border. The mesh is
-rendered with `lightning_ft.render` (textured when synthesis produced
-per-vertex colours or a UV texture, grey Lambert otherwise). The video is
-H.264 (libx264, yuv420p) at the source frame rate, written to a temporary file
-in the destination folder and moved into place only when complete.
+rendered with `lightning_ft.render`: with synthesis's fitted albedo (a UV
+texture or per-vertex colours) under its spherical-harmonics lighting, grey
+Lambert otherwise. The video is H.264 (libx264, yuv420p) at the source frame
+rate, written to a temporary file in the destination folder and moved into
+place only when complete.
 """
 
 from __future__ import annotations
@@ -133,6 +134,7 @@ def write_visualization(
     progress: Optional[bool] = None,
     *,
     face_uvs: Optional[np.ndarray] = None,
+    lighting: Optional[np.ndarray] = None,
     overlay_alpha: float = 0.5,
     crf: int = 20,
     preset: str = "veryfast",
@@ -152,6 +154,9 @@ def write_visualization(
     valid: [T] bool; invalid frames get a red border.
     textures: optional per-vertex colours [V,3] or [T,V,3] (0..1 float or
         uint8), or with `face_uvs` [F,3,2] a UV texture [Ht,Wt,3].
+    lighting: optional SH coefficients [9,3] or per frame [T,9,3] (DECA's
+        convention, as synthesis fits them); the mesh is then lit by them
+        instead of the grey display light.
     progress: show a progress bar (None: when stderr is a terminal).
     """
     out_path = Path(out_path)
@@ -174,6 +179,7 @@ def write_visualization(
     K_all = _intrinsics(K)
     faces_t = torch.as_tensor(np.asarray(faces), dtype=torch.long)
     colours_t, texture_t, face_uvs_t = _texture_inputs(textures, face_uvs)
+    lighting_t = _lighting_input(lighting, T, out_path)
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = out_path.with_name(f".{out_path.stem}.{os.getpid()}.tmp{out_path.suffix or '.mp4'}")
@@ -194,7 +200,7 @@ def write_visualization(
             verts = vertices_cam(t) if callable(vertices_cam) else vertices_cam[t]
             K_t = K_all[t] if K_all.ndim == 3 else K_all
             shaded, mask = _render(verts, faces_t, K_t, (H, W), t, colours_t,
-                                   texture_t, face_uvs_t)
+                                   texture_t, face_uvs_t, lighting_t)
             frame = compose_frame(crop, shaded, mask, lmk_detected[t], lmk_fitted[t],
                                   bool(valid[t]), overlay_alpha)
             frame = _pad_even(frame)
@@ -241,16 +247,30 @@ def _texture_inputs(textures, face_uvs):
     return values, None, None
 
 
+def _lighting_input(lighting, T: int, out_path: Path) -> Optional[torch.Tensor]:
+    """SH coefficients as a [9,3] or [T,9,3] float tensor (None stays None)."""
+    if lighting is None:
+        return None
+    values = torch.as_tensor(np.asarray(lighting, dtype=np.float32))
+    if values.shape[-2:] != (9, 3) or values.dim() not in (2, 3) or (values.dim() == 3 and len(values) != T):
+        raise UsageError(f"{out_path}: lighting must be SH coefficients [9,3] or [{T},9,3], "
+                         f"got {tuple(values.shape)}")
+    return values
+
+
 def _render(verts, faces_t, K_t, size: Tuple[int, int], t: int, colours_t, texture_t,
-            face_uvs_t) -> Tuple[np.ndarray, np.ndarray]:
+            face_uvs_t, lighting_t) -> Tuple[np.ndarray, np.ndarray]:
     verts_t = torch.as_tensor(np.asarray(verts, dtype=np.float32))[None]
     K_tensor = torch.as_tensor(K_t, dtype=torch.float32)
     colours = None
     if colours_t is not None:
         colours = colours_t[t] if colours_t.dim() == 3 else colours_t
+    sh = None
+    if lighting_t is not None:
+        sh = (lighting_t[t] if lighting_t.dim() == 3 else lighting_t)[None]
     with torch.no_grad():
         rgb, mask = render_shaded(verts_t, faces_t, K_tensor, size, colors=colours,
-                                  face_uvs=face_uvs_t, texture=texture_t)
+                                  face_uvs=face_uvs_t, texture=texture_t, sh_coeffs=sh)
     return rgb[0].numpy(), mask[0].numpy()
 
 

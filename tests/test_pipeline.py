@@ -8,8 +8,11 @@ import torch
 
 from lightning_ft.cli import main, resolve_device, track_main
 from lightning_ft.errors import UsageError
-from lightning_ft.output import TRACKING_KEYS, is_finished, write_result
+from lightning_ft.output import TRACKING_KEYS, is_finished, load_tracking, write_result
 from lightning_ft.synthetic.sequences import make_sequence
+
+# One thread: two OpenMP threads spin against each other on the shared two cores.
+torch.set_num_threads(1)
 
 
 def test_missing_video_is_one_line_and_nonzero(capsys, tmp_path):
@@ -180,3 +183,114 @@ def test_emoca_tier_runs_end_to_end(tmp_path, assets_dir):
     meta = json.loads((tmp_path / "out" / "clip" / "meta.json").read_text())
     assert meta["emoca"]["used"] and "emoca" in meta["stage_seconds"]
     assert np.isfinite(meta["quality"]["mean_error_68_px"])
+
+
+# ----------------------------------------------------------------------------
+# --synthesis
+
+
+def _assets_with(assets_dir, tmp_path, texture_files):
+    """A copy of the FLAME-tier assets with `texture_files(flame_folder)` added."""
+    import shutil
+
+    assets = tmp_path / "assets"
+    shutil.copytree(assets_dir, assets)
+    texture_files(assets / "FLAME")
+    return assets
+
+
+@pytest.fixture(scope="module")
+def synthesis_run(tmp_path_factory, assets_dir, flame_model):
+    """A few carphone frames tracked with --synthesis -v (`pipeline.run`, as
+    the CLI calls it, with few Adam steps: what is checked here is the
+    plumbing, not the fit): the procedural FLAME and a smooth skin-coloured
+    texture space whose UVs fit it."""
+    from lightning_ft.pipeline import TrackConfig, run
+    from lightning_ft.synthesis import SynthesisConfig
+    from lightning_ft.synthetic.clips import carphone_path, write_excerpt
+    from lightning_ft.synthetic.texture_files import write_synthetic_texture_for_mesh
+
+    d = tmp_path_factory.mktemp("synthesis")
+    assets = _assets_with(assets_dir, d, lambda folder: write_synthetic_texture_for_mesh(
+        folder / "FLAME_texture.npz", flame_model.v_template.numpy(), flame_model.faces.numpy(), size=64, n_comp=8))
+    clip = write_excerpt(carphone_path(), d / "clip.mp4", n_frames=4)
+    cfg = TrackConfig(data=clip, out_dir=d / "out", assets_dir=assets, visualize=True, synthesis=True,
+                      no_emoca=True, image_size=128, progress=False,
+                      synthesis_config=SynthesisConfig(iterations=4, appearance_iterations=8))
+    outcomes = run(cfg)
+    return [o.status for o in outcomes], assets, d / "out" / "clip"
+
+
+def test_synthesis_adds_texture_lighting_and_photometric_errors(synthesis_run):
+    status, _, folder = synthesis_run
+    assert status == ["done"] and is_finished(folder)
+    with np.load(folder / "tracking.npz") as z:
+        r = {k: z[k] for k in z.files}
+    T = len(r["frame_ids"])
+    assert set(r) == set(TRACKING_KEYS) | {"texture", "lighting"}
+    assert r["texture"].shape == (8,)  # all 8 components of the file (fewer than SynthesisConfig.n_texture)
+    assert r["lighting"].shape == (T, 9, 3)  # per-frame lighting, the default
+    assert np.isfinite(r["texture"]).all() and np.isfinite(r["lighting"]).all()
+    meta = json.loads((folder / "meta.json").read_text())
+    s = meta["synthesis"]
+    assert s["lighting_mode"] == "per_frame" and s["texture_space"] == "FLAME_texture"
+    assert 0 < s["photometric_error_after"] < 1 and 0 < s["photometric_error_before"] < 1
+    assert s["settings"]["iterations"] == 4
+    assert {"synthesis", "visualization"} <= set(meta["stage_seconds"])
+
+
+def test_visualization_after_synthesis_shows_the_fitted_appearance(synthesis_run, flame_model):
+    """The right panel of frame 0 matches synthesis's own renderer
+    (`render_appearance`) with the saved texture and lighting inside the face
+    region, and is far from the grey display shading."""
+    import av
+
+    from lightning_ft.render import render_shaded
+    from lightning_ft.synthesis import face_region_mask, load_texture_space, render_appearance
+
+    status, assets, folder = synthesis_run
+    assert status == ["done"]
+    r = load_tracking(folder)
+    with av.open(str(folder / "visualization.mp4")) as container:
+        frame0 = next(container.decode(container.streams.video[0])).to_ndarray(format="rgb24")
+    H, W = (int(v) for v in r["image_size"])
+    panel = frame0[:H, 2 * W:3 * W].astype(np.float64)
+
+    verts = torch.as_tensor(_project(r, flame_model)[1][:1])
+    space = load_texture_space(assets / "FLAME" / "FLAME_texture.npz")
+    albedo = space.albedo(torch.as_tensor(r["texture"])).clamp(0, 1)
+    focal, pp = torch.as_tensor(r["focal_length"]), torch.as_tensor(r["principal_point"])
+    with torch.no_grad():
+        fitted = render_appearance(verts, flame_model.faces, space.face_uvs(), albedo,
+                                   torch.as_tensor(r["lighting"][:1]), focal, pp, (H, W), face_region_mask(flame_model))
+        K = torch.tensor([[focal[0], 0, pp[0]], [0, focal[1], pp[1]], [0, 0, 1.0]])
+        grey, _ = render_shaded(verts, flame_model.faces, K, (H, W))
+    # region pixels fully covered, two pixels away from its edge (H.264 halves the chroma resolution)
+    inner = (fitted.region & (fitted.coverage > 0.999)).numpy()[0]
+    inner = inner & np.roll(inner, 2, 0) & np.roll(inner, -2, 0) & np.roll(inner, 2, 1) & np.roll(inner, -2, 1)
+    assert inner.sum() > 200
+    err = np.abs(panel[inner] - 255 * fitted.colour[0].numpy()[inner]).mean()
+    err_grey = np.abs(panel[inner] - 255 * grey[0].numpy()[inner]).mean()
+    assert err < 6, (err, err_grey)
+    assert err_grey > 4 * err, (err, err_grey)
+
+
+@pytest.mark.parametrize("texture_files", ["none", "bfm_only"])
+def test_synthesis_without_the_texture_space_stops_before_work(texture_files, tmp_path, assets_dir, capsys):
+    """FLAME_texture.npz missing: an asset error before any work, also when
+    DECA's BFM albedo (which `assets check` accepts but has no UVs) is there."""
+    from lightning_ft.synthetic.texture_files import write_synthetic_bfm_albedo
+
+    def add(folder):
+        if texture_files == "bfm_only":
+            write_synthetic_bfm_albedo(folder / "FLAME_albedo_from_BFM.npz", size=8, n_comp=2)
+
+    assets = _assets_with(assets_dir, tmp_path, add)
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"not looked at")
+    rc = track_main(["--data", str(video), "--assets", str(assets), "--out", str(tmp_path / "out"), "--no-emoca",
+                     "--synthesis"])
+    err = capsys.readouterr().err
+    assert rc == 3, err
+    assert "FLAME_texture.npz" in err and "--synthesis" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

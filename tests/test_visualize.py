@@ -101,6 +101,31 @@ def test_odd_sizes_callable_meshes_and_uv_textures(tmp_path):
     assert centre[2] > 100 and centre[0] < 60 and centre[1] < 60
 
 
+def test_sh_lighting_per_frame_and_per_video(tmp_path):
+    """Only the constant SH band set: the grey mesh is lit uniformly, by
+    each frame's own coefficients when they are given per frame."""
+    from lightning_ft.errors import UsageError
+    from lightning_ft.render import DECA_SH_CONSTANTS
+
+    frames, vertices, faces, K, detected, fitted, valid = scene()
+    irradiance = 0.2 * (1 + np.arange(T))
+    lighting = np.zeros((T, 9, 3))
+    lighting[:, 0] = irradiance[:, None] / DECA_SH_CONSTANTS[0]
+    for name, light, expected in (("per_frame", lighting, irradiance), ("per_video", lighting[2], irradiance[[2] * T])):
+        out = write_visualization(tmp_path / f"{name}.mp4", frames, vertices, faces, K, detected, fitted, fps=25,
+                                  valid=np.ones(T, bool), lighting=light)
+        _, video = decode(out)
+        for t in range(T):
+            col = 2 * W + int(round((W - 1) / 2 + 150 * 0.01 * t / 0.6))
+            patch = video[t, H // 2 - 3:H // 2 + 4, col - 3:col + 4].astype(float)
+            # render_shaded's default albedo is 0.75 grey
+            assert abs(patch.mean() - 255 * 0.75 * expected[t]) < 4, (name, t, patch.mean())
+    with pytest.raises(UsageError, match="lighting"):
+        write_visualization(tmp_path / "bad.mp4", frames, vertices, faces, K, detected, fitted, fps=25,
+                            valid=valid, lighting=lighting[:3])
+    assert not (tmp_path / "bad.mp4").exists()
+
+
 def test_a_failure_leaves_no_partial_file_and_keeps_the_old_one(tmp_path):
     frames, vertices, faces, K, detected, fitted, valid = scene()
     out = tmp_path / "clip_vis.mp4"
