@@ -19,7 +19,7 @@ import torch
 from scipy.spatial import ConvexHull
 
 from lightning_ft.render import (antialias, face_adjacency, interpolate, project,
-                                 rasterize, render_shaded, vertex_normals)
+                                 rasterize, render_shaded)
 
 N_VERTS, N_FACES = 5023, 9976
 

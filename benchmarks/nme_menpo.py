@@ -16,7 +16,6 @@ points 36 and 45 of the ground truth), per image and averaged.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import subprocess
 import sys

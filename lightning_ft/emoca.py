@@ -477,7 +477,7 @@ class _CheckpointUnpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> Any:
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
             raise pickle.UnpicklingError(f"unsupported persistent id {pid!r:.60}")
-        storage_type, key, _location, numel = pid[1], pid[2], pid[3], pid[4]
+        storage_type, key, numel = pid[1], pid[2], pid[4]  # pid[3] is the location
         if not isinstance(storage_type, _StorageType):
             raise pickle.UnpicklingError(f"unsupported storage type {storage_type!r:.60}")
         return _LazyStorage(str(key), storage_type.dtype, int(numel))

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
-import shutil
 import sys
 import zipfile
 from collections import OrderedDict

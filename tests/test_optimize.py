@@ -1,8 +1,6 @@
 """The landmark fit: exact landmark-level FLAME, analytic Jacobians, recovery,
 robustness, chunking."""
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 import torch
