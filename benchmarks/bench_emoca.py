@@ -32,7 +32,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, Tuple
 
-# lightning_ft sets OMP_WAIT_POLICY=PASSIVE, which OpenMP reads when torch loads:
+# lightning_ft sets OpenMP's waiting (GOMP_SPINCOUNT), which it reads when torch loads:
 # importing it first measures what the tracker runs.
 from lightning_ft.emoca import CROP_SIZE, EmocaEncoder, crop_for_emoca  # isort: skip
 import numpy as np
@@ -224,8 +224,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"torch {torch.__version__}, {args.threads} CPU threads, OMP_WAIT_POLICY="
-          f"{os.environ.get('OMP_WAIT_POLICY')}, load average {load:.1f} at start")
+    print(f"torch {torch.__version__}, {args.threads} CPU threads, GOMP_SPINCOUNT="
+          f"{os.environ.get('GOMP_SPINCOUNT')} OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
+          f"load average {load:.1f} at start")
     if args.options:
         compare_options(args.threads, args.reps)
         print(f"load average {os.getloadavg()[0]:.1f} at end (other processes share these cores)")

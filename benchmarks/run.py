@@ -282,7 +282,7 @@ def bench_clip(clip: Path, assets: Path, work: Path, image_size: int, visualize:
 
 
 def _thread_env() -> Dict[str, Optional[str]]:
-    return {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS")}
+    return {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS")}
 
 
 def _torch_threads() -> int:

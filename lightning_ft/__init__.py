@@ -2,10 +2,16 @@
 
 import os
 
-# The fitting runs thousands of small torch ops; with OpenMP's default
-# active waiting, idle threads spin against the working one (measured 3.7-4.4x
-# slower whole runs on 2 cores at load 2-4, ~12x at load 8; benchmarks/RESULTS.md).
-# Must be set before torch starts its OpenMP runtime; a user's setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The fitting runs thousands of small torch ops, each an OpenMP parallel
+# region. libgomp's default lets idle threads spin 300k rounds between them,
+# which competes with the working thread and other jobs on a loaded machine
+# (whole runs 3.7-4.4x slower on 2 cores at load 2-4, ~12x at load 8), while
+# never spinning (OMP_WAIT_POLICY=PASSIVE) pays a wake-up per op on an idle
+# one (calibration 8.9 s vs 5.3 s). A short spin keeps most of both: 6.3 s
+# idle, 11.2 s beside two busy processes (PASSIVE 10.0 s, default 20.4 s);
+# benchmarks/RESULTS.md. Must be set before torch starts its OpenMP runtime;
+# a user's OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "2000")
 
 __version__ = "0.1.0"
