@@ -21,8 +21,8 @@ import torch
 
 from .errors import NoFaceError
 from .optimize import (ALL_BLOCKS, FitConfig, FrameParams, LandmarkBasis, Targets, _apply_step,
-                       _param_vector_terms, _point_arrays, _vector_cost, contour_rows, head_rotation_flame,
-                       initial_params, point_residuals)
+                       _param_vector_terms, _point_arrays, _vector_cost, contour_rows, fold_shape,
+                       head_rotation_flame, initial_params, point_residuals)
 
 
 @dataclass
@@ -80,17 +80,18 @@ def yaw_proxy(lmk68: np.ndarray) -> np.ndarray:
     return (a - b) / np.maximum(a + b, 1e-6)
 
 
-def _joint_linearize(full: LandmarkBasis, S: int, params: FrameParams, shape, log_f, targets, pp, cfg,
+def _joint_linearize(full: LandmarkBasis, folded, S: int, params: FrameParams, shape, log_f, targets, pp, cfg,
                      want_jac: bool, want_focal: bool = True):
     """Point residuals r [T,N]; with want_jac also the per-frame Jacobian
     A [T,N,15+E] (layout of `_layout(E)`) and the shared one B [T,N,S+1]
-    (shape, log focal)."""
+    (shape, log focal). `full` is the basis with shape taken as expression,
+    `folded` its `fold_shape` (computed once per fit)."""
     T = params.rotation.shape[0]
     f = torch.exp(log_f).reshape(1).expand(2)
     coeffs = torch.cat([shape.expand(T, -1), params.expression], 1)
     p = FrameParams(params.rotation, params.translation, coeffs, params.jaw, params.eyes, torch.zeros(0))
     rows = contour_rows(head_rotation_flame(params.rotation), full.n_rows)
-    arrays = _point_arrays(full, rows, torch.zeros(0))
+    arrays = _point_arrays(full, rows, folded=folded)
     if not want_jac:
         return point_residuals(full, arrays, p, targets, f, pp, cfg)[0]
     r, J = point_residuals(full, arrays, p, targets, f, pp, cfg, ALL_BLOCKS)[:2]
@@ -111,6 +112,7 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
     per-frame blocks. Returns (params with .shape, log focal, cost)."""
     S, E = basis.n_shape, basis.n_exp
     full = replace(basis, n_shape=0, n_exp=S + E)
+    folded = fold_shape(full, torch.zeros(0))
     shape = params.shape.clone()
     params = params.clone()
     mu = 1e-3
@@ -124,7 +126,7 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
                      + (shape ** 2).sum() / sigma_shape ** 2
                      + ((log_f - log_f0) / ccfg.focal_prior_sigma_log) ** 2)
 
-    r, A, B = _joint_linearize(full, S, params, shape, log_f, targets, pp, cfg, True, not fix_focal)
+    r, A, B = _joint_linearize(full, folded, S, params, shape, log_f, targets, pp, cfg, True, not fix_focal)
     cost = total(r, params, shape, log_f)
     for _ in range(iters):
         Hff = A.transpose(1, 2) @ A
@@ -150,7 +152,7 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
             trial = _apply_step(params, df, E)
             shape_t = shape + ds[:S]
             log_f_t = log_f if fix_focal else log_f + ds[S]
-            r_t = _joint_linearize(full, S, trial, shape_t, log_f_t, targets, pp, cfg, False)
+            r_t = _joint_linearize(full, folded, S, trial, shape_t, log_f_t, targets, pp, cfg, False)
             cost_t = total(r_t, trial, shape_t, log_f_t)
             if cost_t < cost:
                 rel = (cost - cost_t) / cost
@@ -161,7 +163,7 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
             mu = min(mu * 4, 1e7)
         if not improved or rel < 1e-6:
             break
-        r, A, B = _joint_linearize(full, S, params, shape, log_f, targets, pp, cfg, True, not fix_focal)
+        r, A, B = _joint_linearize(full, folded, S, params, shape, log_f, targets, pp, cfg, True, not fix_focal)
     params.shape = shape
     return params, log_f, cost
 

@@ -244,34 +244,42 @@ _POSE = slice(9, 36)  # pose-corrective features of jaw and eyes (the neck stays
 _ROT_FEATURES = {"jaw": slice(0, 9), "leye": slice(9, 18), "reye": slice(18, 27)}  # within _POSE
 
 
-def _point_arrays(basis: LandmarkBasis, rows: torch.Tensor, shape: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """Point arrays with the shape folded in.
-
-    Face points: shared (static + dense) s_* without a frame axis and contour
-    c_* gathered per frame [T,17,...]: M0 [..,3], ME [..,3,E], MP [..,3,36],
-    and the jaw's W0, WE, WP, omega; Q [..,6,E+27] stacks what a face point's
-    Jacobian multiplies (see `_point_jacobians`). Pupils p_*; joints J0 [3,3],
-    JE [3,3,E] (jaw, left eye, right eye).
-    """
+def fold_shape(basis: LandmarkBasis, shape: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Arrays of every basis point with the shape folded in: M0 [..,3],
+    ME [..,3,E], MP [..,3,36], the jaw's W0, WE, WP, omega, and Q [..,6,E+27]
+    (what a face point's Jacobian multiplies, see `_point_jacobians`); the
+    shared points' (static + dense) s_*, the pupils' p_*, joints J0 [3,3]
+    and JE [3,3,E] (jaw, left eye, right eye). None depends on the contour
+    rows, so a fit computes them once."""
     S = basis.n_shape
-    cs, ds, ps = basis.contour_start, basis.dense_start, basis.pupil_start
-    shared_ids = torch.cat([torch.arange(cs), torch.arange(ds, ps)])
-    contour_ids = cs + rows[:, None] * 17 + torch.arange(17)  # [T,17]
-    M0 = basis.M0 + basis.MD[..., :S] @ shape
-    W0 = basis.W0[0] + basis.WD[0][..., :S] @ shape
-    J0 = basis.J0 + basis.Jd[..., :S] @ shape
     JE = basis.Jd[..., S:]
     WE = basis.WD[0][..., S:]
     # Face points follow the jaw: X = M + Aj (W - omega Jj), so d X = [I | Aj] Q d(e, feat).
     Q = torch.cat([torch.cat([basis.MD[..., S:], WE - basis.omega[0][:, None, None] * JE[0]], 1),
                    torch.cat([basis.MP[..., _POSE], basis.WP[0][..., _POSE]], 1)], 2)
-    full = {"M0": M0, "ME": basis.MD[..., S:], "MP": basis.MP, "W0": W0, "WE": WE,
-            "WP": basis.WP[0], "omega": basis.omega[0], "Q": Q}
-    out = {}
-    for k, a in full.items():
-        out["s_" + k] = a[shared_ids]
-        out["c_" + k] = a[contour_ids]
-    out.update(p_M0=M0[ps:ps + 2], p_ME=basis.MD[ps:ps + 2, :, S:], p_MP=basis.MP[ps:ps + 2], J0=J0, JE=JE)
+    out = {"M0": basis.M0 + basis.MD[..., :S] @ shape, "ME": basis.MD[..., S:], "MP": basis.MP,
+           "W0": basis.W0[0] + basis.WD[0][..., :S] @ shape, "WE": WE, "WP": basis.WP[0],
+           "omega": basis.omega[0], "Q": Q}
+    cs, ds, ps = basis.contour_start, basis.dense_start, basis.pupil_start
+    shared_ids = torch.cat([torch.arange(cs), torch.arange(ds, ps)])
+    out.update({"s_" + k: a[shared_ids] for k, a in out.items()})
+    out.update(p_M0=out["M0"][ps:ps + 2], p_ME=out["ME"][ps:ps + 2], p_MP=out["MP"][ps:ps + 2],
+               J0=basis.J0 + basis.Jd[..., :S] @ shape, JE=JE)
+    return out
+
+
+_CONTOUR_KEYS = ("M0", "ME", "MP", "W0", "WE", "WP", "omega", "Q")
+
+
+def _point_arrays(basis: LandmarkBasis, rows: torch.Tensor, shape: Optional[torch.Tensor] = None,
+                  folded: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+    """The active points' arrays: those of `fold_shape` (given, or computed
+    from `shape`) with the contour's c_* gathered per frame by `rows` [T]
+    ([T,17,...])."""
+    f = fold_shape(basis, shape) if folded is None else folded
+    contour_ids = basis.contour_start + rows[:, None] * 17 + torch.arange(17)  # [T,17]
+    out = {k: v for k, v in f.items() if k.startswith(("s_", "p_", "J"))}
+    out.update({"c_" + k: f[k][contour_ids] for k in _CONTOUR_KEYS})
     return out
 
 
@@ -583,7 +591,8 @@ def fit_frames(basis: LandmarkBasis, targets: Targets, init: FrameParams, focal:
     history = []
     it = 0
     rows = contour_rows(head_rotation_flame(params.rotation), basis.n_rows)
-    arrays = _point_arrays(basis, rows, params.shape)
+    folded = fold_shape(basis, params.shape)
+    arrays = _point_arrays(basis, rows, folded=folded)
     for it in range(1, cfg.max_iters + 1):
         nb = _neighbour_means(params, contiguous) if temporal else None
         r, J, err, valid = point_residuals(basis, arrays, params, targets, focal, pp, cfg, free, robust)
@@ -624,7 +633,7 @@ def fit_frames(basis: LandmarkBasis, targets: Targets, init: FrameParams, focal:
         new_rows = contour_rows(head_rotation_flame(params.rotation), basis.n_rows)
         if not torch.equal(new_rows, rows):
             rows = new_rows
-            arrays = _point_arrays(basis, rows, params.shape)
+            arrays = _point_arrays(basis, rows, folded=folded)
         # Converged when this iteration's accepted steps barely lowered the
         # cost (relative), after the robust weights have come in.
         if it >= 3 and (total_old - total_new) <= cfg.tol * max(total_old, 1e-12):
