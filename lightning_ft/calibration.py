@@ -31,6 +31,7 @@ class CalibrationConfig:
     seed: int = 0
     grid_factors: Sequence[float] = (0.5, 0.72, 1.0, 1.4, 2.0)
     iters: int = 12
+    coarse_iters: int = 8               # LM iterations per focal of the first, coarse sweep
     focal_prior_factor: float = 2.5     # prior centre = factor * image width (px)
     focal_prior_sigma_log: float = 0.5  # weak: a factor e^0.5 = 1.65 is one sigma
     sigma_shape: float = 1.0
@@ -185,7 +186,7 @@ def calibrate(basis: LandmarkBasis, targets: Targets, valid: np.ndarray, image_s
     # Profile the focal: the joint problem's valley along focal and shape is
     # long and flat, so LM with a free focal stalls where it starts, while the
     # profile (every other unknown refitted at each focal) has a clear minimum.
-    def profile(factors, start: Optional[FrameParams], start_f: Optional[float]):
+    def profile(factors, start: Optional[FrameParams], start_f: Optional[float], iters: int = ccfg.iters):
         out, params, prev_f = [], start, start_f
         for factor in factors:
             f = f0 * factor
@@ -196,7 +197,7 @@ def calibrate(basis: LandmarkBasis, targets: Targets, valid: np.ndarray, image_s
                 params = params.clone()
                 params.translation = params.translation * (f / prev_f)
             params, _, cost = _joint_fit(basis, sub, params, torch.tensor(float(np.log(f))), pp, cfg, ccfg,
-                                         log_f0, iters=ccfg.iters)
+                                         log_f0, iters=iters)
             out.append((f, cost, params))
             prev_f = f
             if start is not None:  # second pass: every focal from the best basin
@@ -207,7 +208,7 @@ def calibrate(basis: LandmarkBasis, targets: Targets, valid: np.ndarray, image_s
     # second refits the best focal's neighbours from the best solution, so
     # the profile near its minimum compares one basin at different focals
     # rather than whichever basin each warm start happened to reach.
-    coarse = profile(ccfg.grid_factors, None, None)
+    coarse = profile(ccfg.grid_factors, None, None, ccfg.coarse_iters)
     k = int(np.argmin([c for _, c, _ in coarse]))
     # A minimum at the edge of the grid: walk on (within the prior's reach).
     step = ccfg.grid_factors[1] / ccfg.grid_factors[0]
