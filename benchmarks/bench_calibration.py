@@ -7,6 +7,7 @@ Prints the estimated focal, its error, CPU seconds and the final profile
 points (focal px, cost) of each run.
 """
 
+import lightning_ft  # first: it sets OpenMP's waiting before torch loads, as in a run
 import argparse
 import tempfile
 import time
@@ -29,6 +30,7 @@ def main():
     ap.add_argument("--frames", type=int, default=120)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
+    print(lightning_ft.openmp_settings(), flush=True)
     torch.set_num_threads(args.threads)
     files = write_synthetic_flame(Path(tempfile.mkdtemp()))
     flame = FLAME(files.model, files.landmark_embedding, files.mediapipe_embedding)

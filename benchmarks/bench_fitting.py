@@ -11,6 +11,7 @@ uses a 5023-vertex procedural model (FLAME's size) instead of 1200.
 
 from __future__ import annotations
 
+import lightning_ft  # first: it sets OpenMP's waiting before torch loads, as in a run
 import argparse
 import tempfile
 import time
@@ -78,6 +79,7 @@ def main():
     ap.add_argument("--full-size", action="store_true")
     ap.add_argument("--baseline-frames", type=int, default=256, help="frames the Adam baseline runs on")
     args = ap.parse_args()
+    print(lightning_ft.openmp_settings(), flush=True)
     torch.set_num_threads(args.threads)
     d = Path(tempfile.mkdtemp())
     files = write_synthetic_flame(d, n_vertices=5023 if args.full_size else 1200)

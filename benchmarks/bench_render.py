@@ -10,6 +10,7 @@ as a tracked face crop does. Run:
 
 from __future__ import annotations
 
+import lightning_ft  # noqa: F401, I001  (first: sets OpenMP's waiting before torch loads, as in a run)
 import argparse
 import os
 import time
@@ -74,6 +75,7 @@ def main() -> None:
     parser.add_argument("--zoom", type=float, default=1.0,
                         help="focal-length factor; 2 makes the head overflow the crop")
     args = parser.parse_args()
+    print(lightning_ft.openmp_settings(), flush=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -15,3 +15,9 @@ if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "2000")
 
 __version__ = "0.1.0"
+
+
+def openmp_settings() -> str:
+    """The OpenMP variables this process started torch with (for benchmark headers)."""
+    keys = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+    return " ".join(f"{k}={os.environ[k]}" for k in keys if k in os.environ) or "OpenMP defaults"
