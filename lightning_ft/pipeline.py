@@ -385,16 +385,24 @@ class AlbedoTexture:
     face_uvs: np.ndarray
 
 
-def _texture_space_path(assets_dir: Path) -> Path:
-    """The texture space --synthesis reads. `assets.require` also accepts
-    DECA's FLAME_albedo_from_BFM.npz, which has no UVs of its own, so this is
-    checked too before any work rather than after fitting."""
-    path = Path(assets_dir) / "FLAME" / "FLAME_texture.npz"
-    if not path.exists():
-        raise AssetError(f"{path}: not found; --synthesis reads FLAME's texture space (unzip TextureSpace.zip "
-                         f"into assets/FLAME or run 'lightning-ft assets fetch --item texture'; a BFM albedo "
-                         f"alone has no UVs), or run without --synthesis")
-    return path
+def _texture_space_files(assets_dir: Path) -> Tuple[Path, Optional[Path]]:
+    """The texture space --synthesis reads and, for one without UVs, the OBJ
+    they come from. FLAME_texture.npz carries its UVs; DECA's
+    FLAME_albedo_from_BFM.npz, which `assets check` accepts as well, is laid
+    out in FLAME's UV map and takes the UVs from head_template_mesh.obj (as
+    DECA does). Called before any work, so a missing piece costs no fitting."""
+    d = Path(assets_dir) / "FLAME"
+    flame_texture, bfm, obj = d / "FLAME_texture.npz", d / "FLAME_albedo_from_BFM.npz", d / "head_template_mesh.obj"
+    if flame_texture.exists():
+        return flame_texture, None
+    if bfm.exists():
+        if obj.exists():
+            return bfm, obj
+        raise AssetError(f"{bfm}: has no UVs of its own and {obj} is not there to give them (it comes with "
+                         f"FLAME_embedding.zip); add it, or FLAME_texture.npz, or run without --synthesis")
+    raise AssetError(f"{flame_texture}: not found; --synthesis reads FLAME's texture space (unzip TextureSpace.zip "
+                     f"into assets/FLAME or run 'lightning-ft assets fetch --item texture'), or run without "
+                     f"--synthesis")
 
 
 def _run_synthesis(flame: FLAME, frames_source, tracking: dict, valid, fps, timestamps, cfg: TrackConfig,
@@ -409,7 +417,8 @@ def _run_synthesis(flame: FLAME, frames_source, tracking: dict, valid, fps, time
         raise UsageError("--synthesis needs the video frames (--data)")
     with timer("synthesis"):
         scfg = replace(cfg.synthesis_config, smoothing=cfg.smoothing)
-        space = load_texture_space(_texture_space_path(cfg.assets_dir), n_components=scfg.n_texture)
+        texture_path, uv_obj = _texture_space_files(cfg.assets_dir)
+        space = load_texture_space(texture_path, n_components=scfg.n_texture, uv_obj=uv_obj)
         params = _params_from(tracking, torch.as_tensor(tracking["shape"], dtype=torch.float32))
         res = refine(flame, space, frames_source.frame, params, tracking["focal_length"],
                      tracking["principal_point"], tracking["lmk68"], valid, scfg, device=cfg.device,
@@ -529,7 +538,7 @@ def run(cfg: TrackConfig) -> List[VideoOutcome]:
 
     require(cfg.assets_dir, tiers_for(emoca=not cfg.no_emoca, synthesis=cfg.synthesis))
     if cfg.synthesis:
-        _texture_space_path(cfg.assets_dir)
+        _texture_space_files(cfg.assets_dir)
     if cfg.synthesis and cfg.landmarks_file is not None and cfg.data is None:
         raise UsageError("--synthesis fits the video frames: pass --data with --landmarks")
     if cfg.landmarks_file is not None:

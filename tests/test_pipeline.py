@@ -275,15 +275,20 @@ def test_visualization_after_synthesis_shows_the_fitted_appearance(synthesis_run
     assert err_grey > 4 * err, (err, err_grey)
 
 
-@pytest.mark.parametrize("texture_files", ["none", "bfm_only"])
+@pytest.mark.parametrize("texture_files", ["none", "bfm_only", "bfm_and_obj"])
 def test_synthesis_without_the_texture_space_stops_before_work(texture_files, tmp_path, assets_dir, capsys):
     """FLAME_texture.npz missing: an asset error before any work, also when
-    DECA's BFM albedo (which `assets check` accepts but has no UVs) is there."""
+    DECA's BFM albedo (which `assets check` accepts) is there without FLAME's
+    head_template_mesh.obj to give it UVs; with both, the run goes on (here
+    to the unreadable video)."""
     from lightning_ft.synthetic.texture_files import write_synthetic_bfm_albedo
 
     def add(folder):
-        if texture_files == "bfm_only":
+        if texture_files != "none":
             write_synthetic_bfm_albedo(folder / "FLAME_albedo_from_BFM.npz", size=8, n_comp=2)
+        if texture_files == "bfm_and_obj":
+            (folder / "head_template_mesh.obj").write_text("v 0 0 0\nv 1 0 0\nv 0 1 0\nvt 0 0\nvt 1 0\n"
+                                                           "vt 0 1\nf 1/1 2/2 3/3\n")
 
     assets = _assets_with(assets_dir, tmp_path, add)
     video = tmp_path / "clip.mp4"
@@ -291,6 +296,11 @@ def test_synthesis_without_the_texture_space_stops_before_work(texture_files, tm
     rc = track_main(["--data", str(video), "--assets", str(assets), "--out", str(tmp_path / "out"), "--no-emoca",
                      "--synthesis"])
     err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if texture_files == "bfm_and_obj":
+        assert rc not in (0, 3) and "clip.mp4" in err, err
+        return
     assert rc == 3, err
-    assert "FLAME_texture.npz" in err and "--synthesis" in err and "Traceback" not in err
+    assert "FLAME_texture.npz" in err and "--synthesis" in err
+    assert ("head_template_mesh.obj" in err) == (texture_files == "bfm_only"), err
     assert not (tmp_path / "out").exists()
