@@ -272,14 +272,15 @@ _CONTOUR_KEYS = ("M0", "ME", "MP", "W0", "WE", "WP", "omega", "Q")
 
 
 def _point_arrays(basis: LandmarkBasis, rows: torch.Tensor, shape: Optional[torch.Tensor] = None,
-                  folded: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+                  folded: Optional[Dict[str, torch.Tensor]] = None, jacobians: bool = True) -> Dict[str, torch.Tensor]:
     """The active points' arrays: those of `fold_shape` (given, or computed
     from `shape`) with the contour's c_* gathered per frame by `rows` [T]
-    ([T,17,...])."""
+    ([T,17,...]); c_Q, the largest, only for fits that form expression or
+    pose Jacobians (`jacobians`)."""
     f = fold_shape(basis, shape) if folded is None else folded
     contour_ids = basis.contour_start + rows[:, None] * 17 + torch.arange(17)  # [T,17]
     out = {k: v for k, v in f.items() if k.startswith(("s_", "p_", "J"))}
-    out.update({"c_" + k: f[k][contour_ids] for k in _CONTOUR_KEYS})
+    out.update({"c_" + k: f[k][contour_ids] for k in _CONTOUR_KEYS if jacobians or k != "Q"})
     return out
 
 
@@ -332,6 +333,8 @@ def _point_jacobians(a, parts, G: torch.Tensor, jaw_R, eye_R, need) -> Dict[str,
     Q of its point is one batched product for expression and pose correctives
     together.
     """
+    if not need:  # a rigid fit: no model-space derivative to form
+        return {}
     T, P = G.shape[:2]
     Ps = a["s_Q"].shape[0]
     Pf = P - 2
@@ -592,7 +595,8 @@ def fit_frames(basis: LandmarkBasis, targets: Targets, init: FrameParams, focal:
     it = 0
     rows = contour_rows(head_rotation_flame(params.rotation), basis.n_rows)
     folded = fold_shape(basis, params.shape)
-    arrays = _point_arrays(basis, rows, folded=folded)
+    jacobians = any(b in free for b in ("exp", "jaw", "eyes"))
+    arrays = _point_arrays(basis, rows, folded=folded, jacobians=jacobians)
     for it in range(1, cfg.max_iters + 1):
         nb = _neighbour_means(params, contiguous) if temporal else None
         r, J, err, valid = point_residuals(basis, arrays, params, targets, focal, pp, cfg, free, robust)
@@ -633,7 +637,7 @@ def fit_frames(basis: LandmarkBasis, targets: Targets, init: FrameParams, focal:
         new_rows = contour_rows(head_rotation_flame(params.rotation), basis.n_rows)
         if not torch.equal(new_rows, rows):
             rows = new_rows
-            arrays = _point_arrays(basis, rows, folded=folded)
+            arrays = _point_arrays(basis, rows, folded=folded, jacobians=jacobians)
         # Converged when this iteration's accepted steps barely lowered the
         # cost (relative), after the robust weights have come in.
         if it >= 3 and (total_old - total_new) <= cfg.tol * max(total_old, 1e-12):
@@ -652,7 +656,7 @@ def predict_landmarks(basis: LandmarkBasis, params: FrameParams, focal, pp) -> T
     """Reprojected 68 landmarks [T,68,2] (iBUG order) and dense points [T,M,2]."""
     T = params.rotation.shape[0]
     rows = contour_rows(head_rotation_flame(params.rotation), basis.n_rows)
-    arrays = _point_arrays(basis, rows, params.shape)
+    arrays = _point_arrays(basis, rows, params.shape, jacobians=False)
     X, _ = model_points(basis, arrays, params.expression, batch_rodrigues(params.jaw),
                         batch_rodrigues(params.eyes.reshape(-1, 3)).reshape(T, 2, 3, 3))
     uv = project(torch.einsum("tij,tpj->tpi", params.rotation, X) + params.translation[:, None], focal, pp)
@@ -675,7 +679,7 @@ def initial_params(basis: LandmarkBasis, targets: Targets, focal: torch.Tensor, 
     E = basis.n_exp
     shape = torch.zeros(basis.n_shape) if shape is None else shape
     R0 = FLIP_YZ.expand(T, 3, 3).clone() if rotation is None else rotation.clone()
-    arr = _point_arrays(basis, torch.zeros(1, dtype=torch.long), shape)
+    arr = _point_arrays(basis, torch.zeros(1, dtype=torch.long), shape, jacobians=False)
     X = arr["s_M0"][:basis.n_static]  # neutral static landmarks (iBUG 17..67)
     eye_model = (X[36 - 17] - X[45 - 17]).norm()
     eye_img = (targets.lmk68[:, 36] - targets.lmk68[:, 45]).norm(dim=-1)
