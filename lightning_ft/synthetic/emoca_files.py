@@ -29,7 +29,7 @@ import types
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator
 
 import torch
 
