@@ -421,6 +421,12 @@ def _closure_index(basis: LandmarkBasis) -> Tuple[torch.Tensor, torch.Tensor]:
     return (torch.tensor([pos(a) for a, _ in CLOSURE_PAIRS]), torch.tensor([pos(b) for _, b in CLOSURE_PAIRS]))
 
 
+def _model_needs(free) -> set:
+    """The model-space Jacobians (`_point_jacobians`) the free blocks need;
+    none for a rigid fit."""
+    return ({"exp", "jaw"} & set(free)) | ({"leye", "reye"} if "eyes" in free else set())
+
+
 def point_residuals(basis, arrays, params, targets, focal, pp, cfg, free=(), robust_w=None):
     """Weighted point and closure residuals r [T,N] (in 512-pixel units) and,
     for the blocks in `free` (of rot, trans, exp, jaw, eyes), the Jacobian
@@ -453,8 +459,7 @@ def point_residuals(basis, arrays, params, targets, focal, pp, cfg, free=(), rob
     du = torch.stack([fx / z, torch.zeros_like(z), -fx * pcam[..., 0] / z ** 2], -1) * scale  # [T,P,3]
     dv = torch.stack([torch.zeros_like(z), fy / z, -fy * pcam[..., 1] / z ** 2], -1) * scale
     dproj = torch.stack([du, dv], 2)  # [T,P,2,3] d uv / d pcam
-    need = {"exp"} & set(free) | ({"jaw"} & set(free)) | ({"leye", "reye"} if "eyes" in free else set())
-    model_jac = _point_jacobians(arrays, parts, dproj @ params.rotation[:, None], jaw_R, eye_R, need)
+    model_jac = _point_jacobians(arrays, parts, dproj @ params.rotation[:, None], jaw_R, eye_R, _model_needs(free))
     blocks = []
     for b in ("rot", "trans", "exp", "jaw", "eyes"):
         if b not in free:
@@ -595,7 +600,7 @@ def fit_frames(basis: LandmarkBasis, targets: Targets, init: FrameParams, focal:
     it = 0
     rows = contour_rows(head_rotation_flame(params.rotation), basis.n_rows)
     folded = fold_shape(basis, params.shape)
-    jacobians = any(b in free for b in ("exp", "jaw", "eyes"))
+    jacobians = bool(_model_needs(free))
     arrays = _point_arrays(basis, rows, folded=folded, jacobians=jacobians)
     for it in range(1, cfg.max_iters + 1):
         nb = _neighbour_means(params, contiguous) if temporal else None
