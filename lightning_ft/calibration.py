@@ -31,7 +31,8 @@ class CalibrationConfig:
     seed: int = 0
     grid_factors: Sequence[float] = (0.5, 0.72, 1.0, 1.4, 2.0)
     iters: int = 12
-    coarse_iters: int = 8               # LM iterations per focal of the first, coarse sweep
+    coarse_iters: int = 8               # LM iterations per focal of the coarse sweep
+    free_iters: int = 20                # LM iterations of the final fit with the focal free
     focal_prior_factor: float = 2.5     # prior centre = factor * image width (px)
     focal_prior_sigma_log: float = 0.5  # weak: a factor e^0.5 = 1.65 is one sigma
     sigma_shape: float = 1.0
@@ -42,7 +43,8 @@ class CalibrationConfig:
 @dataclass
 class Calibration:
     """focal_px [2] (fx = fy), principal_point [2] px, shape [n_shape],
-    frames [K] indices used, focal_costs: (focal, cost) per grid point."""
+    frames [K] indices used, focal_costs: (focal, cost) per grid point, then
+    the final free-focal fit's."""
 
     focal_px: np.ndarray
     principal_point: np.ndarray
@@ -81,18 +83,16 @@ def yaw_proxy(lmk68: np.ndarray) -> np.ndarray:
     return (a - b) / np.maximum(a + b, 1e-6)
 
 
-def _joint_linearize(full: LandmarkBasis, folded, S: int, params: FrameParams, shape, log_f, targets, pp, cfg,
+def _joint_linearize(full: LandmarkBasis, arrays, S: int, params: FrameParams, shape, log_f, targets, pp, cfg,
                      want_jac: bool, want_focal: bool = True):
     """Point residuals r [T,N]; with want_jac also the per-frame Jacobian
     A [T,N,15+E] (layout of `_layout(E)`) and the shared one B [T,N,S+1]
     (shape, log focal). `full` is the basis with shape taken as expression,
-    `folded` its `fold_shape` (computed once per fit)."""
+    `arrays` its `_point_arrays` for the current contour rows."""
     T = params.rotation.shape[0]
     f = torch.exp(log_f).reshape(1).expand(2)
     coeffs = torch.cat([shape.expand(T, -1), params.expression], 1)
     p = FrameParams(params.rotation, params.translation, coeffs, params.jaw, params.eyes, torch.zeros(0))
-    rows = contour_rows(head_rotation_flame(params.rotation), full.n_rows)
-    arrays = _point_arrays(full, rows, folded=folded)
     if not want_jac:
         return point_residuals(full, arrays, p, targets, f, pp, cfg)[0]
     r, J = point_residuals(full, arrays, p, targets, f, pp, cfg, ALL_BLOCKS)[:2]
@@ -127,7 +127,24 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
                      + (shape ** 2).sum() / sigma_shape ** 2
                      + ((log_f - log_f0) / ccfg.focal_prior_sigma_log) ** 2)
 
-    r, A, B = _joint_linearize(full, folded, S, params, shape, log_f, targets, pp, cfg, True, not fix_focal)
+    # The yaw-dependent contour correspondence is held fixed within a step and
+    # updated between steps, as in fit_frames: a trial scored with its own
+    # rows is a different cost than the one linearized, and LM then stalls
+    # (the focal profile came out jagged, 10-20 % off on noiseless data).
+    def linearize(params, shape, log_f):
+        rows = contour_rows(head_rotation_flame(params.rotation), full.n_rows)
+        arrays = _point_arrays(full, rows, folded=folded)
+        r, A, B = _joint_linearize(full, arrays, S, params, shape, log_f, targets, pp, cfg, True, not fix_focal)
+        if not fix_focal:
+            # The focal moves with every depth (a dolly zoom: tz scales with
+            # f), so its column holds only the perspective change. Against a
+            # fixed depth it is nearly the depth columns' sum, and the Schur
+            # complement, the difference of two large numbers, lost it in
+            # float32: free-focal LM stalled where it started.
+            B[..., -1] += params.translation[:, None, 2] * A[..., 5]
+        return arrays, r, A, B
+
+    arrays, r, A, B = linearize(params, shape, log_f)
     cost = total(r, params, shape, log_f)
     for _ in range(iters):
         Hff = A.transpose(1, 2) @ A
@@ -151,9 +168,11 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
             ds = -torch.linalg.solve(schur, rhs)
             df = -(Hinv_gf[..., 0] + Hinv_Hfs @ ds)
             trial = _apply_step(params, df, E)
+            if not fix_focal:
+                trial.translation[:, 2] *= torch.exp(ds[S])
             shape_t = shape + ds[:S]
             log_f_t = log_f if fix_focal else log_f + ds[S]
-            r_t = _joint_linearize(full, folded, S, trial, shape_t, log_f_t, targets, pp, cfg, False)
+            r_t = _joint_linearize(full, arrays, S, trial, shape_t, log_f_t, targets, pp, cfg, False)
             cost_t = total(r_t, trial, shape_t, log_f_t)
             if cost_t < cost:
                 rel = (cost - cost_t) / cost
@@ -164,7 +183,8 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
             mu = min(mu * 4, 1e7)
         if not improved or rel < 1e-6:
             break
-        r, A, B = _joint_linearize(full, folded, S, params, shape, log_f, targets, pp, cfg, True, not fix_focal)
+        arrays, r, A, B = linearize(params, shape, log_f)
+        cost = total(r, params, shape, log_f)  # under the new rows
     params.shape = shape
     return params, log_f, cost
 
@@ -183,9 +203,9 @@ def calibrate(basis: LandmarkBasis, targets: Targets, valid: np.ndarray, image_s
     shape0 = torch.zeros(basis.n_shape) if init_shape is None else torch.as_tensor(init_shape, dtype=torch.float32)
     f0 = ccfg.focal_prior_factor * W
     log_f0 = float(np.log(f0))
-    # Profile the focal: the joint problem's valley along focal and shape is
-    # long and flat, so LM with a free focal stalls where it starts, while the
-    # profile (every other unknown refitted at each focal) has a clear minimum.
+    # A coarse profile of the focal first (every other unknown refitted at
+    # each grid focal) finds the basin: LM with a free focal from a cold
+    # start wanders along the long, flat focal-shape valley.
     def profile(factors, start: Optional[FrameParams], start_f: Optional[float], iters: int = ccfg.iters):
         out, params, prev_f = [], start, start_f
         for factor in factors:
@@ -200,14 +220,10 @@ def calibrate(basis: LandmarkBasis, targets: Targets, valid: np.ndarray, image_s
                                          log_f0, iters=iters)
             out.append((f, cost, params))
             prev_f = f
-            if start is not None:  # second pass: every focal from the best basin
+            if start is not None:  # every focal from the given basin
                 params, prev_f = start, start_f
         return out
 
-    # Two passes: the first sweeps a coarse grid from a cold start; the
-    # second refits the best focal's neighbours from the best solution, so
-    # the profile near its minimum compares one basin at different focals
-    # rather than whichever basin each warm start happened to reach.
     coarse = profile(ccfg.grid_factors, None, None, ccfg.coarse_iters)
     k = int(np.argmin([c for _, c, _ in coarse]))
     # A minimum at the edge of the grid: walk on (within the prior's reach).
@@ -219,24 +235,17 @@ def calibrate(basis: LandmarkBasis, targets: Targets, valid: np.ndarray, image_s
         extra = profile([factor], coarse[k][2], coarse[k][0])
         coarse = sorted(coarse + extra, key=lambda x: x[0])
         k = int(np.argmin([c for _, c, _ in coarse]))
-    near = [coarse[i][0] / f0 for i in (k - 1, k + 1) if 0 <= i < len(coarse)]
-    results = sorted(profile(near, coarse[k][2], coarse[k][0]) + [coarse[k]], key=lambda x: x[0])
-    costs = np.array([c for _, c, _ in results])
-    k = int(np.argmin(costs))
-    best_f, best_params = results[k][0], results[k][2]
-    if 0 < k < len(results) - 1:  # parabola through the neighbours in log focal
-        x = np.log([results[k - 1][0], results[k][0], results[k + 1][0]])
-        a, b, _ = np.polyfit(x, costs[k - 1:k + 2], 2)
-        if a > 0:
-            f_ref = float(np.exp(np.clip(-b / (2 * a), x[0], x[2])))
-            init = best_params.clone()
-            init.translation = init.translation * (f_ref / best_f)
-            params, _, cost = _joint_fit(basis, sub, init, torch.tensor(float(np.log(f_ref))), pp, cfg, ccfg, log_f0,
-                                         iters=ccfg.iters)
-            # The parabola's vertex estimates the profile minimum better than
-            # any grid point, even when its refit lands a hair above in cost.
-            best_f, best_params = f_ref, params
-    results = [(float(f), float(c)) for f, c, _ in results]
+    # From the best grid point's basin, LM with the focal free: with the
+    # contour correspondence held within each step the valley is smooth, and
+    # it reaches the profile's minimum in one fit (the older refits of the
+    # grid neighbours and a parabola through them cost 3 fits and missed it
+    # by several percent on noiseless data: the profile is not a parabola
+    # over a 1.4x focal step).
+    best_f, _, start = coarse[k]
+    best_params, log_f, cost = _joint_fit(basis, sub, start, torch.tensor(float(np.log(best_f))), pp, cfg, ccfg,
+                                          log_f0, iters=ccfg.free_iters, fix_focal=False)
+    best_f = float(torch.exp(log_f))
+    results = [(float(f), float(c)) for f, c, _ in coarse] + [(best_f, float(cost))]
     return Calibration(
         focal_px=np.array([best_f, best_f], dtype=np.float64), principal_point=pp.numpy().astype(np.float64),
         shape=best_params.shape.numpy().astype(np.float64), frames=frames, focal_costs=results)

@@ -118,13 +118,15 @@ def test_ground_truth_recovery(gt_run, flame_model):
     # the noiseless landmarks: the bound.
     reproj = np.linalg.norm(uv - seq.clean_lmk68, axis=-1).mean()
     assert reproj <= 1.0
-    # Focal and 3-D error: regression bounds looser than the goals
-    # (5 %, 3 mm), which this calibration does not meet on every seed yet.
+    # Focal within the 5 %. The 3-D error's bound is a regression
+    # bound above the 3 mm goal: with 1 px noise on 32 frames the
+    # focal is a few percent off, and after the scale alignment a focal off
+    # by x % leaves the head about x % too large or small (~0.8 mm per %).
     focal_err = abs(r["focal_length"][0] / seq.focal - 1)
-    assert focal_err < 0.15
+    assert focal_err <= 0.05
     s = (verts * seq.vertices_cam).sum() / (verts ** 2).sum()
     aligned = np.linalg.norm(s * verts - seq.vertices_cam, axis=-1).mean()
-    assert aligned < 0.008
+    assert aligned < 0.005
     print(f"reprojection {reproj:.3f} px, focal error {100 * focal_err:.1f} %, vertex error "
           f"{1000 * np.linalg.norm(verts - seq.vertices_cam, axis=-1).mean():.2f} mm unaligned, "
           f"{1000 * aligned:.2f} mm after scale {s:.3f}")
