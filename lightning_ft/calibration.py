@@ -106,6 +106,16 @@ def _joint_linearize(full: LandmarkBasis, arrays, S: int, params: FrameParams, s
     return r, J[..., frame_cols], torch.cat([J[..., 6:6 + S], J_logf], -1)
 
 
+def _spd_solve(H: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """H^-1 rhs for damped Gauss-Newton blocks H [...,n,n] (symmetric
+    positive definite): Cholesky, about 1.4x faster than LU here; LU where
+    float32 rounding leaves a block indefinite."""
+    L, info = torch.linalg.cholesky_ex(H)
+    if bool((info == 0).all()):
+        return torch.cholesky_solve(rhs, L)
+    return torch.linalg.solve(H, rhs)
+
+
 def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_f: torch.Tensor, pp, cfg: FitConfig,
                ccfg: CalibrationConfig, log_f0: float, iters: int = 40, fix_focal: bool = True):
     """Levenberg-Marquardt on the sampled frames with shared shape (and
@@ -154,17 +164,23 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
             gf = gf + w * a
         gf = gf[..., None]
         Hfs = A.transpose(1, 2) @ B
-        Hss = torch.einsum("tni,tnj->ij", B, B) + torch.diag(prior_diag)
-        gs = torch.einsum("tni,tn->i", B, r) + torch.cat(
+        # Sums over frames and points as one matrix product each (einsum
+        # took 2-17x longer for these shapes).
+        B_flat = B.reshape(-1, n_shared)
+        Hss = B_flat.T @ B_flat + torch.diag(prior_diag)
+        gs = B_flat.T @ r.reshape(-1) + torch.cat(
             [shape / sigma_shape ** 2, ((log_f - log_f0) / ccfg.focal_prior_sigma_log ** 2).reshape(1)])[:n_shared]
+        Hfs_gf = torch.cat([Hfs, gf], -1)
+        Hfs_flat = Hfs.reshape(-1, n_shared)
         improved, rel = False, 0.0
         for _ in range(6):
             Hff_d = Hff + torch.diag_embed(mu * (torch.diagonal(Hff, dim1=1, dim2=2) + 1e-6))
             Hss_d = Hss + mu * torch.diag(torch.diagonal(Hss) + 1e-6)
-            X = torch.linalg.solve(Hff_d, torch.cat([Hfs, gf], -1))
+            X = _spd_solve(Hff_d, Hfs_gf)
             Hinv_Hfs, Hinv_gf = X[..., :-1], X[..., -1:]
-            schur = Hss_d - torch.einsum("tfi,tfj->ij", Hfs, Hinv_Hfs)
-            rhs = gs - torch.einsum("tfi,tfo->i", Hfs, Hinv_gf)
+            reduced = Hfs_flat.T @ X.reshape(-1, n_shared + 1)  # [Hfs' Hff^-1 Hfs | Hfs' Hff^-1 gf]
+            schur = Hss_d - reduced[:, :-1]
+            rhs = gs - reduced[:, -1]
             ds = -torch.linalg.solve(schur, rhs)
             df = -(Hinv_gf[..., 0] + Hinv_Hfs @ ds)
             trial = _apply_step(params, df, E)
