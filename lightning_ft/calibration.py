@@ -31,7 +31,7 @@ class CalibrationConfig:
     seed: int = 0
     grid_factors: Sequence[float] = (0.5, 0.72, 1.0, 1.4, 2.0)
     iters: int = 12
-    coarse_iters: int = 8               # LM iterations per focal of the coarse sweep
+    coarse_iters: int = 5               # LM iterations per focal of the coarse sweep
     free_iters: int = 20                # LM iterations of the final fit with the focal free
     focal_prior_factor: float = 2.5     # prior centre = factor * image width (px)
     focal_prior_sigma_log: float = 0.5  # weak: a factor e^0.5 = 1.65 is one sigma
