@@ -95,15 +95,13 @@ def _joint_linearize(full: LandmarkBasis, arrays, S: int, params: FrameParams, s
     p = FrameParams(params.rotation, params.translation, coeffs, params.jaw, params.eyes, torch.zeros(0))
     if not want_jac:
         return point_residuals(full, arrays, p, targets, f, pp, cfg)[0]
-    r, J = point_residuals(full, arrays, p, targets, f, pp, cfg, ALL_BLOCKS)[:2]
+    r, J = point_residuals(full, arrays, p, targets, f, pp, cfg, ALL_BLOCKS + (("focal",) if want_focal else ()))[:2]
     E = params.expression.shape[1]
     frame_cols = torch.cat([torch.arange(0, 6), torch.arange(6 + S, 15 + S + E)])
-    if not want_focal:  # a fixed focal needs no focal column (one residual pass fewer)
-        return r, J[..., frame_cols], J[..., 6:6 + S]
-    eps = 1e-4
-    r_eps = point_residuals(full, arrays, p, targets, f * (1 + eps), pp, cfg)[0]
-    J_logf = ((r_eps - r) / eps)[..., None]
-    return r, J[..., frame_cols], torch.cat([J[..., 6:6 + S], J_logf], -1)
+    shared_cols = torch.arange(6, 6 + S)
+    if want_focal:
+        shared_cols = torch.cat([shared_cols, torch.tensor([J.shape[-1] - 1])])
+    return r, J[..., frame_cols], J[..., shared_cols]
 
 
 def _spd_solve(H: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:

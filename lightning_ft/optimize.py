@@ -435,7 +435,8 @@ def _model_needs(free) -> set:
 def point_residuals(basis, arrays, params, targets, focal, pp, cfg, free=(), robust_w=None):
     """Weighted point and closure residuals r [T,N] (in 512-pixel units) and,
     for the blocks in `free` (of rot, trans, exp, jaw, eyes), the Jacobian
-    J [T,N,D_free] with columns in `_layout` order restricted to `free`.
+    J [T,N,D_free] with columns in `_layout` order restricted to `free`;
+    "focal" in `free` appends one column, d r / d log f (fx = fy = f).
     Also returns the per-point pixel errors [T,P] and validity [T,P]."""
     T = params.rotation.shape[0]
     jaw_R = batch_rodrigues(params.jaw)
@@ -477,6 +478,8 @@ def point_residuals(basis, arrays, params, targets, focal, pp, cfg, free=(), rob
             blocks += [model_jac["leye"], model_jac["reye"]]
         else:
             blocks.append(model_jac[b])
+    if "focal" in free:  # u = f x/z + cx: d u / d log f = u - cx
+        blocks.append(((uv - pp) * scale)[..., None])
     D = sum(x.shape[-1] for x in blocks)
     n_cl = len(pa)
     J = torch.empty(T, 2 * (P + n_cl), D)

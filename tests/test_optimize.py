@@ -63,6 +63,14 @@ def test_jacobian_matches_finite_differences(basis, seq):
         num = (rp - rm) / (2 * eps)
         scale = num.abs().max().clamp(min=1e-3)
         assert (num - J[..., col]).abs().max() / scale < 2e-2, col
+    # The calibration's focal column: d r / d log f, the other columns unchanged.
+    r_f, J_f = point_residuals(basis, arrays, p, tg, FOCAL, PP, cfg, ALL_BLOCKS + ("focal",))[:2]
+    assert torch.equal(r_f, r) and torch.equal(J_f[..., :-1], J)
+    eps = 1e-3
+    rp = point_residuals(basis, arrays, p, tg, FOCAL * np.exp(eps), PP, cfg)[0]
+    rm = point_residuals(basis, arrays, p, tg, FOCAL * np.exp(-eps), PP, cfg)[0]
+    num = (rp - rm) / (2 * eps)
+    assert (num - J_f[..., -1]).abs().max() / num.abs().max() < 1e-2
 
 
 def test_fit_recovers_from_a_rigid_start(basis, seq):
