@@ -2,13 +2,17 @@
 
 A joint fit of focal length and shape is ill-conditioned: a narrower face seen
 from closer looks much like a wider face from farther, so shape soaks up
-perspective. We therefore fit focal length, shape and the
-per-frame poses jointly by Levenberg-Marquardt (the per-frame blocks are
-eliminated through their Schur complement, so a step costs little more than
-per-frame fitting), with shape under its N(0, I) prior and a weak log-normal
-prior on the focal, from a few starting focals; the lowest cost wins. Frames are chosen
-spread over time and over head pose, since rotation is what separates depth
-structure from shape.
+perspective. We fit shape and the per-frame poses and expressions by
+Levenberg-Marquardt at a coarse grid of fixed focals (the per-frame blocks
+are eliminated through their Schur complement, so a step costs little more
+than per-frame fitting), with shape under its N(0, I) prior and a weak
+log-normal prior on the focal; from the best grid point one more LM fit
+frees the focal, moving every depth with it so that its Jacobian column
+holds only the perspective change. Frames are chosen spread over time and
+over head pose, since rotation is what separates depth structure from shape.
+With 1 px landmark noise and 32 frames the focal is noise-limited to a few
+percent at 800-1200 px on 512 px crops and to ~10 % at 2000 px
+(benchmarks/bench_calibration.py).
 """
 
 from __future__ import annotations
