@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence, Tuple, Union
 
 import av
+import cv2
 import numpy as np
 import torch
 
@@ -79,18 +80,22 @@ def compose_frame(
     the crop (NaN allowed); valid: False draws a red border.
     """
     H, W = crop.shape[:2]
-    crop_f = crop.astype(np.float32)
-    shaded_255 = shaded.astype(np.float32) * 255.0
-    cover = (overlay_alpha * mask.astype(np.float32))[..., None]
-    overlay = (crop_f * (1 - cover) + shaded_255 * cover).round().clip(0, 255).astype(np.uint8)
+    # OpenCV's per-pixel blends in uint8: the float32 numpy version of the
+    # same arithmetic took 24 of this function's 27 ms at 512 px (within one
+    # grey level of it: the rendering is rounded to uint8 first).
+    shaded_u8 = cv2.convertScaleAbs(np.ascontiguousarray(shaded, dtype=np.float32), alpha=255.0)
+    cover = overlay_alpha * np.ascontiguousarray(mask, dtype=np.float32)
+    overlay = cv2.blendLinear(np.ascontiguousarray(crop), shaded_u8, 1.0 - cover, cover)
     radius = max(2, int(round(min(H, W) / 128)))
     if lmk_detected is not None:
         draw_points(overlay, lmk_detected, DETECTED_RGB, radius)
     if lmk_fitted is not None:
         draw_points(overlay, lmk_fitted, FITTED_RGB, radius)
-    full = mask.astype(np.float32)[..., None]
-    mesh_panel = (shaded_255 + np.asarray(BACKGROUND_RGB, np.float32) * (1 - full))
-    mesh_panel = mesh_panel.round().clip(0, 255).astype(np.uint8)
+    full = np.ascontiguousarray(mask, dtype=np.float32)
+    background = np.empty_like(shaded_u8)
+    background[:] = BACKGROUND_RGB
+    # the rendering is on black: add the background where the mesh is not
+    mesh_panel = cv2.add(shaded_u8, cv2.blendLinear(background, np.zeros_like(background), 1.0 - full, full))
     frame = np.concatenate([crop, overlay, mesh_panel], axis=1)
     if not valid:
         border = max(2, min(H, W) // 40)
@@ -212,7 +217,8 @@ def write_visualization(
             elif (frame.shape[1], frame.shape[0]) != (stream.width, stream.height):
                 raise VideoError(f"{out_path}: frame {t} is {W}x{H}, unlike the first; "
                                  f"crops must share one size")
-            video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            # BT.601 limited range, as swscale would convert rgb24 for x264
+            video_frame = av.VideoFrame.from_ndarray(cv2.cvtColor(frame, cv2.COLOR_RGB2YUV_I420), format="yuv420p")
             for packet in stream.encode(video_frame):
                 container.mux(packet)
             n_written += 1
