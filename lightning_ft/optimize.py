@@ -390,8 +390,8 @@ def _point_jacobians(a, parts, G: torch.Tensor, jaw_R, eye_R, need) -> Dict[str,
                 v = _times_3x3(parts["Y"], jaw_R.transpose(1, 2))  # [T,Pf,3]
                 d[:, :Pf] += torch.linalg.cross(v[:, :, None].expand_as(Gf), Gf, dim=-1)
             else:
-                i = 0 if k == "leye" else 1
-                d[:, Pf + i] += torch.linalg.cross(parts["rel"][:, i, None].expand_as(Gp[:, i]), Gp[:, i], dim=-1)
+                e = 0 if k == "leye" else 1
+                d[:, Pf + e] += torch.linalg.cross(parts["rel"][:, e, None].expand_as(Gp[:, e]), Gp[:, e], dim=-1)
             out[k] = d
     return out
 
@@ -693,7 +693,7 @@ def predict_landmarks(basis: LandmarkBasis, params: FrameParams, focal, pp) -> T
     arrays = _point_arrays(basis, rows, params.shape, jacobians=False)
     X, _ = model_points(basis, arrays, params.expression, batch_rodrigues(params.jaw),
                         batch_rodrigues(params.eyes.reshape(-1, 3)).reshape(T, 2, 3, 3))
-    uv = project(torch.einsum("tij,tpj->tpi", params.rotation, X) + params.translation[:, None], focal, pp)
+    uv = project(_times_3x3(X, params.rotation.transpose(1, 2)) + params.translation[:, None], focal, pp)
     lay = active_point_layout(basis)
     lmk68 = torch.cat([uv[:, lay["contour"]], uv[:, lay["lmk68_inner"]]], 1)
     return lmk68, uv[:, lay["dense"]]
