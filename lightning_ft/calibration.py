@@ -25,8 +25,8 @@ import torch
 
 from .errors import NoFaceError
 from .optimize import (ALL_BLOCKS, FitConfig, FrameParams, LandmarkBasis, Targets, _apply_step,
-                       _param_vector_terms, _point_arrays, _vector_cost, contour_rows, fold_shape,
-                       head_rotation_flame, initial_params, point_residuals)
+                       _param_vector_terms, _point_arrays, _vector_cost, fold_shape, head_rotation_flame,
+                       held_contour_rows, initial_params, point_residuals)
 
 
 @dataclass
@@ -145,8 +145,11 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
     # updated between steps, as in fit_frames: a trial scored with its own
     # rows is a different cost than the one linearized, and LM then stalls
     # (the focal profile came out jagged, 10-20 % off on noiseless data).
+    rows = None
+
     def linearize(params, shape, log_f):
-        rows = contour_rows(head_rotation_flame(params.rotation), full.n_rows)
+        nonlocal rows
+        rows = held_contour_rows(head_rotation_flame(params.rotation), full.n_rows, rows)
         arrays = _point_arrays(full, rows, folded=folded)
         r, A, B = _joint_linearize(full, arrays, S, params, shape, log_f, targets, pp, cfg, True, not fix_focal)
         if not fix_focal:

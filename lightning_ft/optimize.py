@@ -25,7 +25,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from .flame import FLAME, contour_rows
+from .flame import FLAME, contour_rows, rotation_yaw_degrees
 from .lbs import batch_rodrigues, rotation_matrix_to_axis_angle
 
 # FLAME's head looks along +z; an OpenCV camera sees a frontal face with the
@@ -289,6 +289,34 @@ def _point_arrays(basis: LandmarkBasis, rows: torch.Tensor, shape: Optional[torc
     return out
 
 
+def held_contour_rows(head_rotation: torch.Tensor, n_rows: int, previous: Optional[torch.Tensor],
+                      margin_deg: float = 0.25) -> torch.Tensor:
+    """`contour_rows` with hysteresis: a frame keeps its previous row [T]
+    while its yaw stays within 0.5 + margin_deg degrees of that row's yaw.
+    Without it a frame whose yaw sits near a half degree flipped rows every
+    iteration, each flip undoing the last step's gain: calibration spent its
+    last 15 iterations moving the cost by ~4 per step, one flip each."""
+    rows = contour_rows(head_rotation, n_rows)
+    if previous is None:
+        return rows
+    half = (n_rows - 1) // 2
+    previous_yaw = torch.where(previous > half, half - previous, previous).to(head_rotation.dtype)
+    keep = (rotation_yaw_degrees(head_rotation) - previous_yaw).abs() < 0.5 + margin_deg
+    return torch.where(keep, previous, rows)
+
+
+def _update_contour(arrays: Dict[str, torch.Tensor], basis: LandmarkBasis, folded: Dict[str, torch.Tensor],
+                    rows: torch.Tensor, changed: torch.Tensor) -> None:
+    """Regather the contour arrays c_* of `_point_arrays` in place for the
+    frames whose rows `changed` [T]: a few frames switch rows per
+    iteration, and regathering all took ~40 ms per fit of 250 frames."""
+    t = torch.nonzero(changed).flatten()
+    contour_ids = basis.contour_start + rows[t, None] * 17 + torch.arange(17)
+    for k in _CONTOUR_KEYS:
+        if "c_" + k in arrays:
+            arrays["c_" + k][t] = folded[k][contour_ids]
+
+
 def _times_3x3(X: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """X @ M[t] for X [T,...,3] and M [T,3,3], as three broadcast
     multiply-adds: batched matrix products with 3x3 factors took 2x as long
@@ -412,6 +440,9 @@ def head_rotation_flame(R_cv: torch.Tensor) -> torch.Tensor:
 # Residuals
 
 
+ALL_BLOCKS = ("rot", "trans", "exp", "jaw", "eyes")
+
+
 def _layout(E: int) -> Dict[str, slice]:
     return {"rot": slice(0, 3), "trans": slice(3, 6), "exp": slice(6, 6 + E),
             "jaw": slice(6 + E, 9 + E), "eyes": slice(9 + E, 15 + E)}
@@ -451,16 +482,22 @@ def _model_needs(free) -> set:
     return ({"exp", "jaw"} & set(free)) | ({"leye", "reye"} if "eyes" in free else set())
 
 
-def point_residuals(basis, arrays, params, targets, focal, pp, cfg, free=(), robust_w=None):
+def point_residuals(basis, arrays, params, targets, focal, pp, cfg, free=(), robust_w=None, points=None):
     """Weighted point and closure residuals r [T,N] (in 512-pixel units) and,
     for the blocks in `free` (of rot, trans, exp, jaw, eyes), the Jacobian
     J [T,N,D_free] with columns in `_layout` order restricted to `free`;
     "focal" in `free` appends one column, d r / d log f (fx = fy = f).
-    Also returns the per-point pixel errors [T,P] and validity [T,P]."""
+    Also returns the per-point pixel errors [T,P] and validity [T,P].
+    points: the model-space points [T,P,3] of `params`, when the caller
+    holds them (a rigid fit: they do not change); then `free` may hold
+    only rot, trans and focal."""
     T = params.rotation.shape[0]
-    jaw_R = batch_rodrigues(params.jaw)
-    eye_R = batch_rodrigues(params.eyes.reshape(-1, 3)).reshape(T, 2, 3, 3)
-    X, parts = model_points(basis, arrays, params.expression, jaw_R, eye_R)
+    if points is None:
+        jaw_R = batch_rodrigues(params.jaw)
+        eye_R = batch_rodrigues(params.eyes.reshape(-1, 3)).reshape(T, 2, 3, 3)
+        X, parts = model_points(basis, arrays, params.expression, jaw_R, eye_R)
+    else:
+        X = points
     RX = _times_3x3(X, params.rotation.transpose(1, 2))
     pcam = RX + params.translation[:, None]
     uv = project(pcam, focal, pp)
@@ -485,7 +522,7 @@ def point_residuals(basis, arrays, params, targets, focal, pp, cfg, free=(), rob
     dv = torch.stack([torch.zeros_like(z), fy / z, -fy * pcam[..., 1] / z ** 2], -1) * scale
     dproj = torch.stack([du, dv], 2)  # [T,P,2,3] d uv / d pcam
     G = (dproj.reshape(T, P * 2, 3) @ params.rotation).reshape(T, P, 2, 3)  # d uv / d model point
-    model_jac = _point_jacobians(arrays, parts, G, jaw_R, eye_R, _model_needs(free))
+    model_jac = _point_jacobians(arrays, parts, G, jaw_R, eye_R, _model_needs(free)) if points is None else {}
     blocks = []
     for b in ("rot", "trans", "exp", "jaw", "eyes"):
         if b not in free:
@@ -559,18 +596,25 @@ def _vector_cost(terms) -> torch.Tensor:
     return sum((w * a ** 2).sum(1) for a, w in terms)
 
 
-def _apply_step(params: FrameParams, step: torch.Tensor, E: int) -> FrameParams:
+def _apply_step(params: FrameParams, step: torch.Tensor, E: int, free=ALL_BLOCKS) -> FrameParams:
+    """params moved by step [T,15+E] (`_layout`); blocks not in `free` are
+    copied unchanged (their rotation updates are most of a rigid fit's step)."""
     L = _layout(E)
     out = params.clone()
-    out.rotation = batch_rodrigues(step[:, L["rot"]]) @ params.rotation
-    out.translation = params.translation + step[:, L["trans"]]
-    out.expression = params.expression + step[:, L["exp"]]
-    out.jaw = rotation_matrix_to_axis_angle(batch_rodrigues(step[:, L["jaw"]]) @ batch_rodrigues(params.jaw))
-    eyes = []
-    for i in range(2):
-        s = step[:, L["eyes"]][:, 3 * i:3 * i + 3]
-        eyes.append(rotation_matrix_to_axis_angle(batch_rodrigues(s) @ batch_rodrigues(params.eyes[:, 3 * i:3 * i + 3])))
-    out.eyes = torch.cat(eyes, 1)
+    if "rot" in free:
+        out.rotation = batch_rodrigues(step[:, L["rot"]]) @ params.rotation
+    if "trans" in free:
+        out.translation = params.translation + step[:, L["trans"]]
+    if "exp" in free:
+        out.expression = params.expression + step[:, L["exp"]]
+    if "jaw" in free:
+        out.jaw = rotation_matrix_to_axis_angle(batch_rodrigues(step[:, L["jaw"]]) @ batch_rodrigues(params.jaw))
+    if "eyes" in free:
+        eyes = []
+        for i in range(2):
+            s = step[:, L["eyes"]][:, 3 * i:3 * i + 3]
+            eyes.append(rotation_matrix_to_axis_angle(batch_rodrigues(s) @ batch_rodrigues(params.eyes[:, 3 * i:3 * i + 3])))
+        out.eyes = torch.cat(eyes, 1)
     return out
 
 
@@ -601,9 +645,6 @@ def _neighbour_means(params: FrameParams, order_ok: torch.Tensor):
 # ----------------------------------------------------------------------------
 # The solver
 
-ALL_BLOCKS = ("rot", "trans", "exp", "jaw", "eyes")
-
-
 def fit_frames(basis: LandmarkBasis, targets: Targets, init: FrameParams, focal: torch.Tensor,
                pp: torch.Tensor, cfg: FitConfig = FitConfig(), free: Tuple[str, ...] = ALL_BLOCKS,
                temporal: bool = True, contiguous: Optional[torch.Tensor] = None) -> FitResult:
@@ -630,9 +671,18 @@ def fit_frames(basis: LandmarkBasis, targets: Targets, init: FrameParams, focal:
     folded = fold_shape(basis, params.shape)
     jacobians = bool(_model_needs(free))
     arrays = _point_arrays(basis, rows, folded=folded, jacobians=jacobians)
+
+    def rigid_points():
+        # Expression, jaw and eyes fixed: the model-space points change only
+        # with the contour rows, so a rigid fit computes them once per rows.
+        T_ = params.rotation.shape[0]
+        return model_points(basis, arrays, params.expression, batch_rodrigues(params.jaw),
+                            batch_rodrigues(params.eyes.reshape(-1, 3)).reshape(T_, 2, 3, 3))[0]
+
+    points = None if jacobians or not set(free) <= {"rot", "trans"} else rigid_points()
     for it in range(1, cfg.max_iters + 1):
         nb = _neighbour_means(params, contiguous) if temporal else None
-        r, J, err, valid = point_residuals(basis, arrays, params, targets, focal, pp, cfg, free, robust)
+        r, J, err, valid = point_residuals(basis, arrays, params, targets, focal, pp, cfg, free, robust, points)
         terms = _param_vector_terms(params, cfg, nb)
         cost = (r ** 2).sum(1) + _vector_cost(terms)
         H = J.transpose(1, 2) @ J
@@ -647,8 +697,8 @@ def fit_frames(basis: LandmarkBasis, targets: Targets, init: FrameParams, focal:
             step_f = -torch.linalg.solve(A, g[..., None])[..., 0]
             step = torch.zeros(T, 15 + E)
             step[:, free_idx] = step_f
-            trial = _apply_step(params, step, E)
-            r_new, _, err_new, _ = point_residuals(basis, arrays, trial, targets, focal, pp, cfg, (), robust)
+            trial = _apply_step(params, step, E, free)
+            r_new, _, err_new, _ = point_residuals(basis, arrays, trial, targets, focal, pp, cfg, (), robust, points)
             cost_new = (r_new ** 2).sum(1) + _vector_cost(_param_vector_terms(trial, cfg, nb))
             ok = (cost_new < cost) & ~accepted
             err[ok] = err_new[ok]
@@ -669,14 +719,17 @@ def fit_frames(basis: LandmarkBasis, targets: Targets, init: FrameParams, focal:
             err512 = err * (512.0 / cfg.image_size)
             robust = (s2 / (s2 + err512 ** 2)) ** 2
         new_rows = contour_rows(head_rotation_flame(params.rotation), basis.n_rows)
-        if not torch.equal(new_rows, rows):
+        changed = new_rows != rows
+        if changed.any():
             rows = new_rows
-            arrays = _point_arrays(basis, rows, folded=folded, jacobians=jacobians)
+            _update_contour(arrays, basis, folded, rows, changed)
+            if points is not None:
+                points = rigid_points()
         # Converged when this iteration's accepted steps barely lowered the
         # cost (relative), after the robust weights have come in.
         if it >= 3 and (total_old - total_new) <= cfg.tol * max(total_old, 1e-12):
             break
-    _, _, err, valid = point_residuals(basis, arrays, params, targets, focal, pp, cfg)
+    _, _, err, valid = point_residuals(basis, arrays, params, targets, focal, pp, cfg, points=points)
     lay = active_point_layout(basis)
     v68 = torch.cat([valid[:, lay["contour"]], valid[:, lay["lmk68_inner"]]], 1)
     e68 = torch.cat([err[:, lay["contour"]], err[:, lay["lmk68_inner"]]], 1)
