@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_ft.optimize import (ALL_BLOCKS, FitConfig, FrameParams, Targets, _apply_step, _point_arrays,
-                                   build_basis, contour_rows, fit_frames, fit_sequence, head_rotation_flame,
-                                   initial_params, point_residuals, predict_landmarks)
+from lightning_ft.optimize import (ALL_BLOCKS, FitConfig, FrameParams, Targets, _apply_step, _normal_equations,
+                                   _point_arrays, build_basis, contour_rows, fit_frames, fit_sequence,
+                                   head_rotation_flame, initial_params, point_residuals, predict_landmarks)
 from lightning_ft.synthetic.sequences import make_sequence
 
 FOCAL = torch.tensor([1200.0, 1200.0])
@@ -71,6 +71,21 @@ def test_jacobian_matches_finite_differences(basis, seq):
     rm = point_residuals(basis, arrays, p, tg, FOCAL * np.exp(-eps), PP, cfg)[0]
     num = (rp - rm) / (2 * eps)
     assert (num - J_f[..., -1]).abs().max() / num.abs().max() < 1e-2
+
+
+def test_normal_equations_in_frame_blocks_equal_the_whole(basis, seq):
+    # fit_frames forms J^T J and J^T r a block of frames at a time (cache);
+    # blocks of 16 over 40 frames (16, 16, 8) must give the one-block result.
+    p = _gt(seq)
+    p.jaw = p.jaw + 0.1
+    tg = Targets.from_landmarks(seq.lmk68, seq.lmk_dense, basis)
+    arrays = _point_arrays(basis, contour_rows(head_rotation_flame(p.rotation), basis.n_rows), p.shape)
+    robust = torch.rand(40, arrays["s_M0"].shape[0] + 19)
+    whole = _normal_equations(basis, arrays, p, tg, FOCAL, PP, FitConfig(), ALL_BLOCKS, robust, None, block=40)
+    blocks = _normal_equations(basis, arrays, p, tg, FOCAL, PP, FitConfig(), ALL_BLOCKS, robust, None, block=16)
+    for a, b in zip(whole, blocks):
+        assert a.shape == b.shape
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-3)
 
 
 def test_fit_recovers_from_a_rigid_start(basis, seq):
