@@ -7,6 +7,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
+import cv2
 import numpy as np
 import pytest
 from scipy.ndimage import map_coordinates
@@ -90,6 +91,21 @@ def test_rotated_vfr_clip_decodes_upright_with_indices_and_pts(clips, rotation):
         top_left, bar = read_marks(image)
         assert top_left, f"frame {index} not upright"
         assert bar == index
+
+
+@pytest.mark.parametrize("rotation", [0, 90, 270])
+def test_strong_shrink_is_upright_and_area_averaged(clips, rotation):
+    # Shrinking by 2x or more goes through swscale (one pass, conversion of
+    # the small picture only): same picture as the full-size upright frame
+    # area-averaged by OpenCV, the 90-degree turn included.
+    full = [image for _, _, image in video.iter_frames(clips[rotation])]
+    small = [image for _, _, image in video.iter_frames(clips[rotation], max_side=W // 2)]
+    assert len(small) == len(full)
+    for big, little in zip(full, small):
+        assert little.shape == (H // 2, W // 2, 3)
+        expected = cv2.resize(big, (W // 2, H // 2), interpolation=cv2.INTER_AREA)
+        assert np.abs(little.astype(int) - expected).mean() < 4
+        assert little[:8, :8].mean() > 180  # the top-left marker stays top-left
 
 
 def test_fps_resampling_keeps_every_other_frame_of_60fps(clips):
