@@ -235,10 +235,7 @@ def calibrate(basis: LandmarkBasis, targets: Targets, valid: np.ndarray, image_s
             f = f0 * factor
             if params is None:
                 focal = torch.tensor([f, f], dtype=torch.float32)
-                # All points: the coarse fits run few iterations, and on real
-                # clips a start from the 68 alone (which disagree with the
-                # dense points) left every grid cost higher.
-                params = initial_params(basis, sub, focal, pp, shape=shape0, cfg=cfg, dense=True)
+                params = initial_params(basis, sub, focal, pp, shape=shape0, cfg=cfg)
             else:  # warm start: same poses and shape, depth scaled with the focal
                 params = params.clone()
                 params.translation = params.translation * (f / prev_f)

@@ -777,10 +777,9 @@ def predict_landmarks(basis: LandmarkBasis, params: FrameParams, focal, pp) -> T
 def initial_params(basis: LandmarkBasis, targets: Targets, focal: torch.Tensor, pp: torch.Tensor,
                    shape: Optional[torch.Tensor] = None, expression: Optional[torch.Tensor] = None,
                    jaw: Optional[torch.Tensor] = None, rotation: Optional[torch.Tensor] = None,
-                   cfg: FitConfig = FitConfig(), dense: bool = False) -> FrameParams:
+                   cfg: FitConfig = FitConfig()) -> FrameParams:
     """Frontal (or given) rotation, depth from the eye distance, then a rigid
-    fit of rotation and translation alone, to the 68 landmarks and pupils
-    (and the dense points with `dense`)."""
+    fit of rotation and translation alone."""
     T = targets.lmk68.shape[0]
     E = basis.n_exp
     shape = torch.zeros(basis.n_shape) if shape is None else shape
@@ -801,20 +800,7 @@ def initial_params(basis: LandmarkBasis, targets: Targets, focal: torch.Tensor, 
         jaw=torch.zeros(T, 3) if jaw is None else jaw.clone(),
         eyes=torch.zeros(T, 6), shape=shape.clone())
     rigid_cfg = replace(cfg, max_iters=8)
-    if dense:
-        return fit_frames(basis, targets, params, focal, pp, rigid_cfg, free=("rot", "trans"), temporal=False).params
-    # For the per-frame fit the 68 points (and pupils) place a rigid head as
-    # well as all points do, and each iteration handles 2.5x fewer points.
-    return fit_frames(_without_dense(basis), Targets(targets.lmk68, targets.dense[:, :0], targets.iris), params,
-                      focal, pp, rigid_cfg, free=("rot", "trans"), temporal=False).params
-
-
-def _without_dense(basis: LandmarkBasis) -> LandmarkBasis:
-    """The basis restricted to the 68 landmarks (all contour rows) and the pupils."""
-    keep = torch.cat([torch.arange(basis.dense_start), torch.arange(basis.pupil_start, basis.pupil_start + 2)])
-    return replace(basis, M0=basis.M0[keep], MD=basis.MD[keep], MP=basis.MP[keep], W0=basis.W0[:, keep],
-                   WD=basis.WD[:, keep], WP=basis.WP[:, keep], omega=basis.omega[:, keep], n_dense=0,
-                   mediapipe_indices=basis.mediapipe_indices[:0])
+    return fit_frames(basis, targets, params, focal, pp, rigid_cfg, free=("rot", "trans"), temporal=False).params
 
 
 def fit_sequence(basis: LandmarkBasis, targets: Targets, focal: torch.Tensor, pp: torch.Tensor,
