@@ -58,6 +58,26 @@ def test_detect_carphone_shapes_validity_and_picture(carphone, carphone_mediapip
                 cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
 
 
+def test_landmarks_read_from_bytes_equal_the_attribute_loop():
+    from mediapipe.framework.formats import landmark_pb2
+
+    rng = np.random.default_rng(0)
+    plain, with_visibility, missing_y = (landmark_pb2.NormalizedLandmarkList() for _ in range(3))
+    for x, y, z in rng.normal(0.5, 0.3, (478, 3)).astype(np.float32):
+        for msg in (plain, with_visibility, missing_y):
+            p = msg.landmark.add()
+            p.x, p.z = x, z
+            if msg is not missing_y:
+                p.y = y
+        with_visibility.landmark[-1].visibility = 0.5
+    plain.landmark[3].x = 0.0  # set to zero: still written (proto2)
+    for msg in (plain, with_visibility, missing_y):  # the last two take the loop
+        expected = np.array([(p.x, p.y) for p in msg.landmark], dtype=np.float32)
+        got = L.landmarks_xy(msg)
+        assert got.dtype == np.float32 and got.shape == (478, 2)
+        np.testing.assert_array_equal(got, expected)
+
+
 def test_mapping_inside_mesh_hull_and_in_ibug_order(carphone_mediapipe):
     lm = carphone_mediapipe
     for t in np.flatnonzero(lm.valid)[::10]:
