@@ -276,6 +276,11 @@ def fold_shape(basis: LandmarkBasis, shape: torch.Tensor) -> Dict[str, torch.Ten
 _CONTOUR_KEYS = ("M0", "ME", "MP", "W0", "WE", "WP", "omega", "Q")
 
 
+def _contour_ids(basis: LandmarkBasis, rows: torch.Tensor) -> torch.Tensor:
+    """Basis point index [T,17] of each frame's 17 contour points in its row."""
+    return basis.contour_start + rows[:, None] * 17 + torch.arange(17)
+
+
 def _point_arrays(basis: LandmarkBasis, rows: torch.Tensor, shape: Optional[torch.Tensor] = None,
                   folded: Optional[Dict[str, torch.Tensor]] = None, jacobians: bool = True) -> Dict[str, torch.Tensor]:
     """The active points' arrays: those of `fold_shape` (given, or computed
@@ -283,7 +288,7 @@ def _point_arrays(basis: LandmarkBasis, rows: torch.Tensor, shape: Optional[torc
     ([T,17,...]); c_Q, the largest, only for fits that form expression or
     pose Jacobians (`jacobians`)."""
     f = fold_shape(basis, shape) if folded is None else folded
-    contour_ids = basis.contour_start + rows[:, None] * 17 + torch.arange(17)  # [T,17]
+    contour_ids = _contour_ids(basis, rows)
     out = {k: v for k, v in f.items() if k.startswith(("s_", "p_", "J"))}
     out.update({"c_" + k: f[k][contour_ids] for k in _CONTOUR_KEYS if jacobians or k != "Q"})
     return out
@@ -311,7 +316,7 @@ def _update_contour(arrays: Dict[str, torch.Tensor], basis: LandmarkBasis, folde
     frames whose rows `changed` [T]: a few frames switch rows per
     iteration, and regathering all took ~40 ms per fit of 250 frames."""
     t = torch.nonzero(changed).flatten()
-    contour_ids = basis.contour_start + rows[t, None] * 17 + torch.arange(17)
+    contour_ids = _contour_ids(basis, rows[t])
     for k in _CONTOUR_KEYS:
         if "c_" + k in arrays:
             arrays["c_" + k][t] = folded[k][contour_ids]
@@ -646,10 +651,11 @@ def _neighbour_means(params: FrameParams, order_ok: torch.Tensor):
 # The solver
 
 def _normal_equations(basis, arrays, params, targets, focal, pp, cfg, free, robust, points, block: int = 128):
-    """point_residuals' r [T,N], per-point errors and validity [T,P], and
-    each frame's Gauss-Newton blocks J^T J [T,D,D] and J^T r [T,D], formed
-    `block` frames at a time: the Jacobians of a block stay in cache and
-    are never held for all frames (at 1000 frames J alone is ~95 MB)."""
+    """(r [T,N], J^T J [T,D,D], J^T r [T,D], per-point errors [T,P],
+    validity [T,P]): `point_residuals` with each frame's Gauss-Newton
+    blocks in place of J, formed `block` frames at a time: the Jacobians of
+    a block stay in cache and are never held for all frames (at 1000 frames
+    J alone is ~95 MB)."""
     T = params.rotation.shape[0]
     if T <= block:
         r, J, err, valid = point_residuals(basis, arrays, params, targets, focal, pp, cfg, free, robust, points)
