@@ -96,8 +96,8 @@ def main():
     seq = make_sequence(flame, T=32, focal=1200.0, seed=1)
     tg = Targets.from_landmarks(seq.lmk68, seq.lmk_dense, basis)
     focal, pp = torch.tensor([1200.0, 1200.0]), torch.tensor([255.5, 255.5])
-    fit_frames(basis, tg, initial_params(basis, tg, focal, pp, shape=torch.tensor(seq.shape, dtype=torch.float32)), focal, pp,
-               FitConfig())
+    shape = torch.tensor(seq.shape, dtype=torch.float32)
+    fit_frames(basis, tg, initial_params(basis, tg, focal, pp, shape=shape), focal, pp, FitConfig())
     for T in args.frames:
         seq = make_sequence(flame, T=T, focal=1200.0, seed=0)
         tg = Targets.from_landmarks(seq.lmk68, seq.lmk_dense, basis)

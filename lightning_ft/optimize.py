@@ -700,11 +700,10 @@ def fit_frames(basis: LandmarkBasis, targets: Targets, init: FrameParams, focal:
     def rigid_points():
         # Expression, jaw and eyes fixed: the model-space points change only
         # with the contour rows, so a rigid fit computes them once per rows.
-        T_ = params.rotation.shape[0]
         return model_points(basis, arrays, params.expression, batch_rodrigues(params.jaw),
-                            batch_rodrigues(params.eyes.reshape(-1, 3)).reshape(T_, 2, 3, 3))[0]
+                            batch_rodrigues(params.eyes.reshape(-1, 3)).reshape(T, 2, 3, 3))[0]
 
-    points = None if jacobians or not set(free) <= {"rot", "trans"} else rigid_points()
+    points = rigid_points() if set(free) <= {"rot", "trans"} else None
     for it in range(1, cfg.max_iters + 1):
         nb = _neighbour_means(params, contiguous) if temporal else None
         r, H, g, err, valid = _normal_equations(basis, arrays, params, targets, focal, pp, cfg, free, robust,
