@@ -158,6 +158,28 @@ def test_crop_frame_matches_independent_sampling_and_pads_black():
                                [[xs[0], ys[0]], [xs[-1], ys[-1]]])
 
 
+@pytest.mark.parametrize("rotation", [0, 90, 180, 270])
+def test_crop_of_decoded_frame_converts_only_the_box_and_matches_whole_frame(clips, rotation):
+    # crop_video_frame colour-converts just the region under the box (in
+    # upright pixels, through the rotation): the same crop as converting the
+    # whole frame first, for boxes inside, across the edge and outside.
+    container = av.open(str(clips[rotation]))
+    frame = next(container.decode(video=0))
+    container.close()
+    whole = video._to_rgb(frame)
+    boxes = [(10.3, 5.7, 40.1, 35.5), (-12.2, 20.4, 30.6, 63.2), (50.5, -8.0, 70.5, 12.0),
+             (-3.0, -4.0, 67.0, 66.0), (100.0, 100.0, 120.0, 120.0)]
+    for box in boxes:  # upsampling: bilinear straight from the region, exact
+        np.testing.assert_array_equal(video.crop_video_frame(frame, box, 96),
+                                      video.crop_frame(whole, box, 96))
+    # shrinking >= 2x (area first): block edges may fall elsewhere than on
+    # the whole frame, so close rather than equal
+    for box in [(-20.0, -30.0, 84.0, 74.0), (4.2, 3.1, 44.2, 43.1)]:
+        a = video.crop_video_frame(frame, box, 16).astype(int)
+        b = video.crop_frame(whole, box, 16).astype(int)
+        assert np.abs(a - b).mean() < 3
+
+
 def test_smooth_crop_boxes_fills_gaps_and_reduces_jitter():
     rng = np.random.default_rng(1)
     t = np.arange(90)
