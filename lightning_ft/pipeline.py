@@ -30,6 +30,10 @@ from .smoothing import SmoothingConfig, second_difference_jitter, smooth_trackin
 from .synthesis import SynthesisConfig
 
 log = logging.getLogger("lightning_ft")
+# Predicted relative std of the calibrated focal above which a run warns:
+# synthetic heads turning +-25 deg give 2-8 % at 800-2000 px with 1 px noise
+# (benchmarks/bench_calibration.py).
+WEAK_FOCAL_REL_STD = 0.15
 
 VIDEO_SUFFIXES = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".y4m"}
 
@@ -162,6 +166,10 @@ def fit_landmarks(flame: FLAME, lmk68: np.ndarray, lmk_dense: np.ndarray, valid:
         targets = Targets.from_landmarks(lmk68, lmk_dense, basis)
         init_shape = None if emoca is None else emoca.identity
         cal = calibrate(basis, targets, valid, (H, W), fit_cfg, cfg.calibration, init_shape=init_shape)
+    if not cal.focal_rel_std <= WEAK_FOCAL_REL_STD:  # NaN too: no curvature along the focal at all
+        log.warning("focal length %.0f px is weakly determined (predicted std %.0f %%): little perspective in "
+                    "the landmarks (a distant face, a long lens or noisy landmarks); depth and head size share "
+                    "that uncertainty", cal.focal_px[0], 100 * cal.focal_rel_std)
     focal = torch.tensor(cal.focal_px, dtype=torch.float32)
     pp = torch.tensor(cal.principal_point, dtype=torch.float32)
     shape = torch.tensor(cal.shape, dtype=torch.float32)
@@ -199,7 +207,8 @@ def fit_landmarks(flame: FLAME, lmk68: np.ndarray, lmk_dense: np.ndarray, valid:
         rotation=smoothed["rotation"], translation=smoothed["translation"], expression=smoothed["expression"],
         jaw_pose=smoothed["jaw_pose"], neck_pose=np.zeros((T, 3)), eye_pose=smoothed["eye_pose"],
         shape=cal.shape, focal_length=cal.focal_px, principal_point=cal.principal_point, quality=quality,
-        calibration={"frames": cal.frames.tolist(), "focal_costs": cal.focal_costs, "focal_px": float(cal.focal_px[0])})
+        calibration={"frames": cal.frames.tolist(), "focal_costs": cal.focal_costs, "focal_px": float(cal.focal_px[0]),
+                     "focal_rel_std": float(cal.focal_rel_std) if np.isfinite(cal.focal_rel_std) else None})
 
 
 def _params_from(d: Dict[str, np.ndarray], shape: torch.Tensor) -> FrameParams:

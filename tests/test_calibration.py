@@ -44,3 +44,20 @@ def test_frames_are_valid_spread_and_span_the_yaw(basis, flame_model):
     assert frames.min() <= ok[2] and frames.max() >= ok[-3]
     few = valid[40:100]  # 20 valid frames: all of them
     np.testing.assert_array_equal(select_frames(few, yaw[40:100], 32), np.flatnonzero(few))
+
+
+def test_predicted_focal_uncertainty_follows_the_landmark_noise(basis, flame_model):
+    # The focal's standard deviation comes from the fit's curvature scaled by
+    # the noise its residuals show: four times the noise, about four times
+    # the spread; and the actual error stays within a few predicted sigmas
+    # (benchmarks/bench_calibration.py: |z| < 2 in 11 of 12 cases).
+    torch.set_num_threads(1)
+    stds = []
+    for noise in (0.5, 2.0):
+        seq = make_sequence(flame_model, T=60, focal=1200.0, seed=1, noise_px=noise)
+        targets = Targets.from_landmarks(seq.lmk68, seq.lmk_dense, basis)
+        cal = calibrate(basis, targets, np.ones(60, bool), (512, 512))
+        assert 0.003 < cal.focal_rel_std < 0.3
+        assert abs(np.log(cal.focal_px[0] / 1200.0)) < 3 * cal.focal_rel_std
+        stds.append(cal.focal_rel_std)
+    assert 2.5 < stds[1] / stds[0] < 6

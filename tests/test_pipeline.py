@@ -127,9 +127,28 @@ def test_ground_truth_recovery(gt_run, flame_model):
     s = (verts * seq.vertices_cam).sum() / (verts ** 2).sum()
     aligned = np.linalg.norm(s * verts - seq.vertices_cam, axis=-1).mean()
     assert aligned < 0.005
-    print(f"reprojection {reproj:.3f} px, focal error {100 * focal_err:.1f} %, vertex error "
+    # calibration's own estimate of its focal spread is in meta.json, and the
+    # actual error lies within a few of its sigmas
+    predicted = meta["calibration"]["focal_rel_std"]
+    assert 0 < predicted < 0.2 and focal_err < 3 * predicted
+    print(f"reprojection {reproj:.3f} px, focal error {100 * focal_err:.1f} % (predicted std "
+          f"{100 * predicted:.1f} %), vertex error "
           f"{1000 * np.linalg.norm(verts - seq.vertices_cam, axis=-1).mean():.2f} mm unaligned, "
           f"{1000 * aligned:.2f} mm after scale {s:.3f}")
+
+
+def test_weakly_determined_focal_is_reported(tmp_path, flame_model, assets_dir, caplog):
+    # A long lens (4000 px at 512 px) and 2 px noise leave little perspective:
+    # the run says so once and meta.json carries the predicted spread.
+    seq = make_sequence(flame_model, T=40, focal=4000.0, seed=1, noise_px=2.0)
+    np.savez(tmp_path / "far.npz", lmk68=seq.lmk68, lmk_dense=seq.lmk_dense, image_size=np.array([512, 512]))
+    rc = track_main(["--landmarks", str(tmp_path / "far.npz"), "--no-emoca", "--assets", str(assets_dir),
+                     "--out", str(tmp_path / "out")])
+    assert rc == 0
+    warned = [r for r in caplog.records if "weakly determined" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelname == "WARNING"
+    meta = json.loads((tmp_path / "out" / "far" / "meta.json").read_text())
+    assert meta["calibration"]["focal_rel_std"] > 0.15
 
 
 def test_finished_result_is_skipped_on_rerun(gt_run, assets_dir, capsys):
