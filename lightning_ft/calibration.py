@@ -15,7 +15,7 @@ percent at 800-1200 px on 512 px crops and to ~10 % at 2000 px
 (benchmarks/bench_calibration.py). The fit's curvature along the focal,
 scaled by the residuals' noise, predicts that spread (`focal_rel_std`):
 2-5 % at 800-1200 px, 6-8 % at 2000 px there, and the errors fall within
-two predicted sigmas in 11 of 12 cases. Started from the true parameters,
+two predicted sigmas in 23 of 24 cases. Started from the true parameters,
 the same fit ends as far off (e.g. -3.3 % where ours gives -3.0 %), so
 what remains is the information in 32 noisy frames, not the solver.
 """

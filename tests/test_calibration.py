@@ -50,7 +50,7 @@ def test_predicted_focal_uncertainty_follows_the_landmark_noise(basis, flame_mod
     # The focal's standard deviation comes from the fit's curvature scaled by
     # the noise its residuals show: four times the noise, about four times
     # the spread; and the actual error stays within a few predicted sigmas
-    # (benchmarks/bench_calibration.py: |z| < 2 in 11 of 12 cases).
+    # (benchmarks/bench_calibration.py: |z| < 2 in 23 of 24 cases).
     torch.set_num_threads(1)
     stds = []
     for noise in (0.5, 2.0):
