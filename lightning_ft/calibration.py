@@ -171,18 +171,12 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
     arrays, r, A, B = linearize(params, shape, log_f)
     cost = total(r, params, shape, log_f)
     for _ in range(iters):
-        Hff = A.transpose(1, 2) @ A
+        Hff, Hfs, Hss = _hessian_blocks(A, B, params, cfg, prior_diag)
         gf = (r[:, None] @ A)[:, 0]  # row vector times J: 5x faster than J^T r (strided)
         for a, w in _param_vector_terms(params, cfg, None):  # per-frame priors (identity Jacobians)
-            Hff = Hff + torch.diag_embed(w)
             gf = gf + w * a
         gf = gf[..., None]
-        Hfs = A.transpose(1, 2) @ B
-        # Sums over frames and points as one matrix product each (einsum
-        # took 2-17x longer for these shapes).
-        B_flat = B.reshape(-1, n_shared)
-        Hss = B_flat.T @ B_flat + torch.diag(prior_diag)
-        gs = B_flat.T @ r.reshape(-1) + torch.cat(
+        gs = B.reshape(-1, n_shared).T @ r.reshape(-1) + torch.cat(
             [shape / sigma_shape ** 2, ((log_f - log_f0) / ccfg.focal_prior_sigma_log ** 2).reshape(1)])[:n_shared]
         Hfs_gf = torch.cat([Hfs, gf], -1)
         Hfs_flat = Hfs.reshape(-1, n_shared)
@@ -223,6 +217,18 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
     return params, log_f, cost, log_f_std
 
 
+def _hessian_blocks(A: torch.Tensor, B: torch.Tensor, params: FrameParams, cfg: FitConfig, prior_diag: torch.Tensor):
+    """Gauss-Newton blocks of the joint fit, in A's dtype: per-frame Hff
+    [T,D,D] with the per-frame priors, Hfs [T,D,n] and the shared Hss [n,n]
+    with the shape (and focal) prior `prior_diag` [n]. Frame and point sums
+    as one matrix product each (einsum took 2-17x longer for these shapes)."""
+    Hff = A.transpose(1, 2) @ A
+    for _, w in _param_vector_terms(params, cfg, None):  # identity Jacobians
+        Hff = Hff + torch.diag_embed(w.to(A.dtype))
+    B_flat = B.reshape(-1, B.shape[-1])
+    return Hff, A.transpose(1, 2) @ B, B_flat.T @ B_flat + torch.diag(prior_diag.to(A.dtype))
+
+
 def _log_focal_std(A: torch.Tensor, B: torch.Tensor, r: torch.Tensor, params: FrameParams, cfg: FitConfig,
                    prior_diag: torch.Tensor) -> float:
     """Standard deviation of the log focal (~ its relative error) from the
@@ -233,12 +239,8 @@ def _log_focal_std(A: torch.Tensor, B: torch.Tensor, r: torch.Tensor, params: Fr
     in float32 the Schur complement's cancellation left negative variances
     where the priors are weak."""
     A, B, r = A.double(), B.double(), r.double()
-    Hff = A.transpose(1, 2) @ A
-    for _, w in _param_vector_terms(params, cfg, None):
-        Hff = Hff + torch.diag_embed(w.double())
-    Hfs = A.transpose(1, 2) @ B
-    B_flat = B.reshape(-1, B.shape[-1])
-    schur = B_flat.T @ B_flat + torch.diag(prior_diag.double()) - (Hfs.transpose(1, 2) @ _spd_solve(Hff, Hfs)).sum(0)
+    Hff, Hfs, Hss = _hessian_blocks(A, B, params, cfg, prior_diag)
+    schur = Hss - (Hfs.transpose(1, 2) @ _spd_solve(Hff, Hfs)).sum(0)
     n_params = A.shape[0] * A.shape[-1] + B.shape[-1]
     noise_var = float((r ** 2).sum()) / max(1, r.numel() - n_params)
     var = float(torch.linalg.inv(schur)[-1, -1]) * noise_var
