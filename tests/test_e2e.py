@@ -266,8 +266,9 @@ def test_still_face_holds_still(still_run, real_embedding_dir):
     assert q["jitter_68_fitted_px"] < q["jitter_68_detected_px"]
 
 
-@pytest.mark.xfail(strict=True, reason="known gap (issue 5 stays open): with the stand-in's synthetic shape space "
-                   "the identity absorbs head pitch on a frontal photograph (measured -33 to -41 deg, |shape| 61-98; "
+@pytest.mark.xfail(strict=True, reason="known gap (issue 5; FLAME's real shape space is license-gated): with the "
+                   "stand-in's synthetic shape space the identity absorbs head pitch on a frontal photograph "
+                   "(measured -33 to -41 deg, |shape| 61-98; "
                    "a shape prior scaled with the frame count fixed this but cost focal accuracy and stillness)")
 def test_frontal_photograph_is_fitted_frontal_with_a_plausible_identity(still_run, e2e_flame):
     """The astronaut looks into the camera: the fitted head must too, and the
