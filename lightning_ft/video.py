@@ -290,7 +290,6 @@ class FaceBoxDetector:
         self.short = make(model_selection=0, min_detection_confidence=min_confidence)
         self.full = make(model_selection=1, min_detection_confidence=min_confidence)
         self._order = [self.short, self.full]
-        self.n_full = 0  # frames whose face came from the full-range model
 
     def process(self, image: np.ndarray):
         first, second = self._order
@@ -299,9 +298,13 @@ class FaceBoxDetector:
             result = second.process(image)
             if result.detections:
                 self._order.reverse()
-        if result.detections and self._order[0] is self.full:
-            self.n_full += 1
         return result
+
+    @property
+    def far(self) -> bool:
+        """The last face came from the full-range model (too small in the
+        shrunk frame for the short-range one)."""
+        return self._order[0] is self.full
 
     def close(self) -> None:
         self.short.close()
@@ -329,6 +332,45 @@ def detect_face_box(detector, image: np.ndarray) -> Optional[np.ndarray]:
     """
     boxes = detect_face_boxes(detector, image)
     return boxes[0] if len(boxes) else None
+
+
+# Where only the full-range model sees the face in the shrunk frame (HD
+# video: DETECT_MAX_SIDE leaves it too small for the short-range one), it is
+# looked for first in a square region NEAR_GROW times its last box around
+# that box, shrunk to the short-range model's NEAR_SIDE input: 2.6 ms (+0.5
+# for the region) against 7.3 ms for the full-range model on a 1080p clip.
+NEAR_GROW = 2.0
+NEAR_SIDE = 128
+
+
+def detect_face_box_near(detector: FaceBoxDetector, frame, box: np.ndarray) -> Optional[np.ndarray]:
+    """The most confident face box ``[4]`` (upright source pixels) that the
+    short-range model finds in the region around `box` of a decoded frame;
+    None when it finds none, or when the region would not be much smaller
+    than the frame (nothing to save there)."""
+    rotation = _rotation_of(frame)
+    width, height = _upright_size(frame, rotation)
+    side = NEAR_GROW * max(box[2] - box[0], box[3] - box[1])
+    if not side <= 0.5 * max(width, height):
+        return None
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    x0, y0 = (max(0, int(v - side / 2)) // 2 * 2 for v in (cx, cy))
+    x1 = min(width, int(np.ceil(cx + side / 2))) // 2 * 2
+    y1 = min(height, int(np.ceil(cy + side / 2))) // 2 * 2
+    if x1 - x0 < 16 or y1 - y0 < 16:
+        return None
+    if _is_even_yuv420(frame):
+        region = _yuv420_to_rgb(frame, (x0, y0, x1, y1), rotation)
+    else:
+        region = _to_rgb(frame)[y0:y1, x0:x1]
+    k = NEAR_SIDE / max(region.shape[:2])
+    small = cv2.resize(region, (max(2, round(region.shape[1] * k)), max(2, round(region.shape[0] * k))),
+                       interpolation=cv2.INTER_AREA if k < 1 else cv2.INTER_LINEAR)
+    found = detect_face_boxes(detector.short, small)
+    if not len(found):
+        return None
+    scale = np.array([region.shape[1] / small.shape[1], region.shape[0] / small.shape[0]] * 2)
+    return found[0] * scale + np.array([x0, y0, x0, y0])
 
 
 def smooth_crop_boxes(face_boxes: np.ndarray, found: np.ndarray, fps: float, *,
@@ -391,6 +433,11 @@ def _plane(frame, i: int) -> np.ndarray:
     return np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)[:, :plane.width]
 
 
+def _upright_size(frame, rotation: int) -> tuple:
+    """(width, height) of the frame as displayed, turned by `rotation` degrees."""
+    return (frame.height, frame.width) if rotation % 180 else (frame.width, frame.height)
+
+
 def _is_even_yuv420(frame) -> bool:
     return frame.format.name == "yuv420p" and frame.width % 2 == 0 and frame.height % 2 == 0
 
@@ -422,7 +469,7 @@ def crop_video_frame(frame, box: Sequence[float], size: int) -> np.ndarray:
     if not _is_even_yuv420(frame):
         return crop_frame(_to_rgb(frame), box, size)
     rotation = _rotation_of(frame)
-    width, height = (frame.height, frame.width) if rotation % 180 else (frame.width, frame.height)
+    width, height = _upright_size(frame, rotation)
     x0, y0, x1, y1 = (float(v) for v in box)
     pixel = (x1 - x0) / size
     # Region edges on a grid of 2 (chroma pairs) and of crop_frame's area
@@ -733,6 +780,7 @@ def prepare(path, *, cache_dir, image_size: int = 512, fps: Optional[float] = No
     # track is smoothed over ~0.15 s anyway, so denser boxes add cost, not steadiness
     ids, times, boxes, examined = [], [], [], []
     detector = _face_detector()
+    last_box = None  # the last face box found, where the next is looked for first
     source_fps = fps if fps else (info.fps or 30.0)
     box_every = max(1, int(round(source_fps / box_rate))) if box_rate else 1
     try:
@@ -747,18 +795,16 @@ def prepare(path, *, cache_dir, image_size: int = 512, fps: Optional[float] = No
             box = None
             examined.append(small is not None)
             if examined[-1]:
-                box = detect_face_box(detector, small)
-                if box is not None:
-                    box = box * (info.width / small.shape[1])
+                box = _find_face_box(detector, frame, small, last_box)
+                last_box = box if box is not None else last_box
             boxes.append(box if box is not None else np.full(4, np.nan))
             last_frame = frame
         if ids and not examined[-1]:
             # examine the last frame too, so the track does not end on a held box
-            small = _to_rgb(last_frame, DETECT_MAX_SIDE)
-            box = detect_face_box(detector, small)
+            box = _find_face_box(detector, last_frame, _to_rgb(last_frame, DETECT_MAX_SIDE), last_box)
             examined[-1] = True
             if box is not None:
-                boxes[-1] = box * (info.width / small.shape[1])
+                boxes[-1] = box
     finally:
         detector.close()
     if not ids:
@@ -790,6 +836,19 @@ def prepare(path, *, cache_dir, image_size: int = 512, fps: Optional[float] = No
                      crop_boxes=crop_boxes, image_size=(image_size, image_size),
                      cache_path=cache_path, face_boxes=face_boxes, face_found=found,
                      face_examined=examined, source_size=(info.height, info.width), _fill=fill)
+
+
+def _find_face_box(detector: FaceBoxDetector, frame, small: np.ndarray,
+                   last_box: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    """Face box [4] in upright source pixels: near the last one first where
+    the whole frame needs the full-range model, else in the whole frame
+    shrunk to `small`."""
+    if last_box is not None and detector.far:
+        box = detect_face_box_near(detector, frame, last_box)
+        if box is not None:
+            return box
+    box = detect_face_box(detector, small)
+    return None if box is None else box * (_upright_size(frame, _rotation_of(frame))[0] / small.shape[1])
 
 
 def _small_frames(path: Path, fps: Optional[float], every: int):
