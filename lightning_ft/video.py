@@ -17,7 +17,7 @@ import queue
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import av
 import cv2
@@ -785,23 +785,24 @@ def prepare(path, *, cache_dir, image_size: int = 512, fps: Optional[float] = No
     box_every = max(1, int(round(source_fps / box_rate))) if box_rate else 1
     try:
         # decoding and shrinking in a thread, beside the detector
-        frames = _in_background(_small_frames(path, fps, box_every), maxsize=8,
+        # (a face found near its last box needs no shrunk frame: skip it then)
+        frames = _in_background(_small_frames(path, fps, box_every, lambda: detector.far), maxsize=8,
                                 name="lightning_ft-face-boxes")
-        for index, t, frame, small in progress_bar(
+        for index, t, frame, examine, small in progress_bar(
                 frames, total=info.n_frames or None, desc=f"{path.name}: face boxes",
                 enabled=progress):
             ids.append(index)
             times.append(t)
             box = None
-            examined.append(small is not None)
-            if examined[-1]:
+            examined.append(examine)
+            if examine:
                 box = _find_face_box(detector, frame, small, last_box)
                 last_box = box if box is not None else last_box
             boxes.append(box if box is not None else np.full(4, np.nan))
             last_frame = frame
         if ids and not examined[-1]:
             # examine the last frame too, so the track does not end on a held box
-            box = _find_face_box(detector, last_frame, _to_rgb(last_frame, DETECT_MAX_SIDE), last_box)
+            box = _find_face_box(detector, last_frame, None, last_box)
             examined[-1] = True
             if box is not None:
                 boxes[-1] = box
@@ -838,24 +839,29 @@ def prepare(path, *, cache_dir, image_size: int = 512, fps: Optional[float] = No
                      face_examined=examined, source_size=(info.height, info.width), _fill=fill)
 
 
-def _find_face_box(detector: FaceBoxDetector, frame, small: np.ndarray,
+def _find_face_box(detector: FaceBoxDetector, frame, small: Optional[np.ndarray],
                    last_box: Optional[np.ndarray]) -> Optional[np.ndarray]:
     """Face box [4] in upright source pixels: near the last one first where
     the whole frame needs the full-range model, else in the whole frame
-    shrunk to `small`."""
+    shrunk to `small` (made here when not given)."""
     if last_box is not None and detector.far:
         box = detect_face_box_near(detector, frame, last_box)
         if box is not None:
             return box
+    if small is None:
+        small = _to_rgb(frame, DETECT_MAX_SIDE)
     box = detect_face_box(detector, small)
     return None if box is None else box * (_upright_size(frame, _rotation_of(frame))[0] / small.shape[1])
 
 
-def _small_frames(path: Path, fps: Optional[float], every: int):
-    """``(index, seconds, av.VideoFrame, small RGB or None)`` of the decoded frames:
-    every `every`-th frame shrunk to DETECT_MAX_SIDE for the face-box detector."""
+def _small_frames(path: Path, fps: Optional[float], every: int, skip_shrink: Callable[[], bool]):
+    """``(index, seconds, av.VideoFrame, examine, small RGB or None)`` of the
+    decoded frames: every `every`-th is to be examined by the face-box
+    detector, and comes shrunk to DETECT_MAX_SIDE unless `skip_shrink()`."""
     for k, (index, t, frame) in enumerate(_decoded_frames(path, fps)):
-        yield index, t, frame, _to_rgb(frame, DETECT_MAX_SIDE) if k % every == 0 else None
+        examine = k % every == 0
+        small = _to_rgb(frame, DETECT_MAX_SIDE) if examine and not skip_shrink() else None
+        yield index, t, frame, examine, small
 
 
 def _output_fps(timestamps: np.ndarray, source_fps: float, requested: Optional[float]) -> float:
