@@ -170,10 +170,12 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
 
     arrays, r, A, B = linearize(params, shape, log_f)
     cost = total(r, params, shape, log_f)
+    stale = False
     for _ in range(iters):
-        Hff, Hfs, Hss = _hessian_blocks(A, B, params, cfg, prior_diag)
+        terms = _param_vector_terms(params, cfg, None)  # per-frame priors (identity Jacobians)
+        Hff, Hfs, Hss = _hessian_blocks(A, B, terms, prior_diag)
         gf = (r[:, None] @ A)[:, 0]  # row vector times J: 5x faster than J^T r (strided)
-        for a, w in _param_vector_terms(params, cfg, None):  # per-frame priors (identity Jacobians)
+        for a, w in terms:
             gf = gf + w * a
         gf = gf[..., None]
         gs = B.reshape(-1, n_shared).T @ r.reshape(-1) + torch.cat(
@@ -206,24 +208,27 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
                 break
             mu = min(mu * 4, 1e7)
         if not improved or rel < 1e-6:
+            stale = improved  # a step was taken after the last linearization
             break
         arrays, r, A, B = linearize(params, shape, log_f)
         cost = total(r, params, shape, log_f)  # under the new rows
     params.shape = shape
     log_f_std = None
-    if not fix_focal:  # at the final estimate (the loop may stop before relinearizing)
-        _, r, A, B = linearize(params, shape, log_f)
+    if not fix_focal:  # at the final estimate
+        if stale:
+            _, r, A, B = linearize(params, shape, log_f)
         log_f_std = _log_focal_std(A, B, r, params, cfg, prior_diag)
     return params, log_f, cost, log_f_std
 
 
-def _hessian_blocks(A: torch.Tensor, B: torch.Tensor, params: FrameParams, cfg: FitConfig, prior_diag: torch.Tensor):
+def _hessian_blocks(A: torch.Tensor, B: torch.Tensor, terms, prior_diag: torch.Tensor):
     """Gauss-Newton blocks of the joint fit, in A's dtype: per-frame Hff
-    [T,D,D] with the per-frame priors, Hfs [T,D,n] and the shared Hss [n,n]
-    with the shape (and focal) prior `prior_diag` [n]. Frame and point sums
-    as one matrix product each (einsum took 2-17x longer for these shapes)."""
+    [T,D,D] with the per-frame prior `terms` (`_param_vector_terms`), Hfs
+    [T,D,n] and the shared Hss [n,n] with the shape (and focal) prior
+    `prior_diag` [n]. Frame and point sums as one matrix product each
+    (einsum took 2-17x longer for these shapes)."""
     Hff = A.transpose(1, 2) @ A
-    for _, w in _param_vector_terms(params, cfg, None):  # identity Jacobians
+    for _, w in terms:  # identity Jacobians
         Hff = Hff + torch.diag_embed(w.to(A.dtype))
     B_flat = B.reshape(-1, B.shape[-1])
     return Hff, A.transpose(1, 2) @ B, B_flat.T @ B_flat + torch.diag(prior_diag.to(A.dtype))
@@ -239,7 +244,7 @@ def _log_focal_std(A: torch.Tensor, B: torch.Tensor, r: torch.Tensor, params: Fr
     in float32 the Schur complement's cancellation left negative variances
     where the priors are weak."""
     A, B, r = A.double(), B.double(), r.double()
-    Hff, Hfs, Hss = _hessian_blocks(A, B, params, cfg, prior_diag)
+    Hff, Hfs, Hss = _hessian_blocks(A, B, _param_vector_terms(params, cfg, None), prior_diag)
     schur = Hss - (Hfs.transpose(1, 2) @ _spd_solve(Hff, Hfs)).sum(0)
     n_params = A.shape[0] * A.shape[-1] + B.shape[-1]
     noise_var = float((r ** 2).sum()) / max(1, r.numel() - n_params)
