@@ -605,22 +605,24 @@ def _apply_step(params: FrameParams, step: torch.Tensor, E: int, free=ALL_BLOCKS
     """params moved by step [T,15+E] (`_layout`); blocks not in `free` are
     copied unchanged (their rotation updates are most of a rigid fit's step)."""
     L = _layout(E)
-    out = params.clone()
-    if "rot" in free:
-        out.rotation = batch_rodrigues(step[:, L["rot"]]) @ params.rotation
-    if "trans" in free:
-        out.translation = params.translation + step[:, L["trans"]]
-    if "exp" in free:
-        out.expression = params.expression + step[:, L["exp"]]
-    if "jaw" in free:
-        out.jaw = rotation_matrix_to_axis_angle(batch_rodrigues(step[:, L["jaw"]]) @ batch_rodrigues(params.jaw))
-    if "eyes" in free:
-        eyes = []
-        for i in range(2):
-            s = step[:, L["eyes"]][:, 3 * i:3 * i + 3]
-            eyes.append(rotation_matrix_to_axis_angle(batch_rodrigues(s) @ batch_rodrigues(params.eyes[:, 3 * i:3 * i + 3])))
-        out.eyes = torch.cat(eyes, 1)
-    return out
+    T = step.shape[0]
+    rotation = (batch_rodrigues(step[:, L["rot"]]) @ params.rotation if "rot" in free
+                else params.rotation.clone())
+    translation = params.translation + step[:, L["trans"]] if "trans" in free else params.translation.clone()
+    expression = params.expression + step[:, L["exp"]] if "exp" in free else params.expression.clone()
+    jaw, eyes = params.jaw.clone(), params.eyes.clone()
+    joints = [k for k in ("jaw", "eyes") if k in free]
+    if joints:
+        # jaw and eye rotations composed as one batch of [T*n,3] vectors: for
+        # calibration's 32 frames each tiny op costs more in dispatch than in work
+        current = torch.cat([getattr(params, k) for k in joints], 1).reshape(-1, 3)
+        delta = torch.cat([step[:, L[k]] for k in joints], 1).reshape(-1, 3)
+        moved = rotation_matrix_to_axis_angle(batch_rodrigues(delta) @ batch_rodrigues(current)).reshape(T, -1)
+        if "jaw" in free:
+            jaw, moved = moved[:, :3], moved[:, 3:]
+        if "eyes" in free:
+            eyes = moved
+    return FrameParams(rotation, translation, expression, jaw, eyes, params.shape.clone())
 
 
 def _neighbour_means(params: FrameParams, order_ok: torch.Tensor):
