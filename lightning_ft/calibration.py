@@ -137,7 +137,7 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
     folded = fold_shape(full, torch.zeros(0))
     shape = params.shape.clone()
     params = params.clone()
-    mu = 1e-3
+    mu, nu = 1e-3, 2.0
     n_shared = S if fix_focal else S + 1
     sigma_shape = ccfg.sigma_shape
     prior_diag = torch.cat([torch.full((S,), 1 / sigma_shape ** 2),
@@ -201,12 +201,20 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
             r_t = _joint_linearize(full, arrays, S, trial, shape_t, log_f_t, targets, pp, cfg, False)
             cost_t = total(r_t, trial, shape_t, log_f_t)
             if cost_t < cost:
+                # Nielsen's damping: mu follows the gain ratio (actual over
+                # predicted decrease) instead of /3 per accepted step, which
+                # overshot and paid for it in rejected trials (each a solve
+                # and a residual evaluation)
+                predicted = float(-(gf[..., 0] * df).sum() - (gs * ds).sum()
+                                  + mu * ((torch.diagonal(Hff, dim1=1, dim2=2) + 1e-6) * df ** 2).sum()
+                                  + mu * ((torch.diagonal(Hss) + 1e-6) * ds ** 2).sum())
+                rho = (cost - cost_t) / max(predicted, 1e-30)
                 rel = (cost - cost_t) / cost
                 params, shape, log_f, cost = trial, shape_t, log_f_t, cost_t
-                mu = max(mu / 3, 1e-7)
+                mu, nu = max(mu * max(1 / 3, 1 - (2 * rho - 1) ** 3), 1e-7), 2.0
                 improved = True
                 break
-            mu = min(mu * 4, 1e7)
+            mu, nu = min(mu * nu, 1e7), nu * 2
         if not improved or rel < 1e-6:
             stale = improved  # a step was taken after the last linearization
             break
