@@ -182,10 +182,12 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
             [shape / sigma_shape ** 2, ((log_f - log_f0) / ccfg.focal_prior_sigma_log ** 2).reshape(1)])[:n_shared]
         Hfs_gf = torch.cat([Hfs, gf], -1)
         Hfs_flat = Hfs.reshape(-1, n_shared)
+        dff = torch.diagonal(Hff, dim1=1, dim2=2) + 1e-6  # LM's scaling of the damping
+        dss = torch.diagonal(Hss) + 1e-6
         improved, rel = False, 0.0
         for _ in range(6):
-            Hff_d = Hff + torch.diag_embed(mu * (torch.diagonal(Hff, dim1=1, dim2=2) + 1e-6))
-            Hss_d = Hss + mu * torch.diag(torch.diagonal(Hss) + 1e-6)
+            Hff_d = Hff + torch.diag_embed(mu * dff)
+            Hss_d = Hss + mu * torch.diag(dss)
             X = _spd_solve(Hff_d, Hfs_gf)
             Hinv_Hfs, Hinv_gf = X[..., :-1], X[..., -1:]
             reduced = Hfs_flat.T @ X.reshape(-1, n_shared + 1)  # [Hfs' Hff^-1 Hfs | Hfs' Hff^-1 gf]
@@ -206,8 +208,7 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
                 # overshot and paid for it in rejected trials (each a solve
                 # and a residual evaluation)
                 predicted = float(-(gf[..., 0] * df).sum() - (gs * ds).sum()
-                                  + mu * ((torch.diagonal(Hff, dim1=1, dim2=2) + 1e-6) * df ** 2).sum()
-                                  + mu * ((torch.diagonal(Hss) + 1e-6) * ds ** 2).sum())
+                                  + mu * (dff * df ** 2).sum() + mu * (dss * ds ** 2).sum())
                 rho = (cost - cost_t) / max(predicted, 1e-30)
                 rel = (cost - cost_t) / cost
                 params, shape, log_f, cost = trial, shape_t, log_f_t, cost_t

@@ -872,7 +872,7 @@ def prepare(path, *, cache_dir, image_size: int = 512, fps: Optional[float] = No
 # this fraction of the face's side (centre or size), or that found a face in
 # only one of them, have the frames between them examined too. carphone's
 # detector boxes move by a median 5 % over 5 frames (crop boxes at 5 boxes a
-# second stay within 2 % of their side of those at 15), by over 15 % in 5-9 %
+# second stay within 1 % of their side of those at 15), by over 15 % in 5-9 %
 # of such spans.
 BOX_MOVED = 0.15
 
