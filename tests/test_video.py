@@ -158,6 +158,40 @@ def test_crop_frame_matches_independent_sampling_and_pads_black():
                                [[xs[0], ys[0]], [xs[-1], ys[-1]]])
 
 
+def test_crop_frame_cuts_by_resize_where_it_can_and_samples_the_box(monkeypatch):
+    # Most boxes are cut by cv2.resize from a window starting on a whole
+    # pixel (within 1/32 px of the box); a box no window start reaches
+    # (1 source px per crop pixel, origin on a half pixel) by warpAffine.
+    # Either way the crop samples the box bilinearly, black outside.
+    rng = np.random.default_rng(3)
+    image = cv2.GaussianBlur((rng.random((120, 160, 3)) * 255).astype(np.uint8), (0, 0), 2.0)
+    size = 48
+    warps = []
+    warp_affine = cv2.warpAffine
+
+    def counting_warp(*args, **kwargs):
+        warps.append(1)
+        return warp_affine(*args, **kwargs)
+
+    monkeypatch.setattr(video.cv2, "warpAffine", counting_warp)
+    boxes = [(x0, y0, x0 + side, y0 + side) for x0, y0, side in
+             zip(rng.uniform(-30, 130, 40), rng.uniform(-30, 90, 40), rng.uniform(12, 90, 40))]
+    boxes.append((10.5, 20.5, 10.5 + size, 20.5 + size))
+    u = np.arange(size)
+    for box in boxes:
+        crop = video.crop_frame(image, box, size)
+        p = (box[2] - box[0]) / size
+        xs, ys = box[0] + (u + 0.5) * p - 0.5, box[1] + (u + 0.5) * p - 0.5
+        yy, xx = np.meshgrid(ys, xs, indexing="ij")
+        expect = np.stack([map_coordinates(image[..., c].astype(float), [yy, xx], order=1, cval=0)
+                           for c in range(3)], axis=-1)
+        inside = (xx >= 0) & (xx <= 159) & (yy >= 0) & (yy <= 119)
+        assert np.abs(crop[inside].astype(float) - expect[inside]).max(initial=0) <= 2.0, box
+        assert (crop[(xx < -1) | (yy < -1) | (xx > 160) | (yy > 120)] == 0).all(), box
+    assert warps[-1:] == [1]  # the unreachable box went through warpAffine
+    assert len(warps) <= 10  # and few of the others (~13 % expected)
+
+
 @pytest.mark.parametrize("rotation", [0, 90, 180, 270])
 def test_crop_of_decoded_frame_converts_only_the_box_and_matches_whole_frame(clips, rotation):
     # crop_video_frame colour-converts just the region under the box (in
