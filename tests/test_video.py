@@ -343,6 +343,26 @@ def test_face_boxes_sparse_while_the_face_stays_dense_where_it_moves(tmp_path):
     assert np.flatnonzero(every.face_examined).tolist() == list(range(0, 40, 2)) + [39]
 
 
+def test_full_range_model_set_up_only_where_the_short_range_one_misses(tmp_path, monkeypatch):
+    # a still portrait's face is large enough for the short-range model in
+    # every examined frame, so the full-range graph is never built (the HD
+    # test below has the other case)
+    from lightning_ft.synthetic.clips import write_still_clip
+
+    made = []
+    make = video._face_detector
+
+    def recording_detector():
+        made.append(make())
+        return made[-1]
+
+    monkeypatch.setattr(video, "_face_detector", recording_detector)
+    path = write_still_clip(tmp_path / "still.mp4", n_frames=20)
+    fv = video.prepare(path, cache_dir=tmp_path, image_size=64, progress=False)
+    assert fv.face_found[fv.face_examined].all()
+    assert len(made) == 1 and made[0]._full is None and not made[0].far
+
+
 def test_hd_face_is_looked_for_near_its_last_box(tmp_path, monkeypatch):
     # In a 1080p frame shrunk for the detector the face is too small for
     # BlazeFace's short-range model; after the first find, the short-range
