@@ -58,6 +58,28 @@ def test_detect_carphone_shapes_validity_and_picture(carphone, carphone_mediapip
                 cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
 
 
+def test_mesh_fed_directly_gives_what_process_gives(carphone):
+    # MeshTracker feeds FaceMesh's graph itself (the pinned mediapipe's
+    # SolutionBase internals) instead of calling process(): the same points
+    # bit for bit, frame by frame in tracking mode, and None where process()
+    # finds no face.
+    crops = list(carphone.frames(range(40)))
+    blank = np.zeros_like(crops[0])
+    images = crops[:20] + [blank] + crops[20:]
+    with L.MeshTracker() as direct, L.MeshTracker() as through_process:
+        assert direct._graph is not None
+        through_process._graph = None
+        for image in images:
+            a, b = direct(image), through_process(image)
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert a.shape == (478, 2) and a.dtype == np.float32
+                np.testing.assert_array_equal(a, b)
+        assert direct(blank) is None
+        with pytest.raises(ValueError, match="RGB"):
+            direct(blank[..., :2])
+
+
 def test_landmarks_read_from_bytes_equal_the_attribute_loop():
     from mediapipe.framework.formats import landmark_pb2
 
