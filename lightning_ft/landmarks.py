@@ -164,64 +164,6 @@ def _serialized_landmarks_xy(data: bytes) -> Optional[np.ndarray]:
     return None
 
 
-class _FaceMeshGraph:
-    """FaceMesh's graph fed and read directly, not through
-    ``SolutionBase.process``: that builds a new namedtuple class on every
-    call and parses the landmarks into Python protos that `landmarks_xy`
-    serializes again (4.87 vs 5.31 ms a frame on carphone's crops, the same
-    landmarks bit for bit). It uses mediapipe 0.10.21's SolutionBase
-    internals (the pinned version); `make` returns None where they differ,
-    and MeshTracker then calls ``process``."""
-
-    def __init__(self, solution, stream: str, make_packet, image_format, serialized_list):
-        self._solution = solution
-        self._stream = stream
-        self._make_packet = make_packet
-        self._image_format = image_format
-        self._serialized_list = serialized_list
-
-    @classmethod
-    def make(cls, solution) -> Optional["_FaceMeshGraph"]:
-        try:
-            from mediapipe.python import packet_creator
-            from mediapipe.python._framework_bindings import _packet_getter, image_frame
-            from mediapipe.python.solution_base import PacketDataType
-
-            (stream, kind), = solution._input_stream_type_info.items()
-            make_packet = {PacketDataType.IMAGE: packet_creator.create_image,
-                           PacketDataType.IMAGE_FRAME: packet_creator.create_image_frame}[kind]
-            if not (isinstance(solution._graph_outputs, dict) and solution._graph is not None
-                    and isinstance(solution._simulated_timestamp, int)
-                    and "multi_face_landmarks" in solution._output_stream_type_info):
-                return None
-            return cls(solution, stream, make_packet, image_frame.ImageFormat.SRGB,
-                       _packet_getter._get_serialized_proto_list)
-        except (AttributeError, ImportError, KeyError, TypeError, ValueError):
-            return None
-
-    def __call__(self, image: np.ndarray) -> Optional[np.ndarray]:
-        """RGB uint8 [H,W,3] -> normalised [478,2] float32, or None."""
-        solution = self._solution
-        solution._graph_outputs.clear()
-        solution._simulated_timestamp += 33333  # as process() does: 30 fps
-        packet = self._make_packet(image, image_format=self._image_format)
-        solution._graph.add_packet_to_input_stream(stream=self._stream,
-                                                   packet=packet.at(solution._simulated_timestamp))
-        solution._graph.wait_until_idle()
-        output = solution._graph_outputs.get("multi_face_landmarks")
-        if output is None or output.is_empty():
-            return None
-        faces = self._serialized_list(output)
-        if not faces:
-            return None
-        points = _serialized_landmarks_xy(faces[0])
-        if points is None:
-            from mediapipe.framework.formats import landmark_pb2
-
-            points = landmarks_xy(landmark_pb2.NormalizedLandmarkList.FromString(faces[0]))
-        return points
-
-
 class MeshTracker:
     """mediapipe FaceMesh (refined, 478 points) over a sequence of images.
 
@@ -230,21 +172,28 @@ class MeshTracker:
     """
 
     def __init__(self, static: bool = False, min_confidence: float = 0.5):
-        from ._mediapipe import import_mediapipe
+        from ._mediapipe import DirectGraph, import_mediapipe
         mp = import_mediapipe()
 
         self._mesh = mp.solutions.face_mesh.FaceMesh(
             static_image_mode=static, max_num_faces=1, refine_landmarks=True,
             min_detection_confidence=min_confidence, min_tracking_confidence=min_confidence)
-        self._graph = _FaceMeshGraph.make(self._mesh)
+        self._graph = DirectGraph.make(self._mesh, "multi_face_landmarks")
 
     def _normalised(self, image: np.ndarray) -> Optional[np.ndarray]:
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"expected an RGB image [H,W,3], got shape {image.shape}")
-        if self._graph is not None:
-            return self._graph(image)
-        result = self._mesh.process(image)
-        return landmarks_xy(result.multi_face_landmarks[0]) if result.multi_face_landmarks else None
+        """[478,2] float32 in mediapipe's normalised coordinates, or None."""
+        if self._graph is None:
+            result = self._mesh.process(image)
+            return landmarks_xy(result.multi_face_landmarks[0]) if result.multi_face_landmarks else None
+        faces = self._graph(image)
+        if not faces:
+            return None
+        points = _serialized_landmarks_xy(faces[0])
+        if points is None:
+            from mediapipe.framework.formats import landmark_pb2
+
+            points = landmarks_xy(landmark_pb2.NormalizedLandmarkList.FromString(faces[0]))
+        return points
 
     def __call__(self, image: np.ndarray) -> Optional[np.ndarray]:
         """RGB uint8 [H,W,3] -> [478,2] float32 pixels, or None without a face."""

@@ -343,6 +343,27 @@ def test_face_boxes_sparse_while_the_face_stays_dense_where_it_moves(tmp_path):
     assert np.flatnonzero(every.face_examined).tolist() == list(range(0, 40, 2)) + [39]
 
 
+def test_blazeface_fed_directly_gives_what_process_gives():
+    # BlazeFace's graph is fed and read directly (the pinned mediapipe's
+    # SolutionBase internals): the same detections as process(), and none
+    # on a blank image
+    from lightning_ft.synthetic.clips import astronaut_rgb
+
+    image = cv2.resize(astronaut_rgb(), (320, 320), interpolation=cv2.INTER_AREA)
+    blank = np.zeros_like(image)
+    for selection in (0, 1):
+        model = video.BlazeFace(selection, 0.5)
+        try:
+            assert model._graph is not None
+            for picture in (image, image[40:, 20:300].copy(), blank):
+                direct = model.process(picture)
+                through_process = list(model.solution.process(picture).detections or [])
+                assert direct == through_process
+                assert bool(direct) == (picture is not blank)
+        finally:
+            model.close()
+
+
 def test_full_range_model_set_up_only_where_the_short_range_one_misses(tmp_path, monkeypatch):
     # a still portrait's face is large enough for the short-range model in
     # every examined frame, so the full-range graph is never built (the HD
