@@ -452,7 +452,7 @@ def crop_frame(image: np.ndarray, box: Sequence[float], size: int) -> np.ndarray
         image, x0, x1, y0, y1 = small, x0 / sx, x1 / sx, y0 / sy, y1 / sy
         pixel = (x1 - x0) / size
     pixel_y = (y1 - y0) / size
-    if abs(pixel_y - pixel) <= 1e-9 * pixel:
+    if pixel > 0 and abs(pixel_y - pixel) <= 1e-9 * pixel:
         crop = _crop_by_resize(image, x0, y0, pixel, size)
         if crop is not None:
             return crop
@@ -565,7 +565,8 @@ def crop_video_frame(frame, box: Sequence[float], size: int) -> np.ndarray:
     # shrink factor, so its blocks fall where they would on the whole frame.
     grid = 2 * int(pixel) if pixel >= 2.0 else 2
     # and reaching as far before the box as crop_frame's resize may read
-    lead = _resize_lead(pixel / int(pixel) if pixel >= 2.0 else pixel) * (int(pixel) if pixel >= 2.0 else 1) + 2
+    shrink = int(pixel) if pixel >= 2.0 else 1
+    lead = (_resize_lead(pixel / shrink) * shrink if pixel > 0 else 0) + 2
     rx0, ry0 = (max(0, (int(np.floor(v)) - lead) // grid * grid) for v in (x0, y0))
     rx1 = min(width, -(-(int(np.ceil(x1)) + 2) // grid) * grid)
     ry1 = min(height, -(-(int(np.ceil(y1)) + 2) // grid) * grid)

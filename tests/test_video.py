@@ -202,8 +202,8 @@ def test_crop_of_decoded_frame_converts_only_the_box_and_matches_whole_frame(cli
     container.close()
     whole = video._to_rgb(frame)
     boxes = [(10.3, 5.7, 40.1, 35.5), (-12.2, 20.4, 30.6, 63.2), (50.5, -8.0, 70.5, 12.0),
-             (-3.0, -4.0, 67.0, 66.0), (100.0, 100.0, 120.0, 120.0)]
-    for box in boxes:  # upsampling: bilinear straight from the region, exact
+             (-3.0, -4.0, 67.0, 66.0), (100.0, 100.0, 120.0, 120.0), (10.5, 10.5, 10.5, 10.5)]
+    for box in boxes:  # upsampling (and a box of no size): straight from the region, exact
         np.testing.assert_array_equal(video.crop_video_frame(frame, box, 96),
                                       video.crop_frame(whole, box, 96))
     # shrinking >= 2x (area first): block edges may fall elsewhere than on
