@@ -283,16 +283,17 @@ class BlazeFace:
         from ._mediapipe import DirectGraph, import_mediapipe
         mp = import_mediapipe()
 
+        from mediapipe.framework.formats import detection_pb2
+
         self.solution = mp.solutions.face_detection.FaceDetection(
             model_selection=model_selection, min_detection_confidence=min_confidence)
         self._graph = DirectGraph.make(self.solution, "detections")
+        self._parse = detection_pb2.Detection.FromString
 
     def process(self, image: np.ndarray) -> list:
         if self._graph is None:
             return list(self.solution.process(image).detections or [])
-        from mediapipe.framework.formats import detection_pb2
-
-        return [detection_pb2.Detection.FromString(data) for data in self._graph(image)]
+        return [self._parse(data) for data in self._graph(image)]
 
     def close(self) -> None:
         self.solution.close()
@@ -563,9 +564,9 @@ def crop_video_frame(frame, box: Sequence[float], size: int) -> np.ndarray:
     pixel = (x1 - x0) / size
     # Region edges on a grid of 2 (chroma pairs) and of crop_frame's area
     # shrink factor, so its blocks fall where they would on the whole frame.
-    grid = 2 * int(pixel) if pixel >= 2.0 else 2
-    # and reaching as far before the box as crop_frame's resize may read
     shrink = int(pixel) if pixel >= 2.0 else 1
+    grid = 2 * shrink
+    # and reaching as far before the box as crop_frame's resize may read
     lead = (_resize_lead(pixel / shrink) * shrink if pixel > 0 else 0) + 2
     rx0, ry0 = (max(0, (int(np.floor(v)) - lead) // grid * grid) for v in (x0, y0))
     rx1 = min(width, -(-(int(np.ceil(x1)) + 2) // grid) * grid)
