@@ -9,7 +9,7 @@ pixels as ``(fx * x/z + cx, fy * y/z + cy)``. ``R [...,3,3]`` and
 Pixel coordinates follow OpenCV: pixel (i, j) (column i, row j) has its
 *centre* at (i, j), so an image of W x H pixels spans [-0.5, W-0.5] x
 [-0.5, H-0.5] and a centred camera has (cx, cy) = ((W-1)/2, (H-1)/2). This
-is what the landmark stage (mediapipe's normalised x * W - 0.5, FAN, dlib),
+is what the landmark stage (mediapipe's normalised x * W, FAN, dlib),
 the renderer and the fitting use, and what tracking.npz stores.
 
 Several consumers measure pixels from the top-left *corner* instead (pixel
