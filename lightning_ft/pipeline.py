@@ -9,6 +9,8 @@ meta.json.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import platform
 import time
@@ -22,10 +24,10 @@ import torch
 
 from . import __version__
 from .calibration import CalibrationConfig, calibrate
-from .errors import AssetError, LightningFTError, UsageError
+from .errors import AssetError, LightningFTError, UsageError, VideoError
 from .flame import FLAME
 from .optimize import FitConfig, FrameParams, Targets, build_basis, fit_sequence, predict_landmarks
-from .output import is_finished, result_dir, write_result
+from .output import is_finished, result_differences, result_dir, source_identity, write_result
 from .smoothing import SmoothingConfig, second_difference_jitter, smooth_tracking
 from .synthesis import SynthesisConfig
 
@@ -66,6 +68,43 @@ class TrackConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)
     synthesis_config: SynthesisConfig = field(default_factory=SynthesisConfig)
+
+
+# The TrackConfig fields that shape a result: a finished result is reused
+# only when all of them are as they were (recorded in meta.json's
+# "result_settings"); add a field here when it changes what is written.
+RESULT_SETTINGS = ("image_size", "fps", "lmk68", "no_emoca", "synthesis", "visualize", "fit", "calibration",
+                   "smoothing", "synthesis_config")
+
+
+def result_settings(cfg: TrackConfig) -> dict:
+    """The RESULT_SETTINGS of `cfg` as plain JSON values."""
+    import dataclasses
+
+    out = {}
+    for name in RESULT_SETTINGS:
+        value = getattr(cfg, name)
+        out[name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return json.loads(json.dumps(out, default=str))
+
+
+def settings_fingerprint(settings: dict) -> str:
+    """SHA-256 (hex, 16 digits) of `result_settings`, order-independent."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_sources(video: Optional[Path], cfg: TrackConfig) -> dict:
+    """The files a result of `video` is made from (`output.source_identity`);
+    VideoError naming the file when one cannot be read."""
+    def identity(path):
+        if path is None:
+            return None
+        try:
+            return source_identity(path)
+        except OSError as exc:
+            raise VideoError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+
+    return {"video": identity(video), "landmarks": identity(cfg.landmarks_file)}
 
 
 class StageTimer:
@@ -121,12 +160,33 @@ def select_shard(videos: List[Path], shard: Optional[Tuple[int, int]]) -> List[P
 
 
 def output_stem(video: Path, root: Optional[Path]) -> str:
-    """Result folder name: the video's path below the input folder, so two
-    clips called 0001.mp4 in different folders do not collide."""
-    if root is not None and root.is_dir():
-        rel = video.relative_to(root).with_suffix("")
-        return "__".join(rel.parts)
-    return video.stem
+    """The result folder name of one video taken alone (see `result_names`)."""
+    return result_names([video], root if root is not None and Path(root).is_dir() else None)[0]
+
+
+def result_names(videos: List[Path], root: Optional[Path]) -> List[str]:
+    """Result folder of each video, relative to the output folder: the
+    video's path below the input folder without its suffix (`a/clip.mp4` ->
+    `a/clip`, a single file -> its stem), with the suffix kept where that
+    would be one folder for two videos (`car.mp4` and `car.avi`, compared
+    case-insensitively) or a result inside another one (`a.mp4` beside
+    `a/clip.mp4`). Computed over the whole folder, before sharding, so
+    every shard names a video alike."""
+    from collections import Counter
+    from pathlib import PurePosixPath
+
+    if root is None:  # a single file
+        return [Path(v).stem for v in videos]
+    rels = [PurePosixPath(Path(v).relative_to(root).as_posix()) for v in videos]
+    stems = [r.with_suffix("").as_posix() for r in rels]
+    count = Counter(s.casefold() for s in stems)
+    folders = {p.as_posix().casefold() for s in stems for p in PurePosixPath(s).parents if p.as_posix() != "."}
+    return [r.as_posix() if count[s.casefold()] > 1 or s.casefold() in folders else s for r, s in zip(rels, stems)]
+
+
+def legacy_result_name(name: str) -> str:
+    """The folder name earlier versions gave a nested video (`a__clip`)."""
+    return "__".join(Path(name).parts)
 
 
 # ----------------------------------------------------------------------------
@@ -280,9 +340,14 @@ def _versions() -> dict:
     return out
 
 
-def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: FLAME, emoca_model=None) -> Path:
-    """Track one video (or one --landmarks file); returns the result folder."""
+def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: FLAME, emoca_model=None,
+              sources: Optional[dict] = None) -> Path:
+    """Track one video (or one --landmarks file); returns the result folder.
+
+    sources: `run_sources(video, cfg)` when the caller has it already."""
     timer = StageTimer()
+    if sources is None:
+        sources = run_sources(video, cfg)
     t_start = time.perf_counter()
     frames_source = None
     if cfg.landmarks_file is not None:
@@ -370,6 +435,9 @@ def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: FLAME, 
         "settings": {"device": cfg.device, "image_size": cfg.image_size, "fps": cfg.fps, "lmk68": cfg.lmk68,
                      "no_emoca": cfg.no_emoca, "synthesis": cfg.synthesis, "visualize": cfg.visualize,
                      "fit": asdict(cfg.fit), "calibration": asdict(cfg.calibration)},
+        "sources": sources,
+        "result_settings": result_settings(cfg),
+        "settings_fingerprint": settings_fingerprint(result_settings(cfg)),
         "versions": _versions(),
         "stage_seconds": timer.seconds,
     }
@@ -529,6 +597,22 @@ def _remove_stale_partials(folder: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def _finished_detail(folder: Path, sources: dict, settings: dict, stem: str, out_dir: Path) -> Optional[str]:
+    """Why a video is not tracked again (a finished result of it is there),
+    or None to track it; a result of another source or other settings is
+    kept, and the reason says what differs."""
+    differences = result_differences(folder, sources, settings)
+    if differences is None and legacy_result_name(stem) != stem:
+        legacy = result_dir(out_dir, legacy_result_name(stem))
+        if is_finished(legacy):
+            return f"finished result in {legacy} (named by an earlier version; --overwrite to redo it into {folder})"
+    if differences is None:
+        return None
+    if not differences:
+        return f"finished result in {folder} (--overwrite to redo)"
+    return f"{folder}: finished result kept: {'; '.join(differences)}; --overwrite to redo it"
+
+
 @dataclass
 class VideoOutcome:
     name: str
@@ -561,9 +645,11 @@ def run(cfg: TrackConfig) -> List[VideoOutcome]:
     else:
         if cfg.data is None:
             raise UsageError("--data is required (a video or a folder of videos), unless --landmarks is given")
-        videos = select_shard(find_videos(cfg.data), cfg.shard)
+        all_videos = find_videos(cfg.data)
         root = Path(cfg.data) if Path(cfg.data).is_dir() else None
-        stems = [output_stem(v, root) for v in videos]
+        names = dict(zip(all_videos, result_names(all_videos, root)))
+        videos = select_shard(all_videos, cfg.shard)
+        stems = [names[v] for v in videos]
     flame = load_flame(cfg.assets_dir)
     emoca_model = None
     if not cfg.no_emoca:
@@ -578,16 +664,26 @@ def run(cfg: TrackConfig) -> List[VideoOutcome]:
         t0 = time.perf_counter()
         folder = result_dir(cfg.out_dir, stem)
         name = str(video or cfg.landmarks_file)
-        if is_finished(folder) and not cfg.overwrite:
-            outcomes.append(VideoOutcome(name, "skipped", f"finished result in {folder} (--overwrite to redo)", 0.0))
-            continue
-        _remove_stale_partials(folder)
         try:
-            folder = track_one(video, stem, cfg, flame, emoca_model)
+            sources = run_sources(video, cfg)
+            skipped = None if cfg.overwrite else _finished_detail(folder, sources, result_settings(cfg), stem,
+                                                                  cfg.out_dir)
+            if skipped is not None:
+                outcomes.append(VideoOutcome(name, "skipped", skipped, 0.0))
+                continue
+            _remove_stale_partials(folder)
+            folder = track_one(video, stem, cfg, flame, emoca_model, sources=sources)
             outcomes.append(VideoOutcome(name, "done", str(folder), time.perf_counter() - t0))
         except LightningFTError as exc:
             if len(videos) == 1:
                 raise
             log.error("%s", exc)
             outcomes.append(VideoOutcome(name, "failed", str(exc), time.perf_counter() - t0))
+        except Exception as exc:  # a bug met on one video must not end a dataset run
+            if len(videos) == 1:
+                raise
+            detail = f"{name}: internal error ({type(exc).__name__}: {exc}); please report it"
+            log.error("%s", detail)
+            log.debug("traceback of %s", name, exc_info=True)
+            outcomes.append(VideoOutcome(name, "failed", detail, time.perf_counter() - t0))
     return outcomes

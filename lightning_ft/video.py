@@ -143,6 +143,12 @@ def _decoded_frames(path: Path, fps: Optional[float]):
             # wall with AUTO; 512 px: 0.60 vs 0.66 CPU).
             stream.codec_context.thread_count = 1
         time_base = float(stream.time_base) if stream.time_base else None
+        # AVI stores no presentation times: ffmpeg hands out decoding-order
+        # stamps, out of order where there are B-frames; its rate is constant
+        if "avi" in container.format.name.split(","):
+            time_base = None
+        frame_period = 1.0 / float(stream.average_rate or stream.guessed_rate or 30)
+        last_t = None
         start_time = None
         last_tick = -1
         index = -1
@@ -169,10 +175,14 @@ def _decoded_frames(path: Path, fps: Optional[float]):
             if frame.pts is not None and time_base is not None:
                 t = frame.pts * time_base
             else:
-                t = index / float(stream.average_rate or 30)
+                t = index * frame_period
             if start_time is None:
                 start_time = t
             t -= start_time
+            if last_t is not None and t <= last_t:
+                # a repeated or backwards stamp: keep the clock increasing
+                t = last_t + frame_period
+            last_t = t
             if fps is not None:
                 # a frame up to a quarter tick early still counts for that tick:
                 # millisecond PTS put 60 fps frame 2 at 33 ms, before the 33.3 ms tick
