@@ -111,6 +111,13 @@ def _summary(outcomes) -> int:
     else:
         for o in outcomes:
             print(f"{o.name}: {o.status} -> {o.detail}")
+    not_run = [o for o in outcomes if o.status == "not-run"]
+    if not_run:
+        from .errors import DiskFullError
+
+        print(f"stopped: {failed[-1].detail}; {len(not_run)} video(s) not run; free space and rerun (finished "
+              f"results are kept)", file=sys.stderr)
+        return DiskFullError.exit_code
     return 1 if failed else 0
 
 

@@ -8,6 +8,7 @@ finished; `meta.json` carries `"complete": true` as a second guard.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -132,7 +133,11 @@ def write_result(folder: Path, tracking: Dict[str, np.ndarray], meta: Dict[str, 
     tmp = folder.parent / f".{folder.name}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        np.savez(tmp / "tracking.npz", **tracking)
+        # through memory: numpy leaves a ZipFile open on a failed write (a
+        # full disk), whose finaliser then prints a traceback of its own
+        buffer = io.BytesIO()
+        np.savez(buffer, **tracking)
+        (tmp / "tracking.npz").write_bytes(buffer.getbuffer())
         if extra is not None:
             extra(tmp)
         meta = dict(meta, complete=True)

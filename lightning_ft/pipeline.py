@@ -24,7 +24,8 @@ import torch
 
 from . import __version__
 from .calibration import CalibrationConfig, calibrate
-from .errors import AssetError, LightningFTError, UsageError, VideoError
+from .errors import (AssetError, DiskFullError, LightningFTError, OutputError, UsageError, VideoError,
+                     disk_full_reason)
 from .flame import FLAME
 from .optimize import FitConfig, FrameParams, Targets, build_basis, fit_sequence, predict_landmarks
 from .output import is_finished, result_differences, result_dir, source_identity, write_result
@@ -613,10 +614,25 @@ def _finished_detail(folder: Path, sources: dict, settings: dict, stem: str, out
     return f"{folder}: finished result kept: {'; '.join(differences)}; --overwrite to redo it"
 
 
+def _expected_failure(exc: Exception, name: str, folder: Path) -> Optional[LightningFTError]:
+    """An OS or LMDB error met while tracking `name` as the one-line error
+    to report (a full disk: DiskFullError), or None for anything else."""
+    import lmdb
+
+    reason = disk_full_reason(exc, getattr(exc, "filename", None))
+    if reason is not None:
+        return DiskFullError(f"{name}: {reason} while writing {folder}")
+    if isinstance(exc, OSError):
+        return OutputError(f"{name}: {exc.filename or folder}: {exc.strerror or exc}")
+    if isinstance(exc, lmdb.Error):
+        return OutputError(f"{name}: frame cache error ({exc})")
+    return None
+
+
 @dataclass
 class VideoOutcome:
     name: str
-    status: str  # 'done' | 'skipped' | 'failed'
+    status: str  # 'done' | 'skipped' | 'failed' | 'not-run' (after a full disk)
     detail: str
     seconds: float
 
@@ -674,16 +690,23 @@ def run(cfg: TrackConfig) -> List[VideoOutcome]:
             _remove_stale_partials(folder)
             folder = track_one(video, stem, cfg, flame, emoca_model, sources=sources)
             outcomes.append(VideoOutcome(name, "done", str(folder), time.perf_counter() - t0))
-        except LightningFTError as exc:
+        except Exception as exc:
+            error = exc if isinstance(exc, LightningFTError) else _expected_failure(exc, name, folder)
             if len(videos) == 1:
-                raise
-            log.error("%s", exc)
-            outcomes.append(VideoOutcome(name, "failed", str(exc), time.perf_counter() - t0))
-        except Exception as exc:  # a bug met on one video must not end a dataset run
-            if len(videos) == 1:
-                raise
-            detail = f"{name}: internal error ({type(exc).__name__}: {exc}); please report it"
+                if error is exc or error is None:
+                    raise
+                raise error from None
+            if error is None:  # a bug met on one video must not end a dataset run
+                detail = f"{name}: internal error ({type(exc).__name__}: {exc}); please report it"
+                log.debug("traceback of %s", name, exc_info=True)
+            else:
+                detail = str(error)
             log.error("%s", detail)
-            log.debug("traceback of %s", name, exc_info=True)
             outcomes.append(VideoOutcome(name, "failed", detail, time.perf_counter() - t0))
+            if isinstance(error, DiskFullError):
+                # nothing after it can be written either
+                rest = videos[len(outcomes):]
+                outcomes.extend(VideoOutcome(str(v or cfg.landmarks_file), "not-run", "the disk is full", 0.0)
+                                for v in rest)
+                break
     return outcomes

@@ -771,10 +771,19 @@ def _crops_into_cache(face_video: FaceVideo, fill: _CacheFill) -> Iterator[np.nd
             stored.append(_write_cache(tmp_path, crops_to_write(), fill))
         except BaseException as exc:  # raised by the consumer below
             stored.append(exc)
-            while to_write.get() is not None:  # let the consumer finish its puts
-                pass
 
     writer = threading.Thread(target=write, name="lightning_ft-cache-writer", daemon=True)
+
+    def hand_over(item) -> None:
+        # A writer that failed takes nothing more (it may have failed after
+        # taking the end marker, at its last commit): never wait on it.
+        while writer.is_alive():
+            try:
+                to_write.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                pass
+
     writer.start()
     complete = False
     try:
@@ -782,20 +791,38 @@ def _crops_into_cache(face_video: FaceVideo, fill: _CacheFill) -> Iterator[np.nd
                                    name="lightning_ft-crop"):
             if stored:
                 break  # the writer failed; its error is raised below
-            to_write.put(crop)
+            hand_over(crop)
             yield crop
-        to_write.put(None)
+        hand_over(None)
         writer.join()
         if isinstance(stored[0], BaseException):
-            raise stored[0]
+            raise cache_write_error(stored[0], face_video.source, cache_path, tmp_path)
         os.replace(tmp_path, cache_path)
         complete = True
     finally:
         if not complete:
             # an error, or the consumer stopped early: no partial cache stays
-            to_write.put(None)
+            hand_over(None)
             writer.join()
-            tmp_path.unlink(missing_ok=True)
+            try:
+                tmp_path.unlink(missing_ok=True)
+            except OSError:  # its folder is gone or unusable: nothing was left there
+                pass
+
+
+def cache_write_error(exc: BaseException, source: Path, cache_path: Path, tmp_path: Path) -> BaseException:
+    """The frame cache writer's failure as the error to raise: DiskFullError
+    for a full disk or file-size limit, OutputError naming the cache for
+    other LMDB or OS errors; anything else unchanged. tmp_path: the file
+    being written (still there)."""
+    from .errors import DiskFullError, OutputError, disk_full_reason
+
+    reason = disk_full_reason(exc, tmp_path)
+    if reason is not None:
+        return DiskFullError(f"{source}: {reason} in {cache_path.parent} while writing its frame cache")
+    if isinstance(exc, (lmdb.Error, OSError)):
+        return OutputError(f"{cache_path}: cannot write the frame cache ({exc}); check the --cache folder")
+    return exc
 
 
 def _encode_image(image: np.ndarray, cache_format: str) -> bytes:

@@ -102,3 +102,81 @@ def test_rerun_skips_only_the_same_source_and_settings(four_cars, cars_run, asse
     for name in ("car.mp4", "car.mov"):
         status, detail = rows[str(moved / name)]
         assert status == "skipped" and "its video was" in detail and str((moved / name).resolve()) in detail
+
+
+# ----------------------------------------------------------------------------
+# Full disks
+
+
+_TRACK = "import sys; from lightning_ft.cli import track_main; sys.exit(track_main(sys.argv[1:]))"
+
+
+def _track_process(args, file_size_limit=None, timeout=120):
+    """The CLI in a child process (optionally under a real file-size limit,
+    RLIMIT_FSIZE: writes past it fail with EFBIG); (returncode, stdout,
+    stderr, seconds)."""
+    import resource
+
+    def limit():
+        if file_size_limit is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", _TRACK, *map(str, args)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout, preexec_fn=limit)
+    return proc.returncode, proc.stdout, proc.stderr, time.monotonic() - t0
+
+
+def _leftovers(folder: Path) -> list:
+    """Temporary files and folders a run must never leave behind."""
+    return [p for p in folder.rglob("*") if ".partial-" in p.name or ".tmp-" in p.name]
+
+
+@pytest.fixture(scope="module")
+def two_clips(tmp_path_factory):
+    from lightning_ft.synthetic.clips import carphone_path, write_excerpt
+
+    data = tmp_path_factory.mktemp("two") / "data"
+    write_excerpt(carphone_path(), data / "a.mp4", n_frames=20)
+    write_excerpt(carphone_path(), data / "b.mp4", n_frames=8)
+    return data
+
+
+def test_full_disk_during_the_frame_cache_ends_the_batch_within_a_minute(two_clips, assets_dir, tmp_path):
+    """A 20-frame clip's cache is one LMDB commit, which used to fail after
+    the writer thread had taken its end marker: the run hung for ever."""
+    out = tmp_path / "out"
+    rc, stdout, stderr, seconds = _track_process(
+        ["--data", two_clips, "--assets", assets_dir, "--no-emoca", "--out", out, "--image-size", "128", "-q",
+         "-d", "cpu"], file_size_limit=32 << 10, timeout=60)
+    assert seconds < 60
+    assert rc == 6, stderr
+    assert "Traceback" not in stderr
+    rows = _rows(stdout)
+    assert rows[str(two_clips / "a.mp4")][0] == "failed" and rows[str(two_clips / "b.mp4")][0] == "not-run"
+    assert "file size limit" in rows[str(two_clips / "a.mp4")][1]
+    stopped = [line for line in stderr.splitlines() if line.startswith("stopped:")]
+    assert len(stopped) == 1 and "1 video(s) not run" in stopped[0]
+    assert _leftovers(out) == [] and not list(out.glob("*/meta.json"))
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 64 KiB tmpfs: a real full disk (needs mount rights, as root in CI)."""
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_full_disk_while_writing_the_result(two_clips, assets_dir, tmp_path, small_tmpfs):
+    rc, stdout, stderr, seconds = _track_process(
+        ["--data", two_clips, "--assets", assets_dir, "--no-emoca", "--out", small_tmpfs, "--cache",
+         tmp_path / "cache", "--image-size", "128", "-q", "-d", "cpu"], timeout=60)
+    assert rc == 6 and "Traceback" not in stderr, stderr
+    assert "no space left on device" in _rows(stdout)[str(two_clips / "a.mp4")][1]
+    assert list(small_tmpfs.rglob("*")) == []
