@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -16,6 +17,8 @@ from typing import List, Optional
 from .errors import LightningFTError, UsageError
 
 log = logging.getLogger("lightning_ft")
+# Largest --image-size: a crop of 4096x4096 RGB is 48 MB per frame already.
+MAX_IMAGE_SIZE = 4096
 
 
 def resolve_device(spec: Optional[str]) -> str:
@@ -79,8 +82,10 @@ def _track(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.data}: no such file or folder")
     if args.landmarks is not None and not args.landmarks.exists():
         raise UsageError(f"{args.landmarks}: no such file")
-    if args.image_size < 64:
-        raise UsageError(f"--image-size {args.image_size}: too small (64 or more)")
+    if not 64 <= args.image_size <= MAX_IMAGE_SIZE:
+        raise UsageError(f"--image-size {args.image_size}: choose 64 to {MAX_IMAGE_SIZE} pixels")
+    if args.fps is not None and not (math.isfinite(args.fps) and args.fps > 0):
+        raise UsageError(f"--fps {args.fps}: a positive frame rate, e.g. 25")
     exports = [x.strip() for x in args.export.split(",") if x.strip()]
     if exports:
         from .export import FORMATS

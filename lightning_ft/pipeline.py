@@ -28,7 +28,7 @@ from .errors import (AssetError, DiskFullError, LightningFTError, OutputError, U
                      disk_full_reason)
 from .flame import FLAME
 from .optimize import FitConfig, FrameParams, Targets, build_basis, fit_sequence, predict_landmarks
-from .output import is_finished, result_differences, result_dir, source_identity, write_result
+from .output import check_writable, is_finished, result_differences, result_dir, source_identity, write_result
 from .smoothing import SmoothingConfig, second_difference_jitter, smooth_tracking
 from .synthesis import SynthesisConfig
 
@@ -38,7 +38,10 @@ log = logging.getLogger("lightning_ft")
 # (benchmarks/bench_calibration.py).
 WEAK_FOCAL_REL_STD = 0.15
 
-VIDEO_SUFFIXES = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".y4m"}
+# The one list of video suffixes, for a single file and for folders alike
+# (all decoded by PyAV's ffmpeg).
+VIDEO_SUFFIXES = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".y4m", ".gif",
+                  ".ts", ".mts", ".m2ts", ".3gp", ".ogv"}
 
 
 @dataclass
@@ -133,6 +136,8 @@ def find_videos(path: Path) -> List[Path]:
     if not path.exists():
         raise UsageError(f"{path}: no such file or folder")
     if path.is_file():
+        if path.suffix.lower() not in VIDEO_SUFFIXES:
+            raise UsageError(f"{path}: not a video file suffix; expected one of {', '.join(sorted(VIDEO_SUFFIXES))}")
         return [path]
     videos = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
     if not videos:
@@ -383,6 +388,11 @@ def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: FLAME, 
         H, W = face_video.image_size
         frames_source = face_video
         video_meta = {"path": str(video), "fps": fps, "frames": int(T), "cache": str(face_video.cache_path)}
+        if cfg.fps is not None and cfg.fps > fps * 1.001:
+            # frames are never duplicated: the source rate is the most there is
+            log.warning("%s: --fps %g is above the video's %.3f fps; every frame is tracked, at %.3f fps", video,
+                        cfg.fps, fps, fps)
+            video_meta["fps_requested"] = float(cfg.fps)
     valid = np.asarray(lm.valid, bool)
     if not valid.any():
         from .errors import NoFaceError
@@ -614,6 +624,19 @@ def _finished_detail(folder: Path, sources: dict, settings: dict, stem: str, out
     return f"{folder}: finished result kept: {'; '.join(differences)}; --overwrite to redo it"
 
 
+def _check_landmarks_match(landmarks_file: Path, video: Path, fps: Optional[float]) -> None:
+    """--landmarks and --data must describe the same frames: UsageError
+    before any work when their frame counts differ."""
+    from .landmarks import load_landmarks_file
+    from .video import count_frames
+
+    n_landmarks = load_landmarks_file(landmarks_file).lmk68.shape[0]
+    n_video = count_frames(video, fps)
+    if n_landmarks != n_video:
+        raise UsageError(f"--landmarks {landmarks_file} has {n_landmarks} frames but --data {video} has {n_video}"
+                         f"{f' at --fps {fps:g}' if fps else ''}; they must be landmarks of that video")
+
+
 def _expected_failure(exc: Exception, name: str, folder: Path) -> Optional[LightningFTError]:
     """An OS or LMDB error met while tracking `name` as the one-line error
     to report (a full disk: DiskFullError), or None for anything else."""
@@ -666,6 +689,10 @@ def run(cfg: TrackConfig) -> List[VideoOutcome]:
         names = dict(zip(all_videos, result_names(all_videos, root)))
         videos = select_shard(all_videos, cfg.shard)
         stems = [names[v] for v in videos]
+    if cfg.landmarks_file is not None and videos[0] is not None:
+        _check_landmarks_match(cfg.landmarks_file, videos[0], cfg.fps)
+    check_writable(cfg.out_dir, "--out")
+    check_writable(cfg.cache_dir or Path(cfg.out_dir) / ".cache", "--cache")
     flame = load_flame(cfg.assets_dir)
     emoca_model = None
     if not cfg.no_emoca:

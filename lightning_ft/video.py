@@ -267,6 +267,23 @@ def _in_background(items: Iterator, maxsize: int, name: str) -> Iterator:
                 pass
 
 
+def count_frames(path, fps: Optional[float] = None) -> int:
+    """Frames `iter_frames(path, fps)` yields. Without `fps`, counted from
+    the demuxed packets (no decoding), which holds for the intra/inter
+    coded streams ffmpeg emits one frame per packet for."""
+    path = Path(path)
+    if fps is not None:
+        return sum(1 for _ in _decoded_frames(path, fps))
+    container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        return sum(1 for packet in container.demux(stream) if packet.size)
+    except av.error.FFmpegError as exc:
+        raise VideoError(f"{path}: cannot read ({exc}); the file is corrupt.") from None
+    finally:
+        container.close()
+
+
 def iter_frames(path, fps: Optional[float] = None, *, max_side: Optional[int] = None,
                 ) -> Iterator[tuple[int, float, np.ndarray]]:
     """Stream ``(source frame index, pts seconds, RGB uint8 [H,W,3])`` upright frames.

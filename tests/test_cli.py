@@ -180,3 +180,99 @@ def test_full_disk_while_writing_the_result(two_clips, assets_dir, tmp_path, sma
     assert rc == 6 and "Traceback" not in stderr, stderr
     assert "no space left on device" in _rows(stdout)[str(two_clips / "a.mp4")][1]
     assert list(small_tmpfs.rglob("*")) == []
+
+
+# ----------------------------------------------------------------------------
+# Bad values and unwritable folders
+
+
+@pytest.mark.parametrize("flag,value", [("--fps", "nan"), ("--fps", "0"), ("--fps", "-5"), ("--fps", "inf"),
+                                        ("--image-size", "100000"), ("--image-size", "8"), ("--shard", "1/1/1")])
+def test_bad_values_are_one_line_and_exit_2(flag, value, two_clips, assets_dir, tmp_path, capsys):
+    rc = track_main(["--data", str(two_clips), "--assets", str(assets_dir), "--no-emoca", "--out",
+                     str(tmp_path / "out"), flag, value])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and flag in err and value in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def _unwritable_folders(tmp_path):
+    """Folders root cannot write either: below a regular file (always), and
+    an immutable folder (chattr +i) where the filesystem supports it."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    yield "below a file", blocker / "out"
+    frozen = tmp_path / "frozen"
+    frozen.mkdir()
+    if subprocess.run(["chattr", "+i", str(frozen)], capture_output=True).returncode == 0:
+        try:
+            yield "immutable", frozen
+        finally:
+            subprocess.run(["chattr", "-i", str(frozen)], check=True)
+
+
+@pytest.mark.parametrize("which", ["--out", "--cache"])
+def test_unwritable_output_or_cache_is_reported_before_work(which, two_clips, assets_dir, tmp_path, capsys):
+    tried = 0
+    for kind, folder in _unwritable_folders(tmp_path):
+        out = folder if which == "--out" else tmp_path / "out"
+        extra = ["--cache", str(folder)] if which == "--cache" else []
+        t0 = time.monotonic()
+        rc = track_main(["--data", str(two_clips), "--assets", str(assets_dir), "--no-emoca", "--out", str(out),
+                         "-q", *extra])
+        err = capsys.readouterr().err
+        assert rc == 2, (kind, err)
+        assert err.count("\n") == 1 and which in err and str(folder) in err and "Traceback" not in err, kind
+        assert time.monotonic() - t0 < 5, "it must fail before loading models or decoding"
+        tried += 1
+    assert tried >= 1
+
+
+def test_landmarks_must_have_the_video_frame_count(two_clips, assets_dir, tmp_path, capsys):
+    lm = tmp_path / "lm.npz"
+    np.savez(lm, lmk68=np.zeros((25, 68, 2)), lmk_dense=np.zeros((25, 478, 2)), image_size=np.array([144, 176]))
+    rc = track_main(["--data", str(two_clips / "a.mp4"), "--landmarks", str(lm), "--assets", str(assets_dir),
+                     "--no-emoca", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "25 frames" in err and "has 20" in err and err.count("\n") == 1
+    assert not list((tmp_path / "out").glob("*/meta.json")) if (tmp_path / "out").exists() else True
+
+
+def test_one_list_of_video_suffixes_for_files_and_folders(tmp_path, assets_dir, capsys):
+    """A .gif is found in a folder as it is accepted alone; a file with
+    another suffix is refused alone as it is passed over in a folder."""
+    import av
+
+    from lightning_ft.pipeline import VIDEO_SUFFIXES, find_videos
+
+    gif = tmp_path / "data" / "anim.gif"
+    gif.parent.mkdir()
+    with av.open(str(gif), "w", format="gif") as c:
+        s = c.add_stream("gif", rate=10)
+        s.width, s.height, s.pix_fmt = 32, 32, "rgb8"
+        for i in range(3):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 60 * i, np.uint8), format="rgb24")
+            for p in s.encode(frame):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    (tmp_path / "data" / "notes.txt").write_text("not a video")
+    assert ".gif" in VIDEO_SUFFIXES
+    assert find_videos(tmp_path / "data") == [gif] and find_videos(gif) == [gif]
+    from lightning_ft.video import count_frames
+
+    assert count_frames(gif) == 3  # PyAV decodes it
+    rc = track_main(["--data", str(tmp_path / "data" / "notes.txt"), "--assets", str(assets_dir), "--no-emoca",
+                     "--out", str(tmp_path / "out")])
+    assert rc == 2 and "not a video file suffix" in capsys.readouterr().err
+
+
+def test_fps_above_the_source_rate_is_capped_and_said(two_clips, assets_dir, tmp_path, caplog):
+    rc, stdout = _track("--data", two_clips / "b.mp4", "--assets", assets_dir, "--no-emoca", "--out",
+                        tmp_path / "out", "--image-size", CROP, "--fps", "1000", "-q", "-d", "cpu")
+    assert rc == 0, stdout
+    said = [r.getMessage() for r in caplog.records if "--fps 1000" in r.getMessage()]
+    assert len(said) == 1 and "b.mp4" in said[0] and "29.970" in said[0]
+    meta = json.loads((tmp_path / "out" / "b" / "meta.json").read_text())
+    assert abs(meta["video"]["fps"] - 29.97) < 0.01 and meta["video"]["fps_requested"] == 1000
+    assert abs(float(load_tracking(tmp_path / "out" / "b")["fps"]) - 29.97) < 0.01
