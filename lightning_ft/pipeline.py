@@ -24,6 +24,7 @@ import torch
 
 from . import __version__
 from .calibration import CalibrationConfig, calibrate
+from .claims import claim
 from .errors import (AssetError, DiskFullError, LightningFTError, OutputError, UsageError, VideoError,
                      disk_full_reason)
 from .flame import FLAME
@@ -601,7 +602,8 @@ def write_visualization_from_tracking(out_path: Path, face_video, tracking, flam
 
 def _remove_stale_partials(folder: Path) -> None:
     """Temporary folders a killed run left for this video (they never look
-    finished, but they take disk space)."""
+    finished, but they take disk space). Called while holding the video's
+    claim, so none is another process's work in progress."""
     import shutil
 
     for stale in Path(folder).parent.glob(f".{Path(folder).name}.partial-*"):
@@ -714,8 +716,19 @@ def run(cfg: TrackConfig) -> List[VideoOutcome]:
             if skipped is not None:
                 outcomes.append(VideoOutcome(name, "skipped", skipped, 0.0))
                 continue
-            _remove_stale_partials(folder)
-            folder = track_one(video, stem, cfg, flame, emoca_model, sources=sources)
+            # another process on this output folder may be tracking it
+            with claim(folder) as held:
+                if not held:
+                    outcomes.append(VideoOutcome(name, "skipped", f"{folder}: being tracked by "
+                                                 f"{held.describe()}", 0.0))
+                    continue
+                skipped = None if cfg.overwrite else _finished_detail(folder, sources, result_settings(cfg), stem,
+                                                                      cfg.out_dir)
+                if skipped is not None:  # finished by the process that held it before
+                    outcomes.append(VideoOutcome(name, "skipped", skipped, 0.0))
+                    continue
+                _remove_stale_partials(folder)
+                folder = track_one(video, stem, cfg, flame, emoca_model, sources=sources)
             outcomes.append(VideoOutcome(name, "done", str(folder), time.perf_counter() - t0))
         except Exception as exc:
             error = exc if isinstance(exc, LightningFTError) else _expected_failure(exc, name, folder)

@@ -276,3 +276,52 @@ def test_fps_above_the_source_rate_is_capped_and_said(two_clips, assets_dir, tmp
     meta = json.loads((tmp_path / "out" / "b" / "meta.json").read_text())
     assert abs(meta["video"]["fps"] - 29.97) < 0.01 and meta["video"]["fps_requested"] == 1000
     assert abs(float(load_tracking(tmp_path / "out" / "b")["fps"]) - 29.97) < 0.01
+
+
+# ----------------------------------------------------------------------------
+# Concurrent and killed runs
+
+
+def _start(args):
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-c", _TRACK, *map(str, args)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_concurrent_runs_track_each_video_once(four_cars, assets_dir, tmp_path):
+    out = tmp_path / "out"
+    args = ["--data", four_cars, "--assets", assets_dir, "--no-emoca", "--out", out, "--image-size", CROP, "-q",
+            "-d", "cpu"]
+    procs = [_start(args) for _ in range(2)]
+    results = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [r[1][-2000:] for r in results]
+    rows = [_rows(stdout) for stdout, _ in results]
+    for video in sorted(four_cars.iterdir()):
+        statuses = sorted(r[str(video)][0] for r in rows)
+        assert statuses == ["done", "skipped"], (video, rows)
+        assert is_finished(out / video.name)
+    assert not list(out.glob(".*.claim")) and _leftovers(out) == []
+
+
+def test_killed_run_rerun_finishes_only_what_is_missing(four_cars, assets_dir, tmp_path):
+    """SIGKILL a folder run once its first result is finished: the rerun
+    takes over the dead process's claim, skips the finished result and
+    tracks the rest."""
+    out = tmp_path / "out"
+    args = ["--data", four_cars, "--assets", assets_dir, "--no-emoca", "--out", out, "--image-size", CROP, "-q",
+            "-d", "cpu"]
+    proc = _start(args)
+    deadline = time.monotonic() + 300
+    while not list(out.glob("*/meta.json")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.communicate()
+    first = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/meta.json")}
+    assert 1 <= len(first) < 4 and len(list(out.glob(".*.claim"))) <= 1, first
+    rc, stdout = _track(*args)
+    rows = _rows(stdout)
+    assert rc == 0 and f"{4 - len(first)} done, {len(first)} skipped" in stdout, stdout
+    for name, stamp in first.items():
+        assert rows[str(four_cars / name)][0] == "skipped"
+        assert (out / name / "meta.json").stat().st_mtime_ns == stamp
+    assert len(list(out.glob("*/meta.json"))) == 4 and not list(out.glob(".*.claim")) and _leftovers(out) == []
