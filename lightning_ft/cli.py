@@ -139,7 +139,8 @@ def _export(args: argparse.Namespace) -> int:
     from .export import export
 
     formats = [x.strip() for x in args.format.split(",") if x.strip()]
-    paths = export(args.result_dir, formats, out_dir=args.out, allow_version_mismatch=args.allow_version_mismatch)
+    paths = export(args.result_dir, formats, out_dir=args.out, allow_version_mismatch=args.allow_version_mismatch,
+                   video=args.video, require_images=True)
     print(f"wrote {len(paths)} files for {', '.join(formats)}")
     return 0
 
@@ -164,6 +165,8 @@ def _main_parser() -> argparse.ArgumentParser:
     exp.add_argument("--format", required=True, help="vhap, metrical, lightning, nerface, mesh (comma-separated)")
     exp.add_argument("--out", type=Path, default=None)
     exp.add_argument("--allow-version-mismatch", action="store_true")
+    exp.add_argument("--video", type=Path, default=None, help="the source video, where it is not at the path "
+                     "meta.json records (frame images of vhap, metrical, lightning, nerface are cut from it)")
     exp.set_defaults(func=_export)
     return p
 
