@@ -714,6 +714,9 @@ def run(cfg: TrackConfig) -> List[VideoOutcome]:
         if cfg.data is None:
             raise UsageError("--data is required (a video or a folder of videos), unless --landmarks is given")
         all_videos = find_videos(cfg.data)
+        # an --out inside --data: its visualization.mp4 files are results, not inputs
+        out_resolved = Path(cfg.out_dir).resolve()
+        all_videos = [v for v in all_videos if out_resolved not in v.resolve().parents]
         root = Path(cfg.data) if Path(cfg.data).is_dir() else None
         names = dict(zip(all_videos, result_names(all_videos, root)))
         videos = select_shard(all_videos, cfg.shard)
