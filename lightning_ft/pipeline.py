@@ -24,7 +24,7 @@ import torch
 
 from . import __version__
 from .calibration import CalibrationConfig, calibrate
-from .claims import claim
+from .claims import claim, clear_stale
 from .errors import (AssetError, DiskFullError, LightningFTError, OutputError, UsageError, VideoError,
                      disk_full_reason)
 from .flame import FLAME
@@ -750,6 +750,7 @@ def run(cfg: TrackConfig) -> List[VideoOutcome]:
             skipped = None if cfg.overwrite else _finished_detail(folder, sources, result_settings(cfg), stem,
                                                                   cfg.out_dir)
             if skipped is not None:
+                clear_stale(folder)  # left by a run killed between finishing and releasing it
                 outcomes.append(VideoOutcome(name, "skipped", skipped, 0.0))
                 continue
             # another process on this output folder may be tracking it
