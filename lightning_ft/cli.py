@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -16,6 +17,8 @@ from typing import List, Optional
 from .errors import LightningFTError, UsageError
 
 log = logging.getLogger("lightning_ft")
+# Largest --image-size: a crop of 4096x4096 RGB is 48 MB per frame already.
+MAX_IMAGE_SIZE = 4096
 
 
 def resolve_device(spec: Optional[str]) -> str:
@@ -79,8 +82,10 @@ def _track(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.data}: no such file or folder")
     if args.landmarks is not None and not args.landmarks.exists():
         raise UsageError(f"{args.landmarks}: no such file")
-    if args.image_size < 64:
-        raise UsageError(f"--image-size {args.image_size}: too small (64 or more)")
+    if not 64 <= args.image_size <= MAX_IMAGE_SIZE:
+        raise UsageError(f"--image-size {args.image_size}: choose 64 to {MAX_IMAGE_SIZE} pixels")
+    if args.fps is not None and not (math.isfinite(args.fps) and args.fps > 0):
+        raise UsageError(f"--fps {args.fps}: a positive frame rate, e.g. 25")
     exports = [x.strip() for x in args.export.split(",") if x.strip()]
     if exports:
         from .export import FORMATS
@@ -111,6 +116,13 @@ def _summary(outcomes) -> int:
     else:
         for o in outcomes:
             print(f"{o.name}: {o.status} -> {o.detail}")
+    not_run = [o for o in outcomes if o.status == "not-run"]
+    if not_run:
+        from .errors import DiskFullError
+
+        print(f"stopped: {failed[-1].detail}; {len(not_run)} video(s) not run; free space and rerun (finished "
+              f"results are kept)", file=sys.stderr)
+        return DiskFullError.exit_code
     return 1 if failed else 0
 
 
@@ -126,8 +138,12 @@ def _assets(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .export import export
 
+    from .output import check_writable
+
     formats = [x.strip() for x in args.format.split(",") if x.strip()]
-    paths = export(args.result_dir, formats, out_dir=args.out, allow_version_mismatch=args.allow_version_mismatch)
+    check_writable(args.out if args.out is not None else args.result_dir / "export", "--out", keep=False)
+    paths = export(args.result_dir, formats, out_dir=args.out, allow_version_mismatch=args.allow_version_mismatch,
+                   video=args.video, require_images=True)
     print(f"wrote {len(paths)} files for {', '.join(formats)}")
     return 0
 
@@ -152,21 +168,26 @@ def _main_parser() -> argparse.ArgumentParser:
     exp.add_argument("--format", required=True, help="vhap, metrical, lightning, nerface, mesh (comma-separated)")
     exp.add_argument("--out", type=Path, default=None)
     exp.add_argument("--allow-version-mismatch", action="store_true")
+    exp.add_argument("--video", type=Path, default=None, help="the source video, where it is not at the path "
+                     "meta.json records (frame images of vhap, metrical, lightning, nerface are cut from it)")
     exp.set_defaults(func=_export)
     return p
 
 
 def _run(func, args) -> int:
-    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
-                        format="%(message)s", stream=sys.stderr)
-    try:
-        return func(args)
-    except LightningFTError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    from .progress import filtered_native_stderr
+
+    with filtered_native_stderr():  # mediapipe's W0000/I0000 lines on every run
+        logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+                            format="%(message)s", stream=sys.stderr)
+        try:
+            return func(args)
+        except LightningFTError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return exc.exit_code
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -34,3 +34,54 @@ class NoFaceError(LightningFTError):
     """No face was found in any frame of a video."""
 
     exit_code = 5
+
+
+class DiskFullError(LightningFTError):
+    """The output or cache disk is full (or a file-size limit is reached):
+    nothing after it can succeed, so a folder run stops."""
+
+    exit_code = 6
+
+
+class OutputError(LightningFTError):
+    """A result, cache or export file cannot be written (permissions, a
+    read-only or missing folder)."""
+
+    exit_code = 7
+
+
+# Below this many free bytes a failed write is taken for a full disk.
+_NEARLY_FULL_BYTES = 16 << 20
+
+
+def disk_full_reason(exc: BaseException, path=None):
+    """'no space left on device' / 'file size limit ... reached' when `exc`
+    says so, else None. OSErrors carry an errno; LMDB reports a short write
+    as a bare I/O error, so for those `path` (the file being written) is
+    looked at: its disk nearly full, or its size at the process's file-size
+    limit (ulimit -f)."""
+    import errno
+    import os
+    import resource
+
+    reasons = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+               errno.EFBIG: "file size limit (ulimit -f) reached"}
+    if isinstance(exc, OSError) and exc.errno in reasons:
+        return reasons[exc.errno]
+    text = str(exc)
+    for code, marker in ((errno.ENOSPC, "No space left on device"), (errno.EDQUOT, "Disk quota exceeded"),
+                         (errno.EFBIG, "File too large")):
+        if marker in text:
+            return reasons[code]
+    if path is None or not (isinstance(exc, OSError) or "Input/output error" in text):
+        return None
+    try:
+        st = os.statvfs(os.path.dirname(os.fspath(path)) or ".")
+        if st.f_bavail * st.f_frsize < _NEARLY_FULL_BYTES:
+            return reasons[errno.ENOSPC]
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and os.path.getsize(path) >= limit - (1 << 16):
+            return f"file size limit (ulimit -f, {limit} bytes) reached"
+    except OSError:
+        pass
+    return None

@@ -342,6 +342,71 @@ class _Frames:
         return img
 
 
+class SourceFrames:
+    """The crops of a result's frames decoded again from its source video:
+    callable(i) -> RGB uint8 [H,W,3], crop i (source frame frame_ids[i],
+    crop box crop_boxes[i], resized to the result's image size). Decodes
+    forward; asking for an earlier frame starts the decoder again."""
+
+    def __init__(self, video: Path, frame_ids: np.ndarray, crop_boxes: np.ndarray, size: int):
+        self.video, self.frame_ids, self.crop_boxes, self.size = Path(video), frame_ids, crop_boxes, int(size)
+        self._decoded = None
+        self._last = None  # (source index, RGB frame)
+
+    def __call__(self, i: int) -> np.ndarray:
+        from .errors import VideoError
+        from .video import crop_frame, iter_frames
+
+        want = int(self.frame_ids[i])
+        if self._last is None or self._last[0] != want:
+            if self._decoded is None or self._last is None or want < self._last[0]:
+                self._decoded = iter_frames(self.video)
+            for index, _, image in self._decoded:
+                if index == want:
+                    self._last = (index, image)
+                    break
+            else:
+                raise VideoError(f"{self.video}: has no frame {want}; it is not the video this result was tracked "
+                                 f"from (pass that one with --video)")
+        return crop_frame(self._last[1], self.crop_boxes[i], self.size)
+
+
+# Formats whose files name frame images.
+IMAGE_FORMATS = ("vhap", "metrical", "lightning", "nerface")
+
+
+def source_frames(result: TrackingResult, video: Optional[Path] = None, required: bool = True
+                  ) -> Optional[SourceFrames]:
+    """The crops of `result` from `video`, else from the source recorded in
+    meta.json. A recorded source that is gone or changed (size and content
+    hash) is refused: ResultFileError naming it when `required`, else a
+    warning and None. An explicit `video` whose content differs from the
+    recorded one is used with a warning."""
+    from .output import same_source, source_identity
+
+    recorded = (result.meta.get("sources") or {}).get("video")
+    path = Path(video) if video is not None else Path(
+        (recorded or {}).get("path") or (result.meta.get("video") or {}).get("path") or "")
+    problem = None
+    if not str(path) or str(path) == ".":
+        problem = "it records no source video (tracked from --landmarks alone); pass the video with --video"
+    elif not path.is_file():
+        problem = f"its source video {path} is not there; pass where it is now with --video PATH"
+    elif recorded is not None and not same_source(recorded, source_identity(path)):
+        if video is None:
+            problem = (f"its source video {path} changed since tracking (size or content); pass the original "
+                       f"with --video PATH")
+        else:
+            log.warning("%s: not the file this result was tracked from (size or content differ); its frames are "
+                        "used as they are", path)
+    if problem is not None:
+        if required:
+            raise ResultFileError(f"{result.path}: {problem}")
+        log.warning("%s: %s; image files are not written", result.path, problem)
+        return None
+    return SourceFrames(path, result.frame_ids, result.crop_boxes, result.height)
+
+
 # ----------------------------------------------------------------------------
 # Shared conversions
 
@@ -783,32 +848,39 @@ def check_flame_version(result: TrackingResult, fmt: ExportFormat, allow_mismatc
 
 
 def export(result_dir: Path, formats: List[str], out_dir: Optional[Path] = None, frames: Optional[FrameSource] = None,
-           flame=None, allow_version_mismatch: bool = False) -> List[Path]:
+           flame=None, allow_version_mismatch: bool = False, video: Optional[Path] = None,
+           require_images: bool = False) -> List[Path]:
     """Export RESULT_DIR's tracking into each format; returns the files written.
 
     out_dir defaults to RESULT_DIR/export; each format goes to out_dir/<format>.
     frames: the crop images (RGB uint8 [H,W,3], one per tracked frame) as a
-    sequence, iterable or callable(i). flame: a `flame.FLAME`; when None it
-    is built from the paths in meta.json.
+    sequence, iterable or callable(i); when None, formats with images
+    decode them from `video`, else from the source recorded in meta.json
+    (`source_frames`; with `require_images` a missing or changed source is
+    an error, else a warning). flame: a `flame.FLAME`; when None it is built
+    from the paths in meta.json.
     """
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
         raise UsageError(f"export: unknown format {', '.join(unknown) or '(none)'}; choose from {', '.join(FORMATS)}")
     result = load_tracking(Path(result_dir))
     out_dir = Path(out_dir) if out_dir is not None else result.path / "export"
-    frame_source = _Frames(frames, result.n_frames)
+    version_notes: Dict[str, List[str]] = {}
     for name in formats:  # refuse before writing anything
-        check_flame_version(result, FORMATS[name], allow_version_mismatch, [])
+        version_notes[name] = []
+        check_flame_version(result, FORMATS[name], allow_version_mismatch, version_notes[name])
         if FORMATS[name].precheck is not None:
             FORMATS[name].precheck(result)
+    if frames is None and any(name in IMAGE_FORMATS for name in formats):
+        frames = source_frames(result, video, required=require_images)
+    frame_source = _Frames(frames, result.n_frames)
     if flame is None:
         flame = load_flame_for(result)
     flame_eval = evaluate_flame(result, flame, need_vertices="mesh" in formats)
     written: List[Path] = []
     for name in formats:
         fmt = FORMATS[name]
-        notes: List[str] = []
-        check_flame_version(result, fmt, allow_version_mismatch, notes)
+        notes: List[str] = list(version_notes[name])  # checked (and said) once, above
         target = out_dir / name
         files = fmt.writer(result, target, flame_eval, frame_source, notes)
         info = {"format": name, "consumers": fmt.consumers, "source": str(result.path),

@@ -9,6 +9,8 @@ meta.json.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import platform
 import time
@@ -22,10 +24,12 @@ import torch
 
 from . import __version__
 from .calibration import CalibrationConfig, calibrate
-from .errors import AssetError, LightningFTError, UsageError
+from .claims import claim, clear_stale
+from .errors import (AssetError, DiskFullError, LightningFTError, OutputError, UsageError, VideoError,
+                     disk_full_reason)
 from .flame import FLAME
 from .optimize import FitConfig, FrameParams, Targets, build_basis, fit_sequence, predict_landmarks
-from .output import is_finished, result_dir, write_result
+from .output import check_writable, is_finished, result_differences, result_dir, source_identity, write_result
 from .smoothing import SmoothingConfig, second_difference_jitter, smooth_tracking
 from .synthesis import SynthesisConfig
 
@@ -34,8 +38,17 @@ log = logging.getLogger("lightning_ft")
 # synthetic heads turning +-25 deg give 2-8 % at 800-2000 px with 1 px noise
 # (benchmarks/bench_calibration.py).
 WEAK_FOCAL_REL_STD = 0.15
+# Mean 68-point reprojection error, as a fraction of the crop side, above
+# which a fit is reported as poor (log and meta.json). Synthetic heads fit
+# to ~1 px at 512 px with 1 px landmark noise (tests/test_pipeline.py); the
+# issue's misread rotation tag gave 29 px. Not calibrated on real FLAME
+# fits, which this project has no access to.
+POOR_FIT_ERROR_FRACTION = 0.03
 
-VIDEO_SUFFIXES = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".y4m"}
+# The one list of video suffixes, for a single file and for folders alike
+# (all decoded by PyAV's ffmpeg).
+VIDEO_SUFFIXES = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".y4m", ".gif",
+                  ".ts", ".mts", ".m2ts", ".3gp", ".ogv"}
 
 
 @dataclass
@@ -68,6 +81,43 @@ class TrackConfig:
     synthesis_config: SynthesisConfig = field(default_factory=SynthesisConfig)
 
 
+# The TrackConfig fields that shape a result: a finished result is reused
+# only when all of them are as they were (recorded in meta.json's
+# "result_settings"); add a field here when it changes what is written.
+RESULT_SETTINGS = ("image_size", "fps", "lmk68", "no_emoca", "synthesis", "visualize", "fit", "calibration",
+                   "smoothing", "synthesis_config")
+
+
+def result_settings(cfg: TrackConfig) -> dict:
+    """The RESULT_SETTINGS of `cfg` as plain JSON values."""
+    import dataclasses
+
+    out = {}
+    for name in RESULT_SETTINGS:
+        value = getattr(cfg, name)
+        out[name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return json.loads(json.dumps(out, default=str))
+
+
+def settings_fingerprint(settings: dict) -> str:
+    """SHA-256 (hex, 16 digits) of `result_settings`, order-independent."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_sources(video: Optional[Path], cfg: TrackConfig) -> dict:
+    """The files a result of `video` is made from (`output.source_identity`);
+    VideoError naming the file when one cannot be read."""
+    def identity(path):
+        if path is None:
+            return None
+        try:
+            return source_identity(path)
+        except OSError as exc:
+            raise VideoError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+
+    return {"video": identity(video), "landmarks": identity(cfg.landmarks_file)}
+
+
 class StageTimer:
     """Wall-clock seconds per stage, in call order."""
 
@@ -93,6 +143,8 @@ def find_videos(path: Path) -> List[Path]:
     if not path.exists():
         raise UsageError(f"{path}: no such file or folder")
     if path.is_file():
+        if path.suffix.lower() not in VIDEO_SUFFIXES:
+            raise UsageError(f"{path}: not a video file suffix; expected one of {', '.join(sorted(VIDEO_SUFFIXES))}")
         return [path]
     videos = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
     if not videos:
@@ -121,12 +173,33 @@ def select_shard(videos: List[Path], shard: Optional[Tuple[int, int]]) -> List[P
 
 
 def output_stem(video: Path, root: Optional[Path]) -> str:
-    """Result folder name: the video's path below the input folder, so two
-    clips called 0001.mp4 in different folders do not collide."""
-    if root is not None and root.is_dir():
-        rel = video.relative_to(root).with_suffix("")
-        return "__".join(rel.parts)
-    return video.stem
+    """The result folder name of one video taken alone (see `result_names`)."""
+    return result_names([video], root if root is not None and Path(root).is_dir() else None)[0]
+
+
+def result_names(videos: List[Path], root: Optional[Path]) -> List[str]:
+    """Result folder of each video, relative to the output folder: the
+    video's path below the input folder without its suffix (`a/clip.mp4` ->
+    `a/clip`, a single file -> its stem), with the suffix kept where that
+    would be one folder for two videos (`car.mp4` and `car.avi`, compared
+    case-insensitively) or a result inside another one (`a.mp4` beside
+    `a/clip.mp4`). Computed over the whole folder, before sharding, so
+    every shard names a video alike."""
+    from collections import Counter
+    from pathlib import PurePosixPath
+
+    if root is None:  # a single file
+        return [Path(v).stem for v in videos]
+    rels = [PurePosixPath(Path(v).relative_to(root).as_posix()) for v in videos]
+    stems = [r.with_suffix("").as_posix() for r in rels]
+    count = Counter(s.casefold() for s in stems)
+    folders = {p.as_posix().casefold() for s in stems for p in PurePosixPath(s).parents if p.as_posix() != "."}
+    return [r.as_posix() if count[s.casefold()] > 1 or s.casefold() in folders else s for r, s in zip(rels, stems)]
+
+
+def legacy_result_name(name: str) -> str:
+    """The folder name earlier versions gave a nested video (`a__clip`)."""
+    return "__".join(Path(name).parts)
 
 
 # ----------------------------------------------------------------------------
@@ -157,25 +230,29 @@ class FitOutput:
 
 def fit_landmarks(flame: FLAME, lmk68: np.ndarray, lmk_dense: np.ndarray, valid: np.ndarray, image_size,
                   fps: float, cfg: TrackConfig, timer: StageTimer, emoca=None,
-                  timestamps: Optional[np.ndarray] = None) -> FitOutput:
-    """Calibrate, fit every valid frame, interpolate invalid ones, smooth."""
+                  timestamps: Optional[np.ndarray] = None, label: str = "") -> FitOutput:
+    """Calibrate, fit every valid frame, interpolate invalid ones, smooth.
+    label: the video's name, for messages."""
+    from .progress import elapsed_bar
+
     H, W = image_size
     fit_cfg = replace(cfg.fit, image_size=max(H, W))
-    with timer("calibration"):
+    with timer("calibration"), elapsed_bar(f"{Path(label).name}: calibration", cfg.progress):
         basis = build_basis(flame)
         targets = Targets.from_landmarks(lmk68, lmk_dense, basis)
         init_shape = None if emoca is None else emoca.identity
         cal = calibrate(basis, targets, valid, (H, W), fit_cfg, cfg.calibration, init_shape=init_shape)
     if not cal.focal_rel_std <= WEAK_FOCAL_REL_STD:  # NaN too: no curvature along the focal at all
-        log.warning("focal length %.0f px is weakly determined (predicted std %.0f %%): little perspective in "
-                    "the landmarks (a distant face, a long lens or noisy landmarks); depth and head size share "
-                    "that uncertainty", cal.focal_px[0], 100 * cal.focal_rel_std)
+        # advice, not a failure (meta.json has the figure): -q hides it
+        log.info("%s: focal length %.0f px is weakly determined (predicted std %.0f %%): little perspective in "
+                 "the landmarks (a distant face, a long lens or noisy landmarks); depth and head size share "
+                 "that uncertainty", label, cal.focal_px[0], 100 * cal.focal_rel_std)
     focal = torch.tensor(cal.focal_px, dtype=torch.float32)
     pp = torch.tensor(cal.principal_point, dtype=torch.float32)
     shape = torch.tensor(cal.shape, dtype=torch.float32)
     idx = np.flatnonzero(valid)
     T = len(valid)
-    with timer("fitting"):
+    with timer("fitting"), elapsed_bar(f"{Path(label).name}: fitting", cfg.progress):
         sub = targets.select(torch.as_tensor(idx))
         rot0 = exp0 = jaw0 = None
         if emoca is not None:
@@ -280,9 +357,14 @@ def _versions() -> dict:
     return out
 
 
-def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: FLAME, emoca_model=None) -> Path:
-    """Track one video (or one --landmarks file); returns the result folder."""
+def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: FLAME, emoca_model=None,
+              sources: Optional[dict] = None) -> Path:
+    """Track one video (or one --landmarks file); returns the result folder.
+
+    sources: `run_sources(video, cfg)` when the caller has it already."""
     timer = StageTimer()
+    if sources is None:
+        sources = run_sources(video, cfg)
     t_start = time.perf_counter()
     frames_source = None
     if cfg.landmarks_file is not None:
@@ -317,6 +399,11 @@ def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: FLAME, 
         H, W = face_video.image_size
         frames_source = face_video
         video_meta = {"path": str(video), "fps": fps, "frames": int(T), "cache": str(face_video.cache_path)}
+        if cfg.fps is not None and cfg.fps > fps * 1.001:
+            # frames are never duplicated: the source rate is the most there is
+            log.warning("%s: --fps %g is above the video's %.3f fps; every frame is tracked, at %.3f fps", video,
+                        cfg.fps, fps, fps)
+            video_meta["fps_requested"] = float(cfg.fps)
     valid = np.asarray(lm.valid, bool)
     if not valid.any():
         from .errors import NoFaceError
@@ -331,8 +418,10 @@ def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: FLAME, 
         with timer("emoca"):
             emoca_result = regress(frames_source.frames(), lm.lmk_dense if np.isfinite(lm.lmk_dense).any() else lm.lmk68,
                                    valid, emoca_model, progress=cfg.progress)
+    label = str(video or cfg.landmarks_file)
     fit = fit_landmarks(flame, lm.lmk68, lm.lmk_dense, valid, (H, W), fps, cfg, timer, emoca=emoca_result,
-                        timestamps=timestamps)
+                        timestamps=timestamps, label=label)
+    _check_fit_quality(fit.quality, (H, W), label)
     tracking = {
         "frame_ids": np.asarray(frame_ids, np.int64), "valid": valid, "shape": fit.shape.astype(np.float32),
         "expression": fit.expression.astype(np.float32), "jaw_pose": fit.jaw_pose.astype(np.float32),
@@ -370,16 +459,34 @@ def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: FLAME, 
         "settings": {"device": cfg.device, "image_size": cfg.image_size, "fps": cfg.fps, "lmk68": cfg.lmk68,
                      "no_emoca": cfg.no_emoca, "synthesis": cfg.synthesis, "visualize": cfg.visualize,
                      "fit": asdict(cfg.fit), "calibration": asdict(cfg.calibration)},
+        "sources": sources,
+        "result_settings": result_settings(cfg),
+        "settings_fingerprint": settings_fingerprint(result_settings(cfg)),
         "versions": _versions(),
         "stage_seconds": timer.seconds,
     }
     meta["stage_seconds"]["total"] = time.perf_counter() - t_start
     write_result(folder, tracking, meta, extra=extra)
+    if cfg.visualize and extra is not None:
+        log.info("%s: wrote %s", label, folder / "visualization.mp4")
     if cfg.export:
         from .export import export
 
         export(folder, cfg.export, frames=(frames_source.frame if frames_source is not None else None), flame=flame)
     return folder
+
+
+def _check_fit_quality(quality: dict, image_size, label: str) -> None:
+    """Warn (and record in `quality`) when the mean 68-point error is far
+    above a good fit's, POOR_FIT_ERROR_FRACTION of the crop side."""
+    limit = POOR_FIT_ERROR_FRACTION * max(image_size)
+    error = quality.get("mean_error_68_px")
+    quality["poor_fit_limit_px"] = float(limit)
+    quality["poor_fit"] = bool(error is not None and error > limit)
+    if quality["poor_fit"]:
+        log.warning("%s: poor fit, mean landmark error %.1f px (a good fit stays under %.1f px at this crop "
+                    "size): check that the video shows one upright face (a wrong rotation tag turns it) and that "
+                    "--landmarks belong to it", label, error, limit)
 
 
 @dataclass
@@ -522,17 +629,62 @@ def write_visualization_from_tracking(out_path: Path, face_video, tracking, flam
 
 def _remove_stale_partials(folder: Path) -> None:
     """Temporary folders a killed run left for this video (they never look
-    finished, but they take disk space)."""
+    finished, but they take disk space). Called while holding the video's
+    claim, so none is another process's work in progress."""
     import shutil
 
     for stale in Path(folder).parent.glob(f".{Path(folder).name}.partial-*"):
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def _finished_detail(folder: Path, sources: dict, settings: dict, stem: str, out_dir: Path) -> Optional[str]:
+    """Why a video is not tracked again (a finished result of it is there),
+    or None to track it; a result of another source or other settings is
+    kept, and the reason says what differs."""
+    differences = result_differences(folder, sources, settings)
+    if differences is None and legacy_result_name(stem) != stem:
+        legacy = result_dir(out_dir, legacy_result_name(stem))
+        if is_finished(legacy):
+            return f"finished result in {legacy} (named by an earlier version; --overwrite to redo it into {folder})"
+    if differences is None:
+        return None
+    if not differences:
+        return f"finished result in {folder} (--overwrite to redo)"
+    return f"{folder}: finished result kept: {'; '.join(differences)}; --overwrite to redo it"
+
+
+def _check_landmarks_match(landmarks_file: Path, video: Path, fps: Optional[float]) -> None:
+    """--landmarks and --data must describe the same frames: UsageError
+    before any work when their frame counts differ."""
+    from .landmarks import load_landmarks_file
+    from .video import count_frames
+
+    n_landmarks = load_landmarks_file(landmarks_file).lmk68.shape[0]
+    n_video = count_frames(video, fps)
+    if n_landmarks != n_video:
+        raise UsageError(f"--landmarks {landmarks_file} has {n_landmarks} frames but --data {video} has {n_video}"
+                         f"{f' at --fps {fps:g}' if fps else ''}; they must be landmarks of that video")
+
+
+def _expected_failure(exc: Exception, name: str, folder: Path) -> Optional[LightningFTError]:
+    """An OS or LMDB error met while tracking `name` as the one-line error
+    to report (a full disk: DiskFullError), or None for anything else."""
+    import lmdb
+
+    reason = disk_full_reason(exc, getattr(exc, "filename", None))
+    if reason is not None:
+        return DiskFullError(f"{name}: {reason} while writing {folder}")
+    if isinstance(exc, OSError):
+        return OutputError(f"{name}: {exc.filename or folder}: {exc.strerror or exc}")
+    if isinstance(exc, lmdb.Error):
+        return OutputError(f"{name}: frame cache error ({exc})")
+    return None
+
+
 @dataclass
 class VideoOutcome:
     name: str
-    status: str  # 'done' | 'skipped' | 'failed'
+    status: str  # 'done' | 'skipped' | 'failed' | 'not-run' (after a full disk)
     detail: str
     seconds: float
 
@@ -561,9 +713,24 @@ def run(cfg: TrackConfig) -> List[VideoOutcome]:
     else:
         if cfg.data is None:
             raise UsageError("--data is required (a video or a folder of videos), unless --landmarks is given")
-        videos = select_shard(find_videos(cfg.data), cfg.shard)
+        all_videos = find_videos(cfg.data)
+        # an --out inside --data: its visualization.mp4 files are results, not inputs
+        out_resolved = Path(cfg.out_dir).resolve()
+        all_videos = [v for v in all_videos if out_resolved not in v.resolve().parents]
         root = Path(cfg.data) if Path(cfg.data).is_dir() else None
-        stems = [output_stem(v, root) for v in videos]
+        names = dict(zip(all_videos, result_names(all_videos, root)))
+        videos = select_shard(all_videos, cfg.shard)
+        stems = [names[v] for v in videos]
+    if cfg.landmarks_file is not None and videos[0] is not None:
+        _check_landmarks_match(cfg.landmarks_file, videos[0], cfg.fps)
+    check_writable(cfg.out_dir, "--out")
+    check_writable(cfg.cache_dir or Path(cfg.out_dir) / ".cache", "--cache")
+    if cfg.landmarks_file is None:
+        from .video import remove_stale_cache_temporaries
+
+        freed = remove_stale_cache_temporaries(cfg.cache_dir or Path(cfg.out_dir) / ".cache")
+        if freed:
+            log.info("removed %.1f MB of frame cache temporaries left by killed runs", freed / 1e6)
     flame = load_flame(cfg.assets_dir)
     emoca_model = None
     if not cfg.no_emoca:
@@ -578,16 +745,45 @@ def run(cfg: TrackConfig) -> List[VideoOutcome]:
         t0 = time.perf_counter()
         folder = result_dir(cfg.out_dir, stem)
         name = str(video or cfg.landmarks_file)
-        if is_finished(folder) and not cfg.overwrite:
-            outcomes.append(VideoOutcome(name, "skipped", f"finished result in {folder} (--overwrite to redo)", 0.0))
-            continue
-        _remove_stale_partials(folder)
         try:
-            folder = track_one(video, stem, cfg, flame, emoca_model)
+            sources = run_sources(video, cfg)
+            skipped = None if cfg.overwrite else _finished_detail(folder, sources, result_settings(cfg), stem,
+                                                                  cfg.out_dir)
+            if skipped is not None:
+                clear_stale(folder)  # left by a run killed between finishing and releasing it
+                outcomes.append(VideoOutcome(name, "skipped", skipped, 0.0))
+                continue
+            # another process on this output folder may be tracking it
+            with claim(folder) as held:
+                if not held:
+                    outcomes.append(VideoOutcome(name, "skipped", f"{folder}: being tracked by "
+                                                 f"{held.describe()}", 0.0))
+                    continue
+                skipped = None if cfg.overwrite else _finished_detail(folder, sources, result_settings(cfg), stem,
+                                                                      cfg.out_dir)
+                if skipped is not None:  # finished by the process that held it before
+                    outcomes.append(VideoOutcome(name, "skipped", skipped, 0.0))
+                    continue
+                _remove_stale_partials(folder)
+                folder = track_one(video, stem, cfg, flame, emoca_model, sources=sources)
             outcomes.append(VideoOutcome(name, "done", str(folder), time.perf_counter() - t0))
-        except LightningFTError as exc:
+        except Exception as exc:
+            error = exc if isinstance(exc, LightningFTError) else _expected_failure(exc, name, folder)
             if len(videos) == 1:
-                raise
-            log.error("%s", exc)
-            outcomes.append(VideoOutcome(name, "failed", str(exc), time.perf_counter() - t0))
+                if error is exc or error is None:
+                    raise
+                raise error from None
+            if error is None:  # a bug met on one video must not end a dataset run
+                detail = f"{name}: internal error ({type(exc).__name__}: {exc}); please report it"
+                log.debug("traceback of %s", name, exc_info=True)
+            else:
+                detail = str(error)
+            log.error("%s", detail)
+            outcomes.append(VideoOutcome(name, "failed", detail, time.perf_counter() - t0))
+            if isinstance(error, DiskFullError):
+                # nothing after it can be written either
+                rest = videos[len(outcomes):]
+                outcomes.extend(VideoOutcome(str(v or cfg.landmarks_file), "not-run", "the disk is full", 0.0)
+                                for v in rest)
+                break
     return outcomes

@@ -143,6 +143,12 @@ def _decoded_frames(path: Path, fps: Optional[float]):
             # wall with AUTO; 512 px: 0.60 vs 0.66 CPU).
             stream.codec_context.thread_count = 1
         time_base = float(stream.time_base) if stream.time_base else None
+        # AVI stores no presentation times: ffmpeg hands out decoding-order
+        # stamps, out of order where there are B-frames; its rate is constant
+        if "avi" in container.format.name.split(","):
+            time_base = None
+        frame_period = 1.0 / float(stream.average_rate or stream.guessed_rate or 30)
+        last_t = None
         start_time = None
         last_tick = -1
         index = -1
@@ -169,10 +175,14 @@ def _decoded_frames(path: Path, fps: Optional[float]):
             if frame.pts is not None and time_base is not None:
                 t = frame.pts * time_base
             else:
-                t = index / float(stream.average_rate or 30)
+                t = index * frame_period
             if start_time is None:
                 start_time = t
             t -= start_time
+            if last_t is not None and t <= last_t:
+                # a repeated or backwards stamp: keep the clock increasing
+                t = last_t + frame_period
+            last_t = t
             if fps is not None:
                 # a frame up to a quarter tick early still counts for that tick:
                 # millisecond PTS put 60 fps frame 2 at 33 ms, before the 33.3 ms tick
@@ -255,6 +265,23 @@ def _in_background(items: Iterator, maxsize: int, name: str) -> Iterator:
                 handoff.get(timeout=0.05)
             except queue.Empty:
                 pass
+
+
+def count_frames(path, fps: Optional[float] = None) -> int:
+    """Frames `iter_frames(path, fps)` yields. Without `fps`, counted from
+    the demuxed packets (no decoding), which holds for the intra/inter
+    coded streams ffmpeg emits one frame per packet for."""
+    path = Path(path)
+    if fps is not None:
+        return sum(1 for _ in _decoded_frames(path, fps))
+    container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        return sum(1 for packet in container.demux(stream) if packet.size)
+    except av.error.FFmpegError as exc:
+        raise VideoError(f"{path}: cannot read ({exc}); the file is corrupt.") from None
+    finally:
+        container.close()
 
 
 def iter_frames(path, fps: Optional[float] = None, *, max_side: Optional[int] = None,
@@ -761,10 +788,19 @@ def _crops_into_cache(face_video: FaceVideo, fill: _CacheFill) -> Iterator[np.nd
             stored.append(_write_cache(tmp_path, crops_to_write(), fill))
         except BaseException as exc:  # raised by the consumer below
             stored.append(exc)
-            while to_write.get() is not None:  # let the consumer finish its puts
-                pass
 
     writer = threading.Thread(target=write, name="lightning_ft-cache-writer", daemon=True)
+
+    def hand_over(item) -> None:
+        # A writer that failed takes nothing more (it may have failed after
+        # taking the end marker, at its last commit): never wait on it.
+        while writer.is_alive():
+            try:
+                to_write.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                pass
+
     writer.start()
     complete = False
     try:
@@ -772,20 +808,38 @@ def _crops_into_cache(face_video: FaceVideo, fill: _CacheFill) -> Iterator[np.nd
                                    name="lightning_ft-crop"):
             if stored:
                 break  # the writer failed; its error is raised below
-            to_write.put(crop)
+            hand_over(crop)
             yield crop
-        to_write.put(None)
+        hand_over(None)
         writer.join()
         if isinstance(stored[0], BaseException):
-            raise stored[0]
+            raise cache_write_error(stored[0], face_video.source, cache_path, tmp_path)
         os.replace(tmp_path, cache_path)
         complete = True
     finally:
         if not complete:
             # an error, or the consumer stopped early: no partial cache stays
-            to_write.put(None)
+            hand_over(None)
             writer.join()
-            tmp_path.unlink(missing_ok=True)
+            try:
+                tmp_path.unlink(missing_ok=True)
+            except OSError:  # its folder is gone or unusable: nothing was left there
+                pass
+
+
+def cache_write_error(exc: BaseException, source: Path, cache_path: Path, tmp_path: Path) -> BaseException:
+    """The frame cache writer's failure as the error to raise: DiskFullError
+    for a full disk or file-size limit, OutputError naming the cache for
+    other LMDB or OS errors; anything else unchanged. tmp_path: the file
+    being written (still there)."""
+    from .errors import DiskFullError, OutputError, disk_full_reason
+
+    reason = disk_full_reason(exc, tmp_path)
+    if reason is not None:
+        return DiskFullError(f"{source}: {reason} in {cache_path.parent} while writing its frame cache")
+    if isinstance(exc, (lmdb.Error, OSError)):
+        return OutputError(f"{cache_path}: cannot write the frame cache ({exc}); check the --cache folder")
+    return exc
 
 
 def _encode_image(image: np.ndarray, cache_format: str) -> bytes:
@@ -803,6 +857,43 @@ def _decode_image(data: bytes, image_size) -> np.ndarray:
         return np.frombuffer(data, dtype=np.uint8, offset=1).reshape(*image_size, 3).copy()
     bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8, offset=1), cv2.IMREAD_COLOR)
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+# A cache temporary whose writer is not a live process here is removed once
+# it is this old (another host sharing the cache folder writes it at every
+# 256th frame at least); any is removed after STALE_TMP_ANY_SECONDS.
+STALE_TMP_SECONDS = 600.0
+STALE_TMP_ANY_SECONDS = 6 * 3600.0
+
+
+def remove_stale_cache_temporaries(cache_dir: Path) -> int:
+    """Delete `*.lmdb.tmp-<pid>-<thread>` files killed runs left in
+    `cache_dir`; returns the bytes freed."""
+    import time
+
+    freed = 0
+    now = time.time()
+    for tmp in Path(cache_dir).glob("*.lmdb.tmp-*"):
+        try:
+            st = tmp.stat()
+            pid = int(tmp.name.rsplit(".tmp-", 1)[1].split("-")[0])
+        except (OSError, ValueError, IndexError):
+            continue
+        age = now - st.st_mtime
+        try:
+            os.kill(pid, 0)
+            alive = True
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:
+            alive = True
+        if (age > STALE_TMP_SECONDS and not alive) or age > STALE_TMP_ANY_SECONDS:
+            try:
+                tmp.unlink()
+                freed += st.st_size
+            except OSError:
+                pass
+    return freed
 
 
 def cache_file(path: Path, cache_dir: Path) -> Path:

@@ -343,10 +343,10 @@ def test_batch_goes_on_after_failures(batch, batch_first_run):
     assert rows == {str(data / "a" / "clip.mp4"): "done", str(data / "b" / "clip.mp4"): "done",
                     str(data / "c" / "broken.mp4"): "failed", str(data / "d" / "empty.mp4"): "failed"}
     assert "2 done, 0 skipped, 2 failed" in stdout
-    for stem in ("a__clip", "b__clip"):
+    for stem in ("a/clip", "b/clip"):
         assert is_finished(out / stem)
         assert len(load_tracking(out / stem)["frame_ids"]) == SMALL_FRAMES
-    assert not (out / "c__broken").exists() and not (out / "d__empty").exists()
+    assert not (out / "c/broken").exists() and not (out / "d/empty").exists()
 
 
 def test_batch_rerun_skips_shards_partition_and_overwrite_redoes(batch, batch_first_run, e2e_assets, capsys):
@@ -354,7 +354,7 @@ def test_batch_rerun_skips_shards_partition_and_overwrite_redoes(batch, batch_fi
     import io
 
     data, out = batch
-    assert is_finished(out / "a__clip")
+    assert is_finished(out / "a/clip")
 
     def run(*extra):
         buf = io.StringIO()
@@ -362,7 +362,7 @@ def test_batch_rerun_skips_shards_partition_and_overwrite_redoes(batch, batch_fi
             rc = _track("--data", data, "--assets", e2e_assets, "--out", out, "--image-size", SMALL_CROP, *extra)
         return rc, _rows(buf.getvalue())
 
-    stamp = {s: (out / s / "meta.json").stat().st_mtime_ns for s in ("a__clip", "b__clip")}
+    stamp = {s: (out / s / "meta.json").stat().st_mtime_ns for s in ("a/clip", "b/clip")}
     rc, rows = run()
     assert rc != 0  # the broken files still fail
     assert rows[str(data / "a" / "clip.mp4")] == "skipped" and rows[str(data / "b" / "clip.mp4")] == "skipped"
@@ -377,9 +377,9 @@ def test_batch_rerun_skips_shards_partition_and_overwrite_redoes(batch, batch_fi
     a_shard = s0 if str(data / "a" / "clip.mp4") in s0 else s1
     rc, rows_ow = run("--overwrite", "--shard", "0/2" if a_shard is s0 else "1/2")
     assert rows_ow[str(data / "a" / "clip.mp4")] == "done"
-    assert is_finished(out / "a__clip")
-    assert (out / "a__clip" / "meta.json").stat().st_mtime_ns != stamp["a__clip"]
-    assert (out / "b__clip" / "meta.json").stat().st_mtime_ns == stamp["b__clip"]
+    assert is_finished(out / "a/clip")
+    assert (out / "a/clip" / "meta.json").stat().st_mtime_ns != stamp["a/clip"]
+    assert (out / "b/clip" / "meta.json").stat().st_mtime_ns == stamp["b/clip"]
 
 
 # ----------------------------------------------------------------------------

@@ -447,3 +447,99 @@ def test_flame_evaluation_in_chunks_matches_one_batch(tmp_path, flame):
     assert ex.evaluate_flame(result, flame, need_vertices=False).vertices.size == 0
     # The root joint does not move when the neck turns; the neck joint is where it turns.
     assert not np.allclose(whole.root[0], whole.neck[0])
+
+
+# ----------------------------------------------------------------------------
+# `lightning-ft export` on a finished result writes the images its files name
+
+
+@pytest.fixture(scope="module")
+def tracked_clip(tmp_path_factory, flame_files):
+    """A finished result of a 10-frame carphone excerpt (tracked through the CLI)."""
+    import shutil
+
+    from lightning_ft.cli import track_main
+    from lightning_ft.synthetic.clips import carphone_path, write_excerpt
+
+    d = tmp_path_factory.mktemp("export_images")
+    assets_dir = d / "assets"
+    (assets_dir / "FLAME").mkdir(parents=True)
+    for p in (flame_files.model, flame_files.landmark_embedding, flame_files.mediapipe_embedding):
+        shutil.copy(p, assets_dir / "FLAME" / p.name)
+    clip = write_excerpt(carphone_path(), d / "clip.mp4", n_frames=10)
+    rc = track_main(["--data", str(clip), "--assets", str(assets_dir), "--no-emoca", "--out", str(d / "out"),
+                     "--image-size", "96", "-q", "-d", "cpu"])
+    assert rc == 0
+    return clip, d / "out" / "clip"
+
+
+def _named_images(root: Path, fmt: str) -> list:
+    if fmt == "vhap":
+        frames = json.loads((root / "transforms.json").read_text())["frames"]
+        return [root / f["file_path"] for f in frames]
+    return [root / f"{f['file_path']}.png" for split in ("train", "val", "test")
+            for f in json.loads((root / f"transforms_{split}.json").read_text())["frames"]]
+
+
+def test_export_command_writes_every_image_its_transforms_name(tracked_clip, tmp_path, caplog):
+    import cv2
+
+    from lightning_ft.cli import main
+    from lightning_ft.output import load_tracking as load_arrays
+    from lightning_ft.video import crop_frame, iter_frames
+
+    clip, result = tracked_clip
+    rc = main(["export", str(result), "--format", "vhap,nerface", "--out", str(tmp_path / "exp")])
+    assert rc == 0
+    r = load_arrays(result)
+    decoded = {i: image for i, _, image in iter_frames(clip)}
+    for fmt in ("vhap", "nerface"):
+        named = _named_images(tmp_path / "exp" / fmt, fmt)
+        assert len(named) >= len(r["frame_ids"]) and all(p.is_file() for p in named), fmt
+    # the images are the tracked crops: frame 3's crop box cut from frame 3
+    image = cv2.cvtColor(cv2.imread(str(tmp_path / "exp" / "nerface" / "train" / "f_0003.png")), cv2.COLOR_BGR2RGB)
+    expected = crop_frame(decoded[3], r["crop_boxes"][3], 96)
+    other = crop_frame(decoded[9], r["crop_boxes"][9], 96)
+    assert np.abs(image.astype(int) - expected).mean() < 1.0 < np.abs(image.astype(int) - other).mean()
+    # the FLAME version note is said once, not once per check
+    notes = [rec.getMessage() for rec in caplog.records if "FLAME version" in rec.getMessage()]
+    assert len(notes) == len(set(notes))
+
+
+def test_export_without_its_source_video_fails_in_one_line(tracked_clip, tmp_path, capsys):
+    import shutil
+
+    from lightning_ft.cli import main
+
+    clip, result = tracked_clip
+    moved_result = tmp_path / "result"
+    shutil.copytree(result, moved_result)
+    meta = json.loads((moved_result / "meta.json").read_text())
+    meta["sources"]["video"]["path"] = str(tmp_path / "gone.mp4")
+    meta["video"]["path"] = str(tmp_path / "gone.mp4")
+    (moved_result / "meta.json").write_text(json.dumps(meta))
+    rc = main(["export", str(moved_result), "--format", "vhap", "--out", str(tmp_path / "exp")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "gone.mp4" in err and "--video" in err
+    assert not (tmp_path / "exp").exists()
+    # where it moved: --video
+    moved = str(shutil.copy(clip, tmp_path / "moved.mp4"))
+    rc = main(["export", str(moved_result), "--format", "vhap", "--out", str(tmp_path / "exp"), "--video", moved])
+    assert rc == 0 and len(list((tmp_path / "exp" / "vhap" / "images").glob("*.png"))) == 10
+    # another video under the recorded path is refused
+    shutil.copy(clip, tmp_path / "gone.mp4")
+    with open(tmp_path / "gone.mp4", "ab") as f:
+        f.write(b"\0" * 16)
+    rc = main(["export", str(moved_result), "--format", "nerface", "--out", str(tmp_path / "exp2")])
+    assert rc == 2 and "changed since tracking" in capsys.readouterr().err
+
+
+def test_export_to_an_unwritable_folder_is_one_line(tracked_clip, tmp_path, capsys):
+    from lightning_ft.cli import main
+
+    _, result = tracked_clip
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")  # even root cannot create a folder below a file
+    rc = main(["export", str(result), "--format", "mesh", "--out", str(blocker / "exp")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "--out" in err and "Traceback" not in err

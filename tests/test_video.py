@@ -525,3 +525,46 @@ def test_crops_stopped_early_leave_no_cache_and_are_made_again(tmp_path):
     for made, remade in zip(first, again):
         np.testing.assert_array_equal(made, remade)
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [fv.cache_path.name]
+
+
+def test_cache_writer_failure_ends_the_read_with_one_error(tmp_path):
+    """The cache folder removed and replaced by a file after pass 1: the
+    writer thread cannot open its LMDB; reading the crops stops with one
+    error naming the cache, and no temporary file stays."""
+    import shutil
+
+    from lightning_ft.errors import OutputError
+    from lightning_ft.synthetic.clips import carphone_path, write_excerpt
+    from lightning_ft.video import prepare
+
+    clip = write_excerpt(carphone_path(), tmp_path / "clip.mp4", n_frames=10)
+    cache = tmp_path / "cache"
+    fv = prepare(clip, cache_dir=cache, image_size=64, progress=False)
+    shutil.rmtree(cache)
+    cache.write_text("a file where the cache folder was")
+    with pytest.raises(OutputError, match="frame cache"):
+        for _ in fv.frames():
+            pass
+    assert {p.name for p in tmp_path.iterdir()} == {"clip.mp4", "cache"} and cache.is_file()
+
+
+def test_stale_cache_temporaries_are_removed(tmp_path):
+    """Temporaries of killed runs go; a live writer's, and a dead one's
+    written a moment ago (another host may share the folder), stay."""
+    import subprocess
+    import sys
+    import time
+
+    from lightning_ft.video import STALE_TMP_SECONDS, remove_stale_cache_temporaries
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    old = time.time() - 2 * STALE_TMP_SECONDS
+    files = {"killed": f"a-1.lmdb.tmp-{dead.pid}-1", "live": f"b-1.lmdb.tmp-{os.getpid()}-1",
+             "recent": f"c-1.lmdb.tmp-{dead.pid}-2", "cache": "d-1.lmdb"}
+    for name in files.values():
+        (tmp_path / name).write_bytes(b"\0" * 1000)
+    for key in ("killed", "live", "cache"):
+        os.utime(tmp_path / files[key], (old, old))
+    assert remove_stale_cache_temporaries(tmp_path) == 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files[k] for k in ("live", "recent", "cache"))

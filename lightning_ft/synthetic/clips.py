@@ -56,7 +56,9 @@ def write_clip(path, frames: Iterable[np.ndarray], fps: float = 25.0, crf: int =
     rate = Fraction(int(round(fps))) if abs(fps - round(fps)) < 1e-6 else Fraction(int(round(fps * 1001)), 1001)
     n = 0
     try:
-        with av.open(str(tmp), "w", format="mp4") as container:
+        # the container follows the suffix (.mkv, .avi, .mov), else mp4
+        container_format = {".mkv": "matroska", ".avi": "avi", ".mov": "mov"}.get(path.suffix.lower(), "mp4")
+        with av.open(str(tmp), "w", format=container_format) as container:
             stream = None
             for frame in frames:
                 frame = np.ascontiguousarray(frame, dtype=np.uint8)
