@@ -8,11 +8,12 @@ finished; `meta.json` carries `"complete": true` as a second guard.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 
@@ -83,3 +84,36 @@ def write_result(folder: Path, tracking: Dict[str, np.ndarray], meta: Dict[str, 
 def load_tracking(folder: Path) -> Dict[str, np.ndarray]:
     with np.load(Path(folder) / "tracking.npz") as d:
         return {k: d[k] for k in d.files}
+
+
+def failure_path(out_dir: Path, video_stem: str) -> Path:
+    """`<out>/<video stem>.failed.json`: why a video has no result (the
+    dataset report and a rerun read it; a later success removes it)."""
+    return Path(out_dir) / f"{video_stem}.failed.json"
+
+
+def write_failure(out_dir: Path, video_stem: str, video: str, error: BaseException,
+                  seconds: float) -> Optional[Path]:
+    """Record a failed video as one small JSON file, written atomically."""
+    import datetime
+
+    path = failure_path(out_dir, video_stem)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"video": str(video), "error": str(error), "error_type": type(error).__name__,
+              "seconds": float(seconds),
+              "failed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.write_text(json.dumps(record, indent=2))
+        os.replace(tmp, path)
+    except OSError as exc:
+        # The record is a courtesy: a full disk must not stop the batch that
+        # reported the failure (a rerun still retries the video).
+        tmp.unlink(missing_ok=True)
+        logging.getLogger("lightning_ft").warning("%s: could not record the failure (%s)", path, exc)
+        return None
+    return path
+
+
+def clear_failure(out_dir: Path, video_stem: str) -> None:
+    failure_path(out_dir, video_stem).unlink(missing_ok=True)
