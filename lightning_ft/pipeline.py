@@ -267,8 +267,8 @@ def _quality(basis, smoothed, raw, shape, focal, pp, lmk68, lmk_dense, valid, id
         out["mean_error_dense_px"] = None
     cont = np.concatenate([[True], np.diff(idx) == 1])
     # Jitter over runs of consecutive valid frames only.
-    out["jitter_68_fitted_px"] = float(second_difference_jitter(_break_runs(pred68, cont), None))
-    out["jitter_68_detected_px"] = float(second_difference_jitter(_break_runs(det68, cont), None))
+    out["jitter_68_fitted_px"] = _jitter_over_runs(pred68, cont)
+    out["jitter_68_detected_px"] = _jitter_over_runs(det68, cont)
     out["invalid_frames"] = int((~valid).sum())
     out["invalid_frame_ids"] = np.flatnonzero(~valid).tolist()[:1000]
     per_frame = {"reprojection_error_68_px": _per_frame_mean(err68, idx, len(valid))}
@@ -286,6 +286,15 @@ def _per_frame_mean(err: np.ndarray, idx: np.ndarray, T: int) -> np.ndarray:
     out = np.full(T, np.nan, np.float32)
     out[idx] = np.where(n > 0, np.where(ok, err, 0.0).sum(1) / np.maximum(n, 1), np.nan)
     return out
+
+
+def _jitter_over_runs(x: np.ndarray, cont: np.ndarray) -> float:
+    """second_difference_jitter over the runs of consecutive frames. The NaN
+    rows between runs are passed as invalid: counted as valid, one gap made
+    the whole figure NaN (meta.json had NaN jitter for any clip that lost the
+    face for a frame)."""
+    runs = _break_runs(x, cont)
+    return float(second_difference_jitter(runs, np.isfinite(runs).reshape(len(runs), -1).all(1)))
 
 
 def _break_runs(x: np.ndarray, cont: np.ndarray) -> np.ndarray:

@@ -220,6 +220,10 @@ def test_tracker_stores_per_frame_reprojection_errors(report_folder):
     np.testing.assert_allclose(e68[valid].mean(), meta["quality"]["mean_error_68_px"], rtol=1e-4)
     assert abs(np.nanmean(edense) - meta["quality"]["mean_error_dense_px"]) < 0.1 * meta["quality"][
         "mean_error_dense_px"]
+    # Jitter over the runs between invalid frames (it was NaN with any gap).
+    q = meta["quality"]
+    assert np.isfinite(q["jitter_68_fitted_px"]) and np.isfinite(q["jitter_68_detected_px"])
+    assert q["jitter_68_fitted_px"] < q["jitter_68_detected_px"], "the smoother takes out detector noise"
 
 
 # ----------------------------------------------------------------------------
