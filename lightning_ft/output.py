@@ -22,6 +22,10 @@ import numpy as np
 TRACKING_KEYS = ("frame_ids", "valid", "shape", "expression", "jaw_pose", "neck_pose", "eye_pose", "rotation",
                  "translation", "focal_length", "principal_point", "image_size", "crop_boxes", "lmk68",
                  "lmk_dense", "fps")
+# Optional per-frame quality the tracker adds ([T] float32, crop pixels, NaN
+# on invalid frames): mean reprojection error of the landmark fit, for the
+# dataset report's plots over time.
+PER_FRAME_QUALITY_KEYS = ("reprojection_error_68_px", "reprojection_error_dense_px")
 
 
 def result_dir(out_dir: Path, video_stem: str) -> Path:
