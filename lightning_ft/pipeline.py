@@ -107,7 +107,9 @@ def parse_shard(text: Optional[str]) -> Optional[Tuple[int, int]]:
     if text is None:
         return None
     if text.strip().lower() == "auto":
-        return slurm_array_shard(os.environ)
+        k, n = slurm_array_shard(os.environ)
+        log.info("shard %d/%d (Slurm array task %s)", k, n, os.environ.get("SLURM_ARRAY_TASK_ID"))
+        return k, n
     try:
         k, n = (int(x) for x in text.split("/"))
     except ValueError:
@@ -120,7 +122,8 @@ def parse_shard(text: Optional[str]) -> Optional[Tuple[int, int]]:
 def slurm_array_shard(env) -> Tuple[int, int]:
     """(K, N) of a Slurm job-array task from its environment: N tasks
     (SLURM_ARRAY_TASK_COUNT), K = (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN)
-    / SLURM_ARRAY_TASK_STEP (step 1 when unset). Needs an evenly spaced array
+    / SLURM_ARRAY_TASK_STEP (step 1 when unset), checked against
+    SLURM_ARRAY_TASK_MAX where it is set. Needs an evenly spaced array
     (--array=0-99, 1-100, 0-198:2, a %limit is fine): a list such as
     --array=1,5,7 would leave shards without a task."""
     names = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN")
@@ -135,7 +138,10 @@ def slurm_array_shard(env) -> Tuple[int, int]:
         raise UsageError("--shard auto: SLURM_ARRAY_TASK_ID/COUNT/MIN/STEP are not integers: "
                          + ", ".join(f"{n}={env.get(n)!r}" for n in (*names, "SLURM_ARRAY_TASK_STEP"))) from None
     k, off = divmod(task - first, step) if step > 0 else (-1, 0)
-    if count < 1 or off or not 0 <= k < count:
+    last = env.get("SLURM_ARRAY_TASK_MAX")
+    # A list such as --array=3,17 gives task 3 the shard 0/2 without MAX.
+    uneven = last is not None and last.strip().lstrip("-").isdigit() and int(last) != first + (count - 1) * step
+    if count < 1 or off or uneven or not 0 <= k < count:
         raise UsageError(f"--shard auto: task {task} of an array of {count} starting at {first} with step {step} "
                          f"is not evenly spaced; submit a range such as --array=0-{max(count, 1) - 1}")
     return k, count

@@ -398,11 +398,14 @@ def test_report_bad_folder_is_one_line(tmp_path, capsys):
 # --shard auto
 
 
-def _slurm(monkeypatch, task_id, count, first, step=None):
-    for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP"):
+def _slurm(monkeypatch, task_id, count, first, step=None, last=None):
+    """The variables Slurm sets in an array task (None: not set)."""
+    for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP",
+                 "SLURM_ARRAY_TASK_MAX"):
         monkeypatch.delenv(name, raising=False)
     for name, value in (("SLURM_ARRAY_TASK_ID", task_id), ("SLURM_ARRAY_TASK_COUNT", count),
-                        ("SLURM_ARRAY_TASK_MIN", first), ("SLURM_ARRAY_TASK_STEP", step)):
+                        ("SLURM_ARRAY_TASK_MIN", first), ("SLURM_ARRAY_TASK_STEP", step),
+                        ("SLURM_ARRAY_TASK_MAX", last)):
         if value is not None:
             monkeypatch.setenv(name, str(value))
 
@@ -415,7 +418,7 @@ def test_shard_auto_partitions_the_videos_over_an_array(monkeypatch, tmp_path, f
     n = 3
     seen = []
     for task in range(n):
-        _slurm(monkeypatch, first + task * (step or 1), n, first, step)
+        _slurm(monkeypatch, first + task * (step or 1), n, first, step, last=first + (n - 1) * (step or 1))
         assert parse_shard("auto") == (task, n)
         seen.append(select_shard(videos, parse_shard("auto")))
     assert sorted(v for s in seen for v in s) == videos
@@ -427,6 +430,9 @@ def test_shard_auto_without_slurm_is_one_line(monkeypatch, capsys, tmp_path):
     with pytest.raises(UsageError, match="SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT, SLURM_ARRAY_TASK_MIN"):
         parse_shard("auto")
     _slurm(monkeypatch, 5, 3, 1)  # --array=1,5,7: not evenly spaced
+    with pytest.raises(UsageError, match="not evenly spaced"):
+        parse_shard("auto")
+    _slurm(monkeypatch, 3, 2, 3, last=17)  # --array=3,17: task 3 alone looks like shard 0/2
     with pytest.raises(UsageError, match="not evenly spaced"):
         parse_shard("auto")
     _slurm(monkeypatch, "x", 3, 0)
