@@ -369,9 +369,15 @@ def thumbnail(video_path: Path, height: int = 170) -> Optional[Tuple[str, int]]:
             rate = float(stream.average_rate or 0) or 25.0
             duration = (float(stream.duration * stream.time_base) if stream.duration
                         else (container.duration or 0) / 1e6)
-            if duration > 0 and stream.time_base:
-                container.seek(int(duration / 2 / stream.time_base), stream=stream)
-            frame = next(container.decode(stream), None)
+            target = duration / 2
+            if target > 0 and stream.time_base:
+                container.seek(int(target / stream.time_base), stream=stream)
+            # The seek lands on the keyframe before the middle (for a short
+            # clip, frame 0); decode on to the middle.
+            frame = None
+            for frame in container.decode(stream):
+                if (frame.time or 0.0) >= target - 0.5 / rate:
+                    break
             if frame is None:
                 return None
             index = int(round((frame.time or 0.0) * rate))
@@ -415,7 +421,7 @@ td.outlier{background:#ffe1d6;color:#9a2500;font-weight:600}
 .st-missing{background:#fff0c7;color:#7a5a00} .st-incomplete{background:#efe6fb;color:#5a2d91}
 .flag{color:#9a2500;font-size:12px}
 section.video{border-top:1px solid #ddd;padding:14px 0;display:flex;gap:18px;flex-wrap:wrap}
-section.video .info{min-width:300px;max-width:520px} section.video img{display:block;max-width:100%}
+section.video .info{flex:0 0 520px} section.video img{display:block;max-width:100%}
 .thumb{margin-top:8px} .thumb figcaption{color:#555;font-size:12px}
 dl{display:grid;grid-template-columns:max-content auto;gap:1px 10px;margin:6px 0;font-size:13px}
 dt{color:#555} dd{margin:0}
@@ -510,7 +516,8 @@ def _details(e: VideoEntry) -> str:
         if fitted is not None:
             items.append(("jitter", f"{fitted:.2f} fitted / {e.values['jitter_detected_px']:.2f} detected px"))
         if e.outliers:
-            items.append(("outliers", ", ".join(f"{k} (z {z:+.1f})" for k, z in e.outliers.items())))
+            headers = {m.key: m.header for m in METRICS}
+            items.append(("outliers", ", ".join(f"{headers[k]} (robust z {z:+.1f})" for k, z in e.outliers.items())))
     rows = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in items if v not in (None, ""))
     return f"<dl>{rows}</dl>"
 

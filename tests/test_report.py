@@ -303,6 +303,12 @@ def test_thumbnail_of_the_visualization(report_html):
     assert image.shape[0] == 170 and abs(image.shape[1] - 3 * 170) <= 1
     middle = image[:, image.shape[1] // 3 + 5: 2 * image.shape[1] // 3 - 5].mean((0, 1))
     assert middle[1] > 150 and middle[0] < 60 and middle[2] < 60, middle
+    # The frame from the middle of the clip, not its first keyframe: frame k's
+    # side panels are grey level 40 k.
+    k = int(re.search(r"frame (\d+)", section).group(1))
+    assert abs(k - T_SYN // 2) <= 1
+    side = image[:, 5: image.shape[1] // 3 - 5].mean()
+    assert abs(side - (40 * k) % 255) < 12, (k, side)
     other = text[text.index('<h3>clip_b</h3>'):]
     assert "data:image/jpeg" not in other[:other.index("</section>")]
     assert "no visualization.mp4" in other[:other.index("</section>")]
