@@ -156,8 +156,8 @@ def collect(out_dir: Path, data: Optional[Path] = None) -> List[VideoEntry]:
     for root, dirs, files in os.walk(out_dir):
         here = Path(root)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        if here != out_dir and ("meta.json" in files or "tracking.npz" in files):
-            name = here.relative_to(out_dir).as_posix()
+        if "meta.json" in files or "tracking.npz" in files:
+            name = here.relative_to(out_dir).as_posix() if here != out_dir else here.name  # one result folder
             entries[name] = _read_result(here, name)
             dirs[:] = []  # a result folder holds no further results
             continue
@@ -422,7 +422,7 @@ td.outlier{background:#ffe1d6;color:#9a2500;font-weight:600}
 .flag{color:#9a2500;font-size:12px}
 section.video{border-top:1px solid #ddd;padding:14px 0;display:flex;gap:18px;flex-wrap:wrap}
 section.video .info{flex:0 0 520px} section.video img{display:block;max-width:100%}
-.thumb{margin-top:8px} .thumb figcaption{color:#555;font-size:12px}
+.thumb{margin:8px 0 0} .thumb figcaption{color:#555;font-size:12px}
 dl{display:grid;grid-template-columns:max-content auto;gap:1px 10px;margin:6px 0;font-size:13px}
 dt{color:#555} dd{margin:0}
 a{color:#0b57a4;text-decoration:none} a:hover{text-decoration:underline}
@@ -564,7 +564,8 @@ def render_html(entries: List[VideoEntry], out_dir: Path, plots: str = "all") ->
     generated = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     body = [
         f"<h1>LightningFT dataset report</h1><p class=\"sub\">{_e(out_dir)} &middot; {generated}</p>",
-        '<p class="counts">' + "".join(f'<span><span class="st st-{s}">{s}</span> {n}</span>' for s, n in counts.items())
+        '<p class="counts">'
+        + "".join(f'<span><span class="st st-{s}">{s}</span> {n}</span>' for s, n in counts.items())
         + f"<span>{n_flagged} with outliers</span><span>{frames:,} frames tracked</span></p>",
         f'<p class="note">Medians over finished videos: {medians}.</p>' if medians else "",
         f'<p class="note">Outliers (orange): a value more than {OUTLIER_Z} robust standard deviations '

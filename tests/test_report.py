@@ -238,6 +238,8 @@ def test_collect_finds_every_video_once(report_folder):
     assert "not a readable video" in entries["broken"].reason or "truncated" in entries["broken"].reason
     assert entries["clip_killed"].reason == "meta.json missing"
     assert entries["clip_f"].values["valid_share"] == pytest.approx(0.6)
+    # One result folder on its own is a folder of one.
+    assert [(e.name, e.status) for e in collect(report_folder["out"] / "clip_a")] == [("clip_a", "done")]
 
 
 def test_completeness_against_the_input_lists_missing_videos(report_folder, tmp_path):
