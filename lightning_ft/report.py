@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import uuid
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -530,13 +531,15 @@ def _video_section(i: int, e: VideoEntry) -> str:
         if thumb is not None:
             parts.append(f'<figure class="thumb"><img alt="fitted frame" src="{thumb[0]}">'
                          f'<figcaption>visualization.mp4, frame {thumb[1]}: crop | fit | mesh</figcaption></figure>')
+        elif (e.folder / "visualization.mp4").exists():
+            parts.append('<p class="note">visualization.mp4 could not be decoded: no thumbnail</p>')
         else:
             parts.append('<p class="note">no visualization.mp4 (run with -v for a thumbnail)</p>')
         try:
             uri, notes = plot_tracks(_load_for_plots(e.folder))
             figure = f'<img alt="tracks over time of {_e(e.name)}" src="{uri}">'
             parts += [f'<p class="note">{_e(n)}</p>' for n in notes]
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
             parts.append(f'<p class="note">tracking.npz unreadable: {_e(exc)}</p>')
     parts.append(f"</div>{figure}</section>")
     return "".join(parts)

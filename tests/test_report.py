@@ -374,6 +374,27 @@ def test_screenshot_for_a_person(report_html, tmp_path):
     shutil.copy(path, ARTIFACTS / "report.html")
 
 
+def test_damaged_files_are_rows_not_crashes(report_folder, tmp_path):
+    """A truncated tracking.npz or -v video and a broken meta.json (a disk
+    that filled up, a copy cut short) cost their plots, not the report."""
+    out = tmp_path / "out"
+    for name in ("clip_a", "clip_b", "clip_c"):
+        shutil.copytree(report_folder["out"] / name, out / name)
+    for path in (out / "clip_a" / "tracking.npz", out / "clip_a" / "visualization.mp4"):
+        path.write_bytes(path.read_bytes()[:300])
+    (out / "clip_b" / "meta.json").write_text('{"frames": ')
+    path, entries = write_report(out)
+    status = {e.name: (e.status, e.reason) for e in entries}
+    assert status["clip_b"][0] == "incomplete" and "meta.json unreadable" in status["clip_b"][1]
+    assert status["clip_a"][0] == status["clip_c"][0] == "done"
+    text = path.read_text()
+    section = text[text.index("<h3>clip_a</h3>"):]
+    section = section[:section.index("</section>")]
+    assert "tracking.npz unreadable" in section and "data:image" not in section
+    assert "visualization.mp4 could not be decoded" in section
+    assert "data:image/png" in text[text.index("<h3>clip_c</h3>"):]
+
+
 # ----------------------------------------------------------------------------
 # Command line
 
