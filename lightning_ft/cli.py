@@ -59,7 +59,8 @@ def _track_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--landmarks", type=Path, help="npz with lmk68 [T,68,2], lmk_dense [T,478,2], image_size [2] "
                    "and optional valid [T]: replaces detection; --data becomes optional")
     p.add_argument("--no-emoca", action="store_true", help="neutral initialisation instead of EMOCA v2")
-    p.add_argument("--shard", help="K/N: process every N-th video starting at K (cluster job arrays)")
+    p.add_argument("--shard", help="K/N: process every N-th video starting at K (cluster job arrays); auto: "
+                   "K and N from Slurm's SLURM_ARRAY_TASK_* variables (docs/cluster.md)")
     p.add_argument("--overwrite", action="store_true", help="redo videos that already have a finished result")
     p.add_argument("--image-size", type=int, default=512, help="crop size in pixels (default 512)")
     p.add_argument("--fps", type=float, default=None, help="resample to this frame rate")
@@ -148,6 +149,14 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from .report import summary_line, write_report
+
+    path, entries = write_report(args.out_dir, args.out, data=args.data, plots=args.plots)
+    print(f"{summary_line(entries)} -> {path}")
+    return 1 if any(e.status != "done" for e in entries) else 0
+
+
 def _main_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lightning-ft", description="LightningFT: fast monocular FLAME face tracker")
     sub = p.add_subparsers(dest="command", required=True)
@@ -171,6 +180,15 @@ def _main_parser() -> argparse.ArgumentParser:
     exp.add_argument("--video", type=Path, default=None, help="the source video, where it is not at the path "
                      "meta.json records (frame images of vhap, metrical, lightning, nerface are cut from it)")
     exp.set_defaults(func=_export)
+    rep = sub.add_parser("report", help="one self-contained HTML page over an output folder: a table of every "
+                         "video, outliers, plots; exit code 1 if a video failed, is incomplete or missing")
+    rep.add_argument("out_dir", type=Path, help="the --out folder of tracking runs")
+    rep.add_argument("--out", type=Path, default=None, help="HTML file to write (default: OUT_DIR/report.html)")
+    rep.add_argument("--data", type=Path, default=None, help="the run's input video or folder: list videos that "
+                     "have neither a result nor a failure record as missing (completeness check)")
+    rep.add_argument("--plots", choices=("all", "flagged", "none"), default="all",
+                     help="per-video plots for every finished video, only those with an outlier, or none")
+    rep.set_defaults(func=_report)
     return p
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -23,6 +24,10 @@ import numpy as np
 TRACKING_KEYS = ("frame_ids", "valid", "shape", "expression", "jaw_pose", "neck_pose", "eye_pose", "rotation",
                  "translation", "focal_length", "principal_point", "image_size", "crop_boxes", "lmk68",
                  "lmk_dense", "fps")
+# Optional per-frame quality the tracker adds ([T] float32, crop pixels, NaN
+# on invalid frames): mean reprojection error of the landmark fit, for the
+# dataset report's plots over time.
+PER_FRAME_QUALITY_KEYS = ("reprojection_error_68_px", "reprojection_error_dense_px")
 
 
 def result_dir(out_dir: Path, video_stem: str) -> Path:
@@ -182,3 +187,36 @@ def write_result(folder: Path, tracking: Dict[str, np.ndarray], meta: Dict[str, 
 def load_tracking(folder: Path) -> Dict[str, np.ndarray]:
     with np.load(Path(folder) / "tracking.npz") as d:
         return {k: d[k] for k in d.files}
+
+
+def failure_path(out_dir: Path, video_stem: str) -> Path:
+    """`<out>/<video stem>.failed.json`: why a video has no result (the
+    dataset report and a rerun read it; a later success removes it)."""
+    return Path(out_dir) / f"{video_stem}.failed.json"
+
+
+def write_failure(out_dir: Path, video_stem: str, video: str, error: BaseException,
+                  seconds: float) -> Optional[Path]:
+    """Record a failed video as one small JSON file, written atomically."""
+    import datetime
+
+    path = failure_path(out_dir, video_stem)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"video": str(video), "error": str(error), "error_type": type(error).__name__,
+              "seconds": float(seconds),
+              "failed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.write_text(json.dumps(record, indent=2))
+        os.replace(tmp, path)
+    except OSError as exc:
+        # The record is a courtesy: a full disk must not stop the batch that
+        # reported the failure (a rerun still retries the video).
+        tmp.unlink(missing_ok=True)
+        logging.getLogger("lightning_ft").warning("%s: could not record the failure (%s)", path, exc)
+        return None
+    return path
+
+
+def clear_failure(out_dir: Path, video_stem: str) -> None:
+    failure_path(out_dir, video_stem).unlink(missing_ok=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import platform
 import time
 from contextlib import contextmanager
@@ -29,7 +30,8 @@ from .errors import (AssetError, DiskFullError, LightningFTError, OutputError, U
                      disk_full_reason)
 from .flame import FLAME
 from .optimize import FitConfig, FrameParams, Targets, build_basis, fit_sequence, predict_landmarks
-from .output import check_writable, is_finished, result_differences, result_dir, source_identity, write_result
+from .output import (check_writable, clear_failure, is_finished, result_differences, result_dir, source_identity,
+                     write_failure, write_result)
 from .smoothing import SmoothingConfig, second_difference_jitter, smooth_tracking
 from .synthesis import SynthesisConfig
 
@@ -153,9 +155,14 @@ def find_videos(path: Path) -> List[Path]:
 
 
 def parse_shard(text: Optional[str]) -> Optional[Tuple[int, int]]:
-    """'K/N' -> (K, N), 0 <= K < N: every N-th video starting at K."""
+    """'K/N' -> (K, N), 0 <= K < N: every N-th video starting at K.
+    'auto': the shard of this Slurm job-array task (docs/cluster.md)."""
     if text is None:
         return None
+    if text.strip().lower() == "auto":
+        k, n = slurm_array_shard(os.environ)
+        log.info("shard %d/%d (Slurm array task %s)", k, n, os.environ.get("SLURM_ARRAY_TASK_ID"))
+        return k, n
     try:
         k, n = (int(x) for x in text.split("/"))
     except ValueError:
@@ -163,6 +170,34 @@ def parse_shard(text: Optional[str]) -> Optional[Tuple[int, int]]:
     if n < 1 or not 0 <= k < n:
         raise UsageError(f"--shard {text}: need 0 <= K < N")
     return k, n
+
+
+def slurm_array_shard(env) -> Tuple[int, int]:
+    """(K, N) of a Slurm job-array task from its environment: N tasks
+    (SLURM_ARRAY_TASK_COUNT), K = (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN)
+    / SLURM_ARRAY_TASK_STEP (step 1 when unset), checked against
+    SLURM_ARRAY_TASK_MAX where it is set. Needs an evenly spaced array
+    (--array=0-99, 1-100, 0-198:2, a %limit is fine): a list such as
+    --array=1,5,7 would leave shards without a task."""
+    names = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN")
+    missing = [n for n in names if not env.get(n)]
+    if missing:
+        raise UsageError(f"--shard auto: {', '.join(missing)} not set; run it as a Slurm job-array task "
+                         f"(sbatch --array=0-N, docs/cluster.md) or give --shard K/N")
+    try:
+        task, count, first = (int(env[n]) for n in names)
+        step = int(env.get("SLURM_ARRAY_TASK_STEP") or 1)
+    except ValueError:
+        raise UsageError("--shard auto: SLURM_ARRAY_TASK_ID/COUNT/MIN/STEP are not integers: "
+                         + ", ".join(f"{n}={env.get(n)!r}" for n in (*names, "SLURM_ARRAY_TASK_STEP"))) from None
+    k, off = divmod(task - first, step) if step > 0 else (-1, 0)
+    last = env.get("SLURM_ARRAY_TASK_MAX")
+    # A list such as --array=3,17 gives task 3 the shard 0/2 without MAX.
+    uneven = last is not None and last.strip().lstrip("-").isdigit() and int(last) != first + (count - 1) * step
+    if count < 1 or off or uneven or not 0 <= k < count:
+        raise UsageError(f"--shard auto: task {task} of an array of {count} starting at {first} with step {step} "
+                         f"is not evenly spaced; submit a range such as --array=0-{max(count, 1) - 1}")
+    return k, count
 
 
 def select_shard(videos: List[Path], shard: Optional[Tuple[int, int]]) -> List[Path]:
@@ -226,6 +261,7 @@ class FitOutput:
     principal_point: np.ndarray
     quality: dict
     calibration: dict
+    frame_errors: Dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def fit_landmarks(flame: FLAME, lmk68: np.ndarray, lmk_dense: np.ndarray, valid: np.ndarray, image_size,
@@ -279,13 +315,14 @@ def fit_landmarks(flame: FLAME, lmk68: np.ndarray, lmk_dense: np.ndarray, valid:
     with timer("smoothing"):
         smoothed = smooth_tracking(raw, valid, fps, cfg.smoothing, timestamps=timestamps)
     with timer("quality"):
-        quality = _quality(basis, smoothed, raw, shape, focal, pp, lmk68, lmk_dense, valid, idx, res)
+        quality, frame_errors = _quality(basis, smoothed, raw, shape, focal, pp, lmk68, lmk_dense, valid, idx, res)
     return FitOutput(
         rotation=smoothed["rotation"], translation=smoothed["translation"], expression=smoothed["expression"],
         jaw_pose=smoothed["jaw_pose"], neck_pose=np.zeros((T, 3)), eye_pose=smoothed["eye_pose"],
         shape=cal.shape, focal_length=cal.focal_px, principal_point=cal.principal_point, quality=quality,
         calibration={"frames": cal.frames.tolist(), "focal_costs": cal.focal_costs, "focal_px": float(cal.focal_px[0]),
-                     "focal_rel_std": float(cal.focal_rel_std) if np.isfinite(cal.focal_rel_std) else None})
+                     "focal_rel_std": float(cal.focal_rel_std) if np.isfinite(cal.focal_rel_std) else None},
+        frame_errors=frame_errors)
 
 
 def _params_from(d: Dict[str, np.ndarray], shape: torch.Tensor) -> FrameParams:
@@ -294,8 +331,11 @@ def _params_from(d: Dict[str, np.ndarray], shape: torch.Tensor) -> FrameParams:
                        t(d["eye_pose"]), shape)
 
 
-def _quality(basis, smoothed, raw, shape, focal, pp, lmk68, lmk_dense, valid, idx, res) -> dict:
-    """Reprojection errors (px) and jitter of the smoothed track on valid frames."""
+def _quality(basis, smoothed, raw, shape, focal, pp, lmk68, lmk_dense, valid, idx, res) -> Tuple[dict, dict]:
+    """Reprojection errors (px) and jitter of the smoothed track on valid
+    frames; also the per-frame mean errors, tracking.npz's optional
+    `reprojection_error_68_px` / `reprojection_error_dense_px` [T] (crop px,
+    NaN on invalid frames), which the dataset report plots over time."""
     pred68, pred_dense = predict_landmarks(basis, _params_from({k: v[idx] for k, v in smoothed.items()}, shape),
                                            focal, pp)
     pred68, pred_dense = pred68.numpy(), pred_dense.numpy()
@@ -311,11 +351,34 @@ def _quality(basis, smoothed, raw, shape, focal, pp, lmk68, lmk_dense, valid, id
         out["mean_error_dense_px"] = None
     cont = np.concatenate([[True], np.diff(idx) == 1])
     # Jitter over runs of consecutive valid frames only.
-    out["jitter_68_fitted_px"] = float(second_difference_jitter(_break_runs(pred68, cont), None))
-    out["jitter_68_detected_px"] = float(second_difference_jitter(_break_runs(det68, cont), None))
+    out["jitter_68_fitted_px"] = _jitter_over_runs(pred68, cont)
+    out["jitter_68_detected_px"] = _jitter_over_runs(det68, cont)
     out["invalid_frames"] = int((~valid).sum())
     out["invalid_frame_ids"] = np.flatnonzero(~valid).tolist()[:1000]
+    per_frame = {"reprojection_error_68_px": _per_frame_mean(err68, idx, len(valid))}
+    if out["mean_error_dense_px"] is not None:
+        per_frame["reprojection_error_dense_px"] = _per_frame_mean(
+            np.linalg.norm(pred_dense - det_d, axis=-1), idx, len(valid))
+    return out, per_frame
+
+
+def _per_frame_mean(err: np.ndarray, idx: np.ndarray, T: int) -> np.ndarray:
+    """[N,P] point errors of frames `idx` -> [T] float32 mean over the finite
+    points, NaN where a frame has none (invalid frames, missing points)."""
+    ok = np.isfinite(err)
+    n = ok.sum(1)
+    out = np.full(T, np.nan, np.float32)
+    out[idx] = np.where(n > 0, np.where(ok, err, 0.0).sum(1) / np.maximum(n, 1), np.nan)
     return out
+
+
+def _jitter_over_runs(x: np.ndarray, cont: np.ndarray) -> float:
+    """second_difference_jitter over the runs of consecutive frames. The NaN
+    rows between runs are passed as invalid: counted as valid, one gap made
+    the whole figure NaN (meta.json had NaN jitter for any clip that lost the
+    face for a frame)."""
+    runs = _break_runs(x, cont)
+    return float(second_difference_jitter(runs, np.isfinite(runs).reshape(len(runs), -1).all(1)))
 
 
 def _break_runs(x: np.ndarray, cont: np.ndarray) -> np.ndarray:
@@ -431,6 +494,7 @@ def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: FLAME, 
         "image_size": np.array([H, W], np.int64), "crop_boxes": np.asarray(crop_boxes, np.float32),
         "lmk68": np.asarray(lm.lmk68, np.float32), "lmk_dense": np.asarray(lm.lmk_dense, np.float32),
         "fps": np.float32(fps),
+        **fit.frame_errors,
     }
     synthesis_meta = albedo = None
     if cfg.synthesis:
@@ -766,9 +830,11 @@ def run(cfg: TrackConfig) -> List[VideoOutcome]:
                     continue
                 _remove_stale_partials(folder)
                 folder = track_one(video, stem, cfg, flame, emoca_model, sources=sources)
+                clear_failure(cfg.out_dir, stem)
             outcomes.append(VideoOutcome(name, "done", str(folder), time.perf_counter() - t0))
         except Exception as exc:
             error = exc if isinstance(exc, LightningFTError) else _expected_failure(exc, name, folder)
+            write_failure(cfg.out_dir, stem, name, error if error is not None else exc, time.perf_counter() - t0)
             if len(videos) == 1:
                 if error is exc or error is None:
                     raise

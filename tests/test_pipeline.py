@@ -8,7 +8,7 @@ import torch
 
 from lightning_ft.cli import main, resolve_device, track_main
 from lightning_ft.errors import UsageError
-from lightning_ft.output import TRACKING_KEYS, is_finished, load_tracking, write_result
+from lightning_ft.output import PER_FRAME_QUALITY_KEYS, TRACKING_KEYS, is_finished, load_tracking, write_result
 from lightning_ft.synthetic.sequences import make_sequence
 
 # One thread: two OpenMP threads spin against each other on the shared two cores.
@@ -82,7 +82,7 @@ def gt_run(tmp_path_factory, flame_model, assets_dir):
 def test_tracking_npz_has_exactly_the_contract_keys(gt_run):
     seq, r, meta, _ = gt_run
     T = seq.lmk68.shape[0]
-    assert set(r) == set(TRACKING_KEYS)
+    assert set(r) == set(TRACKING_KEYS) | set(PER_FRAME_QUALITY_KEYS)
     shapes = {"frame_ids": (T,), "valid": (T,), "shape": (100,), "expression": (T, 50), "jaw_pose": (T, 3),
               "neck_pose": (T, 3), "eye_pose": (T, 6), "rotation": (T, 3, 3), "translation": (T, 3),
               "focal_length": (2,), "principal_point": (2,), "image_size": (2,), "crop_boxes": (T, 4),
@@ -252,7 +252,7 @@ def test_synthesis_adds_texture_lighting_and_photometric_errors(synthesis_run):
     with np.load(folder / "tracking.npz") as z:
         r = {k: z[k] for k in z.files}
     T = len(r["frame_ids"])
-    assert set(r) == set(TRACKING_KEYS) | {"texture", "lighting"}
+    assert set(r) == set(TRACKING_KEYS) | set(PER_FRAME_QUALITY_KEYS) | {"texture", "lighting"}
     assert r["texture"].shape == (8,)  # all 8 components of the file (fewer than SynthesisConfig.n_texture)
     assert r["lighting"].shape == (T, 9, 3)  # per-frame lighting, the default
     assert np.isfinite(r["texture"]).all() and np.isfinite(r["lighting"]).all()
