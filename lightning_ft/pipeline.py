@@ -834,7 +834,8 @@ def run(cfg: TrackConfig) -> List[VideoOutcome]:
             outcomes.append(VideoOutcome(name, "done", str(folder), time.perf_counter() - t0))
         except Exception as exc:
             error = exc if isinstance(exc, LightningFTError) else _expected_failure(exc, name, folder)
-            write_failure(cfg.out_dir, stem, name, error if error is not None else exc, time.perf_counter() - t0)
+            if not isinstance(error, DiskFullError):  # a full disk is the batch's failure, said in its summary
+                write_failure(cfg.out_dir, stem, name, error if error is not None else exc, time.perf_counter() - t0)
             if len(videos) == 1:
                 if error is exc or error is None:
                     raise

@@ -188,11 +188,11 @@ def collect(out_dir: Path, data: Optional[Path] = None) -> List[VideoEntry]:
 def expected_results(data: Path) -> Dict[str, Path]:
     """Result name -> input video for a tracking run over `data` (the names
     the tracker gives, so a folder's clips map onto their results)."""
-    from .pipeline import find_videos, output_stem
+    from .pipeline import find_videos, result_names
 
     data = Path(data)
-    root = data if data.is_dir() else None
-    return {output_stem(v, root): v for v in find_videos(data)}
+    videos = find_videos(data)
+    return dict(zip(result_names(videos, data if data.is_dir() else None), videos))
 
 
 # ----------------------------------------------------------------------------

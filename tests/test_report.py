@@ -247,7 +247,7 @@ def test_completeness_against_the_input_lists_missing_videos(report_folder, tmp_
     shutil.copytree(report_folder["data"], data)
     clips.write_empty(data / "later" / "never_run.mp4")
     entries = {e.name: e for e in collect(report_folder["out"], data=data)}
-    assert entries["later__never_run"].status == "missing"
+    assert entries["later/never_run"].status == "missing"
     assert entries["broken"].status == "failed"
 
 
