@@ -33,7 +33,7 @@ DATA_DIR = Path(__file__).resolve().parent / "data" / "ict"
 SHIPPED_MODEL = DATA_DIR / "ict_face_model_light.npz"
 # sha256 of the shipped file; `tools/convert_ict.py` prints it. A mismatch means a
 # corrupted or hand-edited file, or a rebuild whose hash was not recorded here.
-SHIPPED_SHA256 = "73f95fda7a7d012a7797cb449e4e8e314e1aa4b90f850b65adcec4ec742eb5aa"
+SHIPPED_SHA256 = "92f5cd9d8a1c13be3000c1eca16e3107401a7df11ad3d3024d6ccb0c01ae11b6"
 FORMAT_VERSION = 1
 LICENSE_NAME = "MIT (ICT-FaceKit, USC Institute for Creative Technologies, 2020)"
 

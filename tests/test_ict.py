@@ -244,6 +244,11 @@ def test_jaw_contour_follows_yaw(shipped):
     for p in (at[25][12:16] @ R.T):
         near = face[(face[:, 1] - p[1]).abs() < 3e-3]
         assert p[0] > near[:, 0].max() - 4e-3
+    # The side turning towards the camera (the subject's right, points 0..7, at
+    # +25 degrees) and the chin keep the README's jaw vertices.
+    static = shipped.landmarks68(v)[0, :17]
+    torch.testing.assert_close(at[25][:9], static[:9], atol=0, rtol=0)
+    torch.testing.assert_close(at[-25][8:], static[8:], atol=0, rtol=0)
     # The inner 51 points do not depend on yaw.
     torch.testing.assert_close(shipped.landmarks68(v, _yaw(25))[0, 17:], shipped.landmarks68(v)[0, 17:])
 
