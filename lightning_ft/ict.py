@@ -145,7 +145,7 @@ class ICT(nn.Module):
 
     Other attributes: n_shape, n_exp, expression_names [53], faces [F,3],
     v_template [V,3], shapedirs [V,3,100], expdirs [V,3,53] (views of `dirs`
-    [V*3,153]), uv [T,2] / faces_uv [F,3] (ICT's texture coordinates),
+    [V,3,153], FLAME's layout), uv [T,2] / faces_uv [F,3] (ICT's texture coordinates),
     kept_vertex_ids [V] (OBJ vertex of each model vertex), region (vertex
     masks), geometry_vertex_ranges (ICT geometry -> (first, end)),
     eyeball_vertex_ids (left, right), eyeball_vertex_ranges [2,3] (first,
@@ -180,9 +180,9 @@ class ICT(nn.Module):
         self.geometry_vertex_ranges = {str(n): tuple(int(x) for x in r) for n, r in
                                        zip(arrays["geometry_names"], arrays["geometry_vertex_ranges"])}
         self.register_buffer("v_template", t(v))
-        # One [V*3, S+E] matrix: a forward is a single matmul, bound by reading it.
-        dirs = np.concatenate([shapedirs, expdirs]).reshape(self.n_shape + self.n_exp, V * 3).T
-        self.register_buffer("dirs", t(dirs))
+        # [V,3,S+E] as FLAME's `dirs`; contiguous, so a forward is one [V*3, S+E]
+        # matmul on a view, bound by reading the matrix once.
+        self.register_buffer("dirs", t(np.concatenate([shapedirs, expdirs]).transpose(1, 2, 0)))
         self.register_buffer("faces", long(faces))
         if "faces_uv" in arrays:
             self.register_buffer("faces_uv", long(arrays["faces_uv"]))
@@ -228,7 +228,7 @@ class ICT(nn.Module):
 
     @classmethod
     def load(cls, path: Union[str, Path, None] = None, device: Union[str, torch.device] = "cpu",
-             expected_sha256: Optional[str] = None) -> "ICT":
+             expected_sha256: Optional[str] = None, dtype: torch.dtype = torch.float32) -> "ICT":
         """Load the shipped model (path None) or a file built by tools/convert_ict.py.
 
         The shipped file is checked against `SHIPPED_SHA256`; another path only
@@ -240,7 +240,7 @@ class ICT(nn.Module):
         if not path.is_file():
             raise AssetError(f"{path}: ICT model file not found")
         digest = _check_sha256(path, expected_sha256) if expected_sha256 else file_sha256(path)
-        return cls(read_model_file(path), path=path, sha256=digest).to(device)
+        return cls(read_model_file(path), path=path, sha256=digest, dtype=dtype).to(device)
 
     # ------------------------------------------------------------------
     @property
@@ -264,12 +264,12 @@ class ICT(nn.Module):
     @property
     def shapedirs(self) -> torch.Tensor:
         """Identity deltas [V,3,n_shape], meters per unit weight (a view of `dirs`)."""
-        return self.dirs.view(self.n_vertices, 3, -1)[..., :self.n_shape]
+        return self.dirs[..., :self.n_shape]
 
     @property
     def expdirs(self) -> torch.Tensor:
         """Expression deltas [V,3,n_exp], meters per unit weight (a view of `dirs`)."""
-        return self.dirs.view(self.n_vertices, 3, -1)[..., self.n_shape:]
+        return self.dirs[..., self.n_shape:]
 
     def shaped(self, shape=None, expression=None, batch_size: Optional[int] = None) -> torch.Tensor:
         """v_template + shapedirs @ shape + expdirs @ expression, [B,V,3] (no eye rotation)."""
@@ -283,7 +283,8 @@ class ICT(nn.Module):
             raise ValueError(f"expected shape [B,{self.n_shape}] and expression [B,{self.n_exp}], "
                              f"got {tuple(shape.shape)} and {tuple(expression.shape)}")
         coeffs = torch.cat([shape.to(like.dtype), expression.to(like.dtype)], dim=1)
-        return torch.addmm(like.reshape(1, -1), coeffs, self.dirs.T).view(B, -1, 3)
+        dirs = self.dirs.reshape(-1, self.n_shape + self.n_exp)  # a view: [V*3, S+E]
+        return torch.addmm(like.reshape(1, -1), coeffs, dirs.T).view(B, -1, 3)
 
     def forward(self, shape=None, expression=None, eye_pose=None) -> torch.Tensor:
         """Vertices [B,V,3] in meters, model space (see the module docstring)."""

@@ -368,6 +368,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mediapipe-embedding", type=Path, default=None,
                     help="embedding from tools/build_ict_mediapipe_embedding.py to include")
     ap.add_argument("--layout", type=Path, default=None, help="geometry table replacing ICT Light's (JSON)")
+    ap.add_argument("--verify", action="store_true",
+                    help="after writing, compare every identity and expression mesh it rebuilds with the OBJ files")
     args = ap.parse_args(argv)
     try:
         layout, sclera = load_layout(args.layout)
@@ -380,7 +382,26 @@ def main(argv=None) -> int:
           f"{arrays['faces'].shape[0]} triangles, {arrays['shapedirs'].shape[0]} identity and "
           f"{arrays['expdirs'].shape[0]} expression shapes")
     print(f"sha256 {digest}")
+    if args.verify:
+        verify(args.checkout, args.out)
     return 0
+
+
+def verify(checkout: Path, model_file: Path) -> None:
+    """Print the largest difference (meters) between the meshes the model file
+    rebuilds (template + one unit weight) and the OBJ files / 100."""
+    model_dir = Path(checkout) / "FaceXModel"
+    with np.load(model_file) as z:
+        kept, template = z["kept_vertex_ids"], z["v_template"].astype(np.float64)
+        shapedirs, expdirs, names = z["shapedirs"], z["expdirs"], [str(n) for n in z["expression_names"]]
+    neutral = read_obj_vertices(model_dir / "generic_neutral_mesh.obj")[kept] / 100
+    print(f"template vs neutral OBJ: max {np.abs(template - neutral).max():.2e} m")
+    for label, dirs, files in (("identities", shapedirs, [f"identity{k:03d}.obj" for k in range(len(shapedirs))]),
+                               ("expressions", expdirs, [f"{n}.obj" for n in names])):
+        err = [np.abs(template + dirs[k].astype(np.float64) - read_obj_vertices(model_dir / f)[kept] / 100).max()
+               for k, f in enumerate(files)]
+        worst = int(np.argmax(err))
+        print(f"{label}: max {max(err):.2e} m ({files[worst]}), median of the per-mesh maxima {np.median(err):.2e} m")
 
 
 if __name__ == "__main__":
