@@ -497,7 +497,7 @@ def require(assets_dir: Path, tiers: Set[str], deep: bool = False) -> None:
 
 def format_report(statuses: Sequence[AssetStatus], assets_dir: Optional[Path] = None) -> str:
     """A plain-text table for `lightning-ft assets check`, then one verdict per tier."""
-    lines = [f"assets in {assets_dir}" if assets_dir is not None else "assets", ""]
+    lines = [f"assets in {Path(assets_dir).resolve()}" if assets_dir is not None else "assets", ""]
     name_w = max([len(s.name) for s in statuses] + [4])
     kind_w = max([len(s.kind) for s in statuses] + [4])
     lines.append(f"  {'state':<8} {'tier':<10} {'file':<{name_w}}  {'what':<{kind_w}}  detail")

@@ -177,16 +177,19 @@ def _main_parser() -> argparse.ArgumentParser:
 
 
 def _run(func, args) -> int:
-    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
-                        format="%(message)s", stream=sys.stderr)
-    try:
-        return func(args)
-    except LightningFTError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    from .progress import filtered_native_stderr
+
+    with filtered_native_stderr():  # mediapipe's W0000/I0000 lines on every run
+        logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+                            format="%(message)s", stream=sys.stderr)
+        try:
+            return func(args)
+        except LightningFTError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return exc.exit_code
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
 
 
 def main(argv: Optional[List[str]] = None) -> int:

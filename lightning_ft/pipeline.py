@@ -38,6 +38,12 @@ log = logging.getLogger("lightning_ft")
 # synthetic heads turning +-25 deg give 2-8 % at 800-2000 px with 1 px noise
 # (benchmarks/bench_calibration.py).
 WEAK_FOCAL_REL_STD = 0.15
+# Mean 68-point reprojection error, as a fraction of the crop side, above
+# which a fit is reported as poor (log and meta.json). Synthetic heads fit
+# to ~1 px at 512 px with 1 px landmark noise (tests/test_pipeline.py); the
+# issue's misread rotation tag gave 29 px. Not calibrated on real FLAME
+# fits, which this project has no access to.
+POOR_FIT_ERROR_FRACTION = 0.03
 
 # The one list of video suffixes, for a single file and for folders alike
 # (all decoded by PyAV's ffmpeg).
@@ -224,25 +230,29 @@ class FitOutput:
 
 def fit_landmarks(flame: FLAME, lmk68: np.ndarray, lmk_dense: np.ndarray, valid: np.ndarray, image_size,
                   fps: float, cfg: TrackConfig, timer: StageTimer, emoca=None,
-                  timestamps: Optional[np.ndarray] = None) -> FitOutput:
-    """Calibrate, fit every valid frame, interpolate invalid ones, smooth."""
+                  timestamps: Optional[np.ndarray] = None, label: str = "") -> FitOutput:
+    """Calibrate, fit every valid frame, interpolate invalid ones, smooth.
+    label: the video's name, for messages."""
+    from .progress import elapsed_bar
+
     H, W = image_size
     fit_cfg = replace(cfg.fit, image_size=max(H, W))
-    with timer("calibration"):
+    with timer("calibration"), elapsed_bar(f"{Path(label).name}: calibration", cfg.progress):
         basis = build_basis(flame)
         targets = Targets.from_landmarks(lmk68, lmk_dense, basis)
         init_shape = None if emoca is None else emoca.identity
         cal = calibrate(basis, targets, valid, (H, W), fit_cfg, cfg.calibration, init_shape=init_shape)
     if not cal.focal_rel_std <= WEAK_FOCAL_REL_STD:  # NaN too: no curvature along the focal at all
-        log.warning("focal length %.0f px is weakly determined (predicted std %.0f %%): little perspective in "
-                    "the landmarks (a distant face, a long lens or noisy landmarks); depth and head size share "
-                    "that uncertainty", cal.focal_px[0], 100 * cal.focal_rel_std)
+        # advice, not a failure (meta.json has the figure): -q hides it
+        log.info("%s: focal length %.0f px is weakly determined (predicted std %.0f %%): little perspective in "
+                 "the landmarks (a distant face, a long lens or noisy landmarks); depth and head size share "
+                 "that uncertainty", label, cal.focal_px[0], 100 * cal.focal_rel_std)
     focal = torch.tensor(cal.focal_px, dtype=torch.float32)
     pp = torch.tensor(cal.principal_point, dtype=torch.float32)
     shape = torch.tensor(cal.shape, dtype=torch.float32)
     idx = np.flatnonzero(valid)
     T = len(valid)
-    with timer("fitting"):
+    with timer("fitting"), elapsed_bar(f"{Path(label).name}: fitting", cfg.progress):
         sub = targets.select(torch.as_tensor(idx))
         rot0 = exp0 = jaw0 = None
         if emoca is not None:
@@ -408,8 +418,10 @@ def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: FLAME, 
         with timer("emoca"):
             emoca_result = regress(frames_source.frames(), lm.lmk_dense if np.isfinite(lm.lmk_dense).any() else lm.lmk68,
                                    valid, emoca_model, progress=cfg.progress)
+    label = str(video or cfg.landmarks_file)
     fit = fit_landmarks(flame, lm.lmk68, lm.lmk_dense, valid, (H, W), fps, cfg, timer, emoca=emoca_result,
-                        timestamps=timestamps)
+                        timestamps=timestamps, label=label)
+    _check_fit_quality(fit.quality, (H, W), label)
     tracking = {
         "frame_ids": np.asarray(frame_ids, np.int64), "valid": valid, "shape": fit.shape.astype(np.float32),
         "expression": fit.expression.astype(np.float32), "jaw_pose": fit.jaw_pose.astype(np.float32),
@@ -455,11 +467,26 @@ def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: FLAME, 
     }
     meta["stage_seconds"]["total"] = time.perf_counter() - t_start
     write_result(folder, tracking, meta, extra=extra)
+    if cfg.visualize and extra is not None:
+        log.info("%s: wrote %s", label, folder / "visualization.mp4")
     if cfg.export:
         from .export import export
 
         export(folder, cfg.export, frames=(frames_source.frame if frames_source is not None else None), flame=flame)
     return folder
+
+
+def _check_fit_quality(quality: dict, image_size, label: str) -> None:
+    """Warn (and record in `quality`) when the mean 68-point error is far
+    above a good fit's, POOR_FIT_ERROR_FRACTION of the crop side."""
+    limit = POOR_FIT_ERROR_FRACTION * max(image_size)
+    error = quality.get("mean_error_68_px")
+    quality["poor_fit_limit_px"] = float(limit)
+    quality["poor_fit"] = bool(error is not None and error > limit)
+    if quality["poor_fit"]:
+        log.warning("%s: poor fit, mean landmark error %.1f px (a good fit stays under %.1f px at this crop "
+                    "size): check that the video shows one upright face (a wrong rotation tag turns it) and that "
+                    "--landmarks belong to it", label, error, limit)
 
 
 @dataclass
@@ -715,6 +742,12 @@ def run(cfg: TrackConfig, events=None) -> List[VideoOutcome]:
         _check_landmarks_match(cfg.landmarks_file, videos[0], cfg.fps)
     check_writable(cfg.out_dir, "--out")
     check_writable(cfg.cache_dir or Path(cfg.out_dir) / ".cache", "--cache")
+    if cfg.landmarks_file is None:
+        from .video import remove_stale_cache_temporaries
+
+        freed = remove_stale_cache_temporaries(cfg.cache_dir or Path(cfg.out_dir) / ".cache")
+        if freed:
+            log.info("removed %.1f MB of frame cache temporaries left by killed runs", freed / 1e6)
     flame = load_flame(cfg.assets_dir)
     emoca_model = None
     if not cfg.no_emoca:

@@ -859,6 +859,43 @@ def _decode_image(data: bytes, image_size) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
+# A cache temporary whose writer is not a live process here is removed once
+# it is this old (another host sharing the cache folder writes it at every
+# 256th frame at least); any is removed after STALE_TMP_ANY_SECONDS.
+STALE_TMP_SECONDS = 600.0
+STALE_TMP_ANY_SECONDS = 6 * 3600.0
+
+
+def remove_stale_cache_temporaries(cache_dir: Path) -> int:
+    """Delete `*.lmdb.tmp-<pid>-<thread>` files killed runs left in
+    `cache_dir`; returns the bytes freed."""
+    import time
+
+    freed = 0
+    now = time.time()
+    for tmp in Path(cache_dir).glob("*.lmdb.tmp-*"):
+        try:
+            st = tmp.stat()
+            pid = int(tmp.name.rsplit(".tmp-", 1)[1].split("-")[0])
+        except (OSError, ValueError, IndexError):
+            continue
+        age = now - st.st_mtime
+        try:
+            os.kill(pid, 0)
+            alive = True
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:
+            alive = True
+        if (age > STALE_TMP_SECONDS and not alive) or age > STALE_TMP_ANY_SECONDS:
+            try:
+                tmp.unlink()
+                freed += st.st_size
+            except OSError:
+                pass
+    return freed
+
+
 def cache_file(path: Path, cache_dir: Path) -> Path:
     """The LMDB file that caches `path`'s crops: one per source path."""
     digest = hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:12]

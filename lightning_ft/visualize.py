@@ -233,7 +233,7 @@ def write_visualization(
         container.close()
         tmp_path.unlink(missing_ok=True)
         raise
-    log.info("wrote %s (%d frames at %.3f fps)", out_path, T, fps)
+    log.debug("wrote %s (%d frames at %.3f fps)", out_path, T, fps)
     return out_path
 
 

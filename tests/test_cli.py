@@ -325,3 +325,58 @@ def test_killed_run_rerun_finishes_only_what_is_missing(four_cars, assets_dir, t
         assert rows[str(four_cars / name)][0] == "skipped"
         assert (out / name / "meta.json").stat().st_mtime_ns == stamp
     assert len(list(out.glob("*/meta.json"))) == 4 and not list(out.glob(".*.claim")) and _leftovers(out) == []
+
+
+# ----------------------------------------------------------------------------
+# Messages
+
+
+def test_messages_name_the_video_and_the_final_path(two_clips, assets_dir, tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="lightning_ft")
+    rc, stdout = _track("--data", two_clips / "b.mp4", "--assets", assets_dir, "--no-emoca", "--out",
+                        tmp_path / "out", "--image-size", "64", "-v", "-d", "cpu")
+    assert rc == 0, stdout
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if ".partial-" in m], messages
+    wrote = [m for m in messages if "visualization.mp4" in m]
+    assert wrote == [f"{two_clips / 'b.mp4'}: wrote {tmp_path / 'out' / 'b' / 'visualization.mp4'}"]
+    assert (tmp_path / "out" / "b" / "visualization.mp4").is_file()
+    for m in messages:
+        if "focal length" in m or "poor fit" in m:
+            assert m.startswith(str(two_clips / "b.mp4")), m
+
+
+def test_third_party_log_noise_is_silenced_and_q_hides_advice(two_clips, assets_dir, tmp_path):
+    """A real run of the command in its own process (mediapipe writes its
+    W0000 lines to file descriptor 2, below Python)."""
+    args = ["--data", two_clips / "b.mp4", "--assets", assets_dir, "--no-emoca", "--image-size", "64", "-d", "cpu"]
+    rc, _, stderr, _ = _track_process(args + ["--out", tmp_path / "loud"], timeout=300)
+    assert rc == 0, stderr
+    assert "68-point landmarks" in stderr  # our own messages still come through
+    assert not [line for line in stderr.splitlines() if line[:5] in ("W0000", "I0000") or "TensorFlow Lite" in line
+                or "absl::InitializeLog" in line], stderr
+    # carphone's far face leaves the focal weakly determined: advice that -q hides
+    assert "b.mp4: focal length" in stderr and "weakly determined" in stderr
+    rc, _, quiet, _ = _track_process(args + ["--out", tmp_path / "quiet", "-q"], timeout=300)
+    assert rc == 0 and "weakly determined" not in quiet, quiet
+
+
+def test_assets_check_prints_the_absolute_path(assets_dir, tmp_path, capsys, monkeypatch):
+    from lightning_ft.cli import main
+
+    monkeypatch.chdir(assets_dir.parent)
+    main(["assets", "check", "--assets", assets_dir.name])
+    assert capsys.readouterr().out.splitlines()[0] == f"assets in {assets_dir.resolve()}"
+
+
+def test_stage_bars_show_on_a_terminal(capsys):
+    from lightning_ft.progress import elapsed_bar
+
+    with elapsed_bar("clip.mp4: fitting", enabled=True, every=0.05):
+        time.sleep(0.2)
+    assert "clip.mp4: fitting" in capsys.readouterr().err
+    with elapsed_bar("clip.mp4: calibration", enabled=False):
+        pass
+    assert capsys.readouterr().err == ""

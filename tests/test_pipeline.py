@@ -140,13 +140,17 @@ def test_ground_truth_recovery(gt_run, flame_model):
 def test_weakly_determined_focal_is_reported(tmp_path, flame_model, assets_dir, caplog):
     # A long lens (4000 px at 512 px) and 2 px noise leave little perspective:
     # the run says so once and meta.json carries the predicted spread.
+    import logging
+
+    caplog.set_level(logging.INFO, logger="lightning_ft")
     seq = make_sequence(flame_model, T=40, focal=4000.0, seed=1, noise_px=2.0)
     np.savez(tmp_path / "far.npz", lmk68=seq.lmk68, lmk_dense=seq.lmk_dense, image_size=np.array([512, 512]))
     rc = track_main(["--landmarks", str(tmp_path / "far.npz"), "--no-emoca", "--assets", str(assets_dir),
                      "--out", str(tmp_path / "out")])
     assert rc == 0
     warned = [r for r in caplog.records if "weakly determined" in r.getMessage()]
-    assert len(warned) == 1 and warned[0].levelname == "WARNING"
+    # advice, named for the input, at INFO so that -q hides it (the figure is in meta.json)
+    assert len(warned) == 1 and warned[0].levelname == "INFO" and "far.npz" in warned[0].getMessage()
     meta = json.loads((tmp_path / "out" / "far" / "meta.json").read_text())
     assert meta["calibration"]["focal_rel_std"] > 0.15
 
@@ -325,3 +329,22 @@ def test_synthesis_without_the_texture_space_stops_before_work(texture_files, tm
     assert "FLAME_texture.npz" in err and "--synthesis" in err
     assert ("head_template_mesh.obj" in err) == (texture_files == "bfm_only"), err
     assert not (tmp_path / "out").exists()
+
+
+def test_poor_fit_is_warned_and_recorded(gt_run, flame_model, assets_dir, tmp_path, caplog):
+    """Landmarks whose points are shuffled within each frame cannot be
+    explained by any head: the run says so and meta.json records it; the
+    ground-truth run's good fit does not."""
+    seq, r, meta, _ = gt_run
+    assert meta["quality"]["poor_fit"] is False and meta["quality"]["poor_fit_limit_px"] == 0.03 * 512
+    rng = np.random.default_rng(0)
+    shuffled = seq.lmk68[:, rng.permutation(68)]
+    np.savez(tmp_path / "bad.npz", lmk68=shuffled, lmk_dense=seq.lmk_dense, image_size=np.array([512, 512]))
+    rc = track_main(["--landmarks", str(tmp_path / "bad.npz"), "--no-emoca", "--assets", str(assets_dir),
+                     "--out", str(tmp_path / "out"), "-q"])
+    assert rc == 0
+    bad = json.loads((tmp_path / "out" / "bad" / "meta.json").read_text())["quality"]
+    assert bad["poor_fit"] is True and bad["mean_error_68_px"] > bad["poor_fit_limit_px"]
+    warned = [r.getMessage() for r in caplog.records if "poor fit" in r.getMessage()]
+    assert len(warned) == 1 and "bad.npz" in warned[0]
+    assert not [r for r in caplog.records if "poor fit" in r.getMessage() and "seq.npz" in r.getMessage()]

@@ -546,3 +546,25 @@ def test_cache_writer_failure_ends_the_read_with_one_error(tmp_path):
         for _ in fv.frames():
             pass
     assert {p.name for p in tmp_path.iterdir()} == {"clip.mp4", "cache"} and cache.is_file()
+
+
+def test_stale_cache_temporaries_are_removed(tmp_path):
+    """Temporaries of killed runs go; a live writer's, and a dead one's
+    written a moment ago (another host may share the folder), stay."""
+    import subprocess
+    import sys
+    import time
+
+    from lightning_ft.video import STALE_TMP_SECONDS, remove_stale_cache_temporaries
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    old = time.time() - 2 * STALE_TMP_SECONDS
+    files = {"killed": f"a-1.lmdb.tmp-{dead.pid}-1", "live": f"b-1.lmdb.tmp-{os.getpid()}-1",
+             "recent": f"c-1.lmdb.tmp-{dead.pid}-2", "cache": "d-1.lmdb"}
+    for name in files.values():
+        (tmp_path / name).write_bytes(b"\0" * 1000)
+    for key in ("killed", "live", "cache"):
+        os.utime(tmp_path / files[key], (old, old))
+    assert remove_stale_cache_temporaries(tmp_path) == 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files[k] for k in ("live", "recent", "cache"))
