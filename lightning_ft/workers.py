@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, TextIO
 
 from .errors import LightningFTError, UsageError
+from .progress import NATIVE_NOISE
 
 log = logging.getLogger("lightning_ft")
 
@@ -111,8 +112,13 @@ class WorkerEvents:
         return self.failed_dir / hashlib.sha256(name.encode()).hexdigest()[:32]
 
     def _send(self, **event) -> None:
-        self.stream.write(EVENT_PREFIX + json.dumps(event) + "\n")
-        self.stream.flush()
+        try:
+            self.stream.write(EVENT_PREFIX + json.dumps(event) + "\n")
+            self.stream.flush()
+        except BrokenPipeError:
+            # the parent is gone: stop here (SystemExit passes the run loop's
+            # per-video handler; the claim is released on the way out)
+            raise SystemExit(1) from None
 
     def passed_over(self, name: str) -> Optional[str]:
         if self._marker(name).exists():
@@ -194,7 +200,9 @@ class OverallProgress:
     second on a terminal; elsewhere a plain line per finished video and at
     least every PLAIN_PROGRESS_SECONDS; nothing when disabled (-q)."""
 
-    def __init__(self, total: int, n_workers: int, enabled: bool, stream: TextIO = sys.stderr):
+    def __init__(self, total: int, n_workers: int, enabled: bool, stream: Optional[TextIO] = None):
+        # sys.stderr when called, not when imported: the CLI's entry point replaces it
+        stream = sys.stderr if stream is None else stream
         self.total, self.n_workers, self.enabled, self.stream = total, n_workers, enabled, stream
         self.done = self.failed = self.skipped = self.running = self.frames = 0
         self.busy_seconds = 0.0  # summed over the videos done
@@ -368,7 +376,8 @@ def _follow(workers, events, outcomes, display, VideoOutcome) -> None:
                 display.message(f"{worker.describe()} {how}")
             continue
         if kind == "err" or not line.startswith(EVENT_PREFIX):
-            display.message(line)
+            if not NATIVE_NOISE.match(line.encode(errors="replace")):
+                display.message(line)
             continue
         event = json.loads(line[len(EVENT_PREFIX):])
         if event["event"] == "start":

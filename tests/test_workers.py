@@ -3,6 +3,7 @@ child processes on real clips, a real SIGKILL."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -18,7 +19,7 @@ import torch
 
 from lightning_ft.errors import UsageError
 from lightning_ft.synthetic import clips
-from lightning_ft.workers import resolve_devices, threads_per_worker
+from lightning_ft.workers import OverallProgress, resolve_devices, threads_per_worker
 
 REPO = Path(__file__).resolve().parents[1]
 CLIP_FRAMES, CROP = 16, 128
@@ -110,6 +111,21 @@ def test_threads_share_the_cores():
     assert threads_per_worker(1, cores=16) == 16
     assert threads_per_worker(4, cores=16) == 4
     assert threads_per_worker(3, cores=2) == 1
+
+
+def test_plain_progress_is_a_line_per_finished_video_with_the_time_left():
+    buf = io.StringIO()  # not a terminal
+    display = OverallProgress(total=6, n_workers=2, enabled=True, stream=buf)
+    display.refresh()
+    assert buf.getvalue() == ""  # nothing ended, under PLAIN_PROGRESS_SECONDS
+    display.done, display.failed, display.running, display.frames, display.busy_seconds = 2, 1, 2, 100, 20.0
+    display.refresh(video_ended=True)
+    line = buf.getvalue().strip()
+    # 10 s per video, 3 videos left over 2 workers
+    assert line.startswith("progress: 2 done, 1 failed, 2 running of 6; ") and line.endswith("; 0:00:15 left")
+    quiet = io.StringIO()
+    OverallProgress(total=6, n_workers=2, enabled=False, stream=quiet).refresh(video_ended=True)
+    assert quiet.getvalue() == ""
 
 
 # ----------------------------------------------------------------------------
