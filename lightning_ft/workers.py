@@ -213,7 +213,7 @@ class OverallProgress:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, unit="video", file=stream, dynamic_ncols=True, leave=True,
-                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} videos {postfix}")
+                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} videos{postfix}")
 
     def seconds_left(self) -> Optional[float]:
         if not self.done:
