@@ -61,9 +61,9 @@ def clip(tmp_path_factory):
     return clips.write_excerpt(clips.carphone_path(), d / "clip.mp4", n_frames=CLIP_FRAMES)
 
 
-def _folder(root: Path, clip: Path) -> list:
+def _folder(root: Path, clip: Path, n: int = N_CLIPS) -> list:
     videos = []
-    for i in range(N_CLIPS):
+    for i in range(n):
         video = root / f"clip{i}.mp4"
         video.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(clip, video)
@@ -222,3 +222,20 @@ def test_a_killed_worker_loses_only_its_video_and_a_rerun_does_only_that(killed_
     assert json.loads((out / victim / "meta.json").read_text())["frames"]["total"] == CLIP_FRAMES
     assert "progress:" not in stderr2  # -q
     assert not list(out.glob(".*.claim*"))
+
+
+def test_workers_pass_over_a_video_another_live_process_holds(tmp_path, clip, assets_dir):
+    from lightning_ft.claims import claim
+
+    videos = _folder(tmp_path / "videos", clip, n=3)
+    out = tmp_path / "out"
+    with claim(out / videos[0].stem) as held:  # this test process: alive for the whole run
+        assert held
+        rc, stdout, stderr = _track("--data", tmp_path / "videos", "--assets", assets_dir, "--out", out,
+                                    "-d", "cpu", "--workers", "2")
+    assert rc == 0, stderr[-3000:]
+    rows = _rows(stdout)
+    assert rows[str(videos[0])][0] == "skipped" and f"pid {os.getpid()}" in rows[str(videos[0])][1]
+    assert {v: rows[str(v)][0] for v in videos[1:]} == {v: "done" for v in videos[1:]}
+    assert not (out / videos[0].stem).exists()
+    assert str(videos[0]) not in _tracked_by(stderr)
