@@ -43,8 +43,6 @@ from typing import Dict, List, Optional, TextIO
 from .errors import LightningFTError, UsageError
 from .progress import NATIVE_NOISE
 
-log = logging.getLogger("lightning_ft")
-
 EVENT_PREFIX = "@lightning_ft-worker "
 # Plain (non-terminal) progress: a line per finished video, and at least this often.
 PLAIN_PROGRESS_SECONDS = 10.0
