@@ -97,7 +97,10 @@ def filtered_native_stderr() -> Iterator[None]:
         with io.FileIO(read_fd, "r") as pipe:
             for line in io.BufferedReader(pipe):
                 if not NATIVE_NOISE.match(line):
-                    os.write(original_fd, line)
+                    try:
+                        os.write(original_fd, line)
+                    except OSError:  # stderr closed: keep draining, or native writers would block
+                        pass
 
     thread = threading.Thread(target=forward, name="lightning_ft-stderr", daemon=True)
     thread.start()
