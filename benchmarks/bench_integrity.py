@@ -12,7 +12,7 @@ processes (issue 17):
      fresh output folder: wall seconds (each way once; the machine is
      shared, so these are single noisy samples).
 
-    .venv/bin/python benchmarks/bench_integrity.py [--frames 120] [--image-size 512]
+    .venv/bin/python benchmarks/bench_integrity.py [--frames 120] [--image-size 512] [--together-first]
 
 The FLAME model is benchmarks/run.py's stand-in (speed follows FLAME 2020's
 sizes, not its values).
@@ -59,6 +59,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--frames", type=int, default=120, help="frames of the longest clip (carphone has 120)")
     ap.add_argument("--image-size", type=int, default=512)
+    ap.add_argument("--together-first", action="store_true", help="time the two runs before the one run")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench_integrity-"))
     assets = tmp / "assets"
@@ -68,19 +69,27 @@ def main() -> int:
         write_excerpt(carphone_path(), data / f"car{suffix}", n_frames=args.frames - 3 * n)
     common = ["--data", data, "--assets", assets, "--no-emoca", "--image-size", args.image_size, "-q", "-d", "cpu"]
 
-    # 1 and 4a: one run alone
-    t0 = time.monotonic()
-    p = start(common + ["--out", tmp / "alone"])
-    out, err = p.communicate()
-    alone = time.monotonic() - t0
-    results = sorted(q.parent.name for q in (tmp / "alone").glob("*/meta.json"))
-    print(f"1. four files, one stem: exit {p.returncode}, {summary_line(out)}; results {results}")
+    def run_alone():
+        t0 = time.monotonic()
+        p = start(common + ["--out", tmp / "alone"])
+        out, err = p.communicate()
+        results = sorted(q.parent.name for q in (tmp / "alone").glob("*/meta.json"))
+        print(f"1. four files, one stem: exit {p.returncode}, {summary_line(out)}; results {results}")
+        return time.monotonic() - t0
 
-    # 4b: two runs together on one output folder
-    t0 = time.monotonic()
-    procs = [start(common + ["--out", tmp / "together"]) for _ in range(2)]
-    outs = [q.communicate()[0] for q in procs]
-    together = time.monotonic() - t0
+    def run_together():
+        t0 = time.monotonic()
+        procs = [start(common + ["--out", tmp / "together"]) for _ in range(2)]
+        outs = [q.communicate()[0] for q in procs]
+        return time.monotonic() - t0, outs
+
+    # 1 and 4: one run alone, two runs together on one output folder
+    if args.together_first:
+        together, outs = run_together()
+        alone = run_alone()
+    else:
+        alone = run_alone()
+        together, outs = run_together()
     print(f"4. one run alone {alone:.1f} s; two runs together {together:.1f} s (ratio {together / alone:.2f}); "
           f"{' | '.join(summary_line(o) for o in outs)}; results "
           f"{len(list((tmp / 'together').glob('*/meta.json')))}; load average {load_average()}")

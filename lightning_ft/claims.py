@@ -160,6 +160,17 @@ def try_claim(result_folder: Path, stale_after: float = STALE_AFTER_SECONDS) -> 
     return Claim(path, False, _read(path))
 
 
+def clear_stale(result_folder: Path, stale_after: float = STALE_AFTER_SECONDS) -> bool:
+    """Remove the claim of `result_folder` if it is stale (a process killed
+    after finishing the result, before releasing it); True if removed."""
+    path = claim_path(result_folder)
+    owner = _read(path)
+    if owner is None or not is_stale(path, owner, stale_after):
+        return False
+    _take_over(path, owner)
+    return True
+
+
 def release(held: Claim) -> None:
     """Remove a claim this process holds (only if it is still its own)."""
     if held.held and (_read(held.path) or {}).get("token") == held.owner["token"]:

@@ -143,7 +143,10 @@ def _assets(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .export import export
 
+    from .output import check_writable
+
     formats = [x.strip() for x in args.format.split(",") if x.strip()]
+    check_writable(args.out if args.out is not None else args.result_dir / "export", "--out", keep=False)
     paths = export(args.result_dir, formats, out_dir=args.out, allow_version_mismatch=args.allow_version_mismatch,
                    video=args.video, require_images=True)
     print(f"wrote {len(paths)} files for {', '.join(formats)}")

@@ -109,20 +109,25 @@ def result_differences(folder: Path, sources: Dict[str, Optional[Dict[str, Any]]
     return reasons
 
 
-def check_writable(folder: Path, what: str) -> None:
+def check_writable(folder: Path, what: str, keep: bool = True) -> None:
     """Create `folder` if needed and write (then remove) a file in it, so an
     unwritable folder (read-only mount, immutable, a path through a regular
     file; root bypasses only permission bits) is reported before any work:
-    UsageError naming `what` (e.g. '--out') and the folder."""
+    UsageError naming `what` (e.g. '--out') and the folder. keep=False
+    removes the folders it created."""
     from .errors import UsageError
 
     folder = Path(folder)
+    created = [p for p in [folder, *folder.parents] if not os.path.lexists(p)]
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-test-{uuid.uuid4().hex[:8]}"
         fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
         os.close(fd)
         probe.unlink()
+        if not keep:
+            for p in created:  # deepest first
+                p.rmdir()
     except OSError as exc:
         raise UsageError(f"{what} {folder}: cannot write there ({exc.strerror or exc}); choose a writable "
                          f"folder") from None

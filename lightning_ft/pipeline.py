@@ -24,7 +24,7 @@ import torch
 
 from . import __version__
 from .calibration import CalibrationConfig, calibrate
-from .claims import claim
+from .claims import claim, clear_stale
 from .errors import (AssetError, DiskFullError, LightningFTError, OutputError, UsageError, VideoError,
                      disk_full_reason)
 from .flame import FLAME
@@ -734,6 +734,9 @@ def run(cfg: TrackConfig, events=None) -> List[VideoOutcome]:
         if cfg.data is None:
             raise UsageError("--data is required (a video or a folder of videos), unless --landmarks is given")
         all_videos = find_videos(cfg.data)
+        # an --out inside --data: its visualization.mp4 files are results, not inputs
+        out_resolved = Path(cfg.out_dir).resolve()
+        all_videos = [v for v in all_videos if out_resolved not in v.resolve().parents]
         root = Path(cfg.data) if Path(cfg.data).is_dir() else None
         names = dict(zip(all_videos, result_names(all_videos, root)))
         videos = select_shard(all_videos, cfg.shard)
@@ -771,6 +774,7 @@ def run(cfg: TrackConfig, events=None) -> List[VideoOutcome]:
             skipped = None if cfg.overwrite else _finished_detail(folder, sources, result_settings(cfg), stem,
                                                                   cfg.out_dir)
             if skipped is not None:
+                clear_stale(folder)  # left by a run killed between finishing and releasing it
                 outcomes.append(VideoOutcome(name, "skipped", skipped, 0.0))
                 continue
             # another process on this output folder may be tracking it

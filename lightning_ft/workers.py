@@ -272,7 +272,11 @@ def _video_list(cfg) -> List[str]:
     if cfg.data is None:
         raise UsageError("--data is required (a video or a folder of videos)")
     require(cfg.assets_dir, tiers_for(emoca=not cfg.no_emoca, synthesis=cfg.synthesis))
-    videos = select_shard(find_videos(cfg.data), cfg.shard)
+    # the same list as pipeline.run's (keep the two alike): an --out inside
+    # --data holds results, not inputs
+    out_resolved = Path(cfg.out_dir).resolve()
+    videos = [v for v in find_videos(cfg.data) if out_resolved not in v.resolve().parents]
+    videos = select_shard(videos, cfg.shard)
     check_writable(cfg.out_dir, "--out")
     check_writable(cfg.cache_dir or Path(cfg.out_dir) / ".cache", "--cache")
     return [str(v) for v in videos]

@@ -81,3 +81,16 @@ def test_racing_processes_claim_each_folder_once(tmp_path):
     held = [set(map(int, p.communicate(timeout=60)[0].split())) for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert sum(len(h) for h in held) == 40 and set().union(*held) == set(range(40))
+
+
+def test_clear_stale_removes_only_an_abandoned_claim(tmp_path):
+    from lightning_ft.claims import clear_stale
+
+    folder = tmp_path / "clip"
+    held = try_claim(folder)
+    assert not clear_stale(folder) and claim_path(folder).exists()  # a live owner's claim stays
+    release(held)
+    code = ("import os, signal, sys; from lightning_ft.claims import try_claim; try_claim(sys.argv[1]); "
+            "os.kill(os.getpid(), signal.SIGKILL)")
+    subprocess.run([sys.executable, "-c", code, str(folder)], env=ENV)
+    assert claim_path(folder).exists() and clear_stale(folder) and not claim_path(folder).exists()

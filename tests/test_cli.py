@@ -380,3 +380,19 @@ def test_stage_bars_show_on_a_terminal(capsys):
     with elapsed_bar("clip.mp4: calibration", enabled=False):
         pass
     assert capsys.readouterr().err == ""
+
+
+def test_an_output_folder_inside_the_data_folder_is_not_read_as_input(two_clips, assets_dir, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(two_clips / "b.mp4", data / "b.mp4")
+    out = data / "results"
+    args = ["--data", data, "--assets", assets_dir, "--no-emoca", "--out", out, "--image-size", "64", "-q", "-d",
+            "cpu", "-v"]
+    rc, stdout = _track(*args)
+    assert rc == 0 and (out / "b" / "visualization.mp4").is_file(), stdout
+    rc, stdout = _track(*args)
+    # one video, skipped: the result's visualization.mp4 was not taken for a second input
+    assert rc == 0 and stdout.startswith(f"{data / 'b.mp4'}: skipped") and stdout.count("\n") == 1, stdout

@@ -532,3 +532,14 @@ def test_export_without_its_source_video_fails_in_one_line(tracked_clip, tmp_pat
         f.write(b"\0" * 16)
     rc = main(["export", str(moved_result), "--format", "nerface", "--out", str(tmp_path / "exp2")])
     assert rc == 2 and "changed since tracking" in capsys.readouterr().err
+
+
+def test_export_to_an_unwritable_folder_is_one_line(tracked_clip, tmp_path, capsys):
+    from lightning_ft.cli import main
+
+    _, result = tracked_clip
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")  # even root cannot create a folder below a file
+    rc = main(["export", str(result), "--format", "mesh", "--out", str(blocker / "exp")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "--out" in err and "Traceback" not in err
