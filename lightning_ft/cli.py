@@ -51,7 +51,9 @@ def _track_parser(prog: str) -> argparse.ArgumentParser:
                                 "talking-head videos.")
     p.add_argument("--data", type=Path, help="a video file or a folder searched recursively for videos")
     p.add_argument("-d", "--device", default=None, help="GPU index (as in the original tool), cuda:N or cpu "
-                   "(default: first GPU, else CPU)")
+                   "(default: first GPU, else CPU); a list 0,1,2,3 or 'all' runs one worker process per GPU")
+    p.add_argument("--workers", type=int, default=None, help="N worker processes on the device (e.g. -d cpu "
+                   "--workers 4), each taking the next unclaimed video; default 1")
     p.add_argument("-v", "--visualize", action="store_true", help="write visualization.mp4 beside the results")
     p.add_argument("--synthesis", action="store_true", help="photometric refinement (needs the texture space)")
     p.add_argument("--out", type=Path, default=Path("output"), help="output folder (default: ./output)")
@@ -94,13 +96,16 @@ def _track(args: argparse.Namespace) -> int:
         unknown = [x for x in exports if x not in FORMATS]
         if unknown:
             raise UsageError(f"--export {','.join(unknown)}: unknown format; choose from {', '.join(FORMATS)}")
+    from .workers import resolve_devices, run_workers
+
+    devices = resolve_devices(args.device, args.workers)
     cfg = TrackConfig(
         data=args.data, out_dir=args.out, assets_dir=resolve_assets_dir(args.assets),
-        device=resolve_device(args.device), visualize=args.visualize, synthesis=args.synthesis,
+        device=devices[0], visualize=args.visualize, synthesis=args.synthesis,
         landmarks_file=args.landmarks, no_emoca=args.no_emoca, shard=parse_shard(args.shard),
         overwrite=args.overwrite, image_size=args.image_size, fps=args.fps, lmk68=args.lmk68, export=exports,
         cache_dir=args.cache, progress=False if args.quiet else None)
-    outcomes = run(cfg)
+    outcomes = run(cfg) if len(devices) == 1 else run_workers(cfg, devices, quiet=args.quiet)
     return _summary(outcomes)
 
 

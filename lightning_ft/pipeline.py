@@ -753,11 +753,31 @@ class VideoOutcome:
     seconds: float
 
 
-def run(cfg: TrackConfig) -> List[VideoOutcome]:
+class _ReportedOutcomes(list):
+    """A run's outcome list that hands each outcome to `report` as it is added."""
+
+    def __init__(self, report):
+        super().__init__()
+        self._report = report
+
+    def append(self, outcome):
+        super().append(outcome)
+        self._report(outcome)
+
+    def extend(self, outcomes):
+        for outcome in outcomes:
+            self.append(outcome)
+
+
+def run(cfg: TrackConfig, events=None) -> List[VideoOutcome]:
     """Track every video of the run (or the one --landmarks file).
 
     Required assets are checked before any work; a failing video is
     reported and the run goes on with the next one.
+
+    events: a worker's hooks (`workers.WorkerEvents`): `passed_over(name)`
+    before a video (a reason to leave it, or None), `started(name, folder)`
+    once it holds the video's claim, `finished(outcome)` for every outcome.
     """
     from .assets import require, tiers_for
 
@@ -804,11 +824,15 @@ def run(cfg: TrackConfig) -> List[VideoOutcome]:
         # (faster on CPU, benchmarks/bench_emoca.py).
         emoca_model = EmocaEncoder.from_release(Path(cfg.assets_dir) / "EMOCA", device=cfg.device,
                                                 fold_batchnorm=True).to(memory_format=torch.channels_last)
-    outcomes = []
+    outcomes = [] if events is None else _ReportedOutcomes(events.finished)
     for video, stem in zip(videos, stems):
         t0 = time.perf_counter()
         folder = result_dir(cfg.out_dir, stem)
         name = str(video or cfg.landmarks_file)
+        passed_over = None if events is None else events.passed_over(name)
+        if passed_over is not None:
+            outcomes.append(VideoOutcome(name, "skipped", passed_over, 0.0))
+            continue
         try:
             sources = run_sources(video, cfg)
             skipped = None if cfg.overwrite else _finished_detail(folder, sources, result_settings(cfg), stem,
@@ -829,6 +853,8 @@ def run(cfg: TrackConfig) -> List[VideoOutcome]:
                     outcomes.append(VideoOutcome(name, "skipped", skipped, 0.0))
                     continue
                 _remove_stale_partials(folder)
+                if events is not None:
+                    events.started(name, folder)
                 folder = track_one(video, stem, cfg, flame, emoca_model, sources=sources)
                 clear_failure(cfg.out_dir, stem)
             outcomes.append(VideoOutcome(name, "done", str(folder), time.perf_counter() - t0))
