@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import queue
+import socket
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -775,7 +776,9 @@ def _crops_into_cache(face_video: FaceVideo, fill: _CacheFill) -> Iterator[np.nd
     writer thread JPEG-encodes them into a temporary LMDB, renamed into place
     once all frames are in (so an interrupted run leaves no partial cache)."""
     cache_path = face_video.cache_path
-    tmp_path = cache_path.with_name(cache_path.name + f".tmp-{os.getpid()}-{threading.get_ident()}")
+    # The host in the name lets a rerun on this host remove a killed writer's
+    # file at once, while a cache folder shared by hosts keeps others' files.
+    tmp_path = cache_path.with_name(cache_path.name + f".tmp-{os.getpid()}-{threading.get_ident()}@{socket.gethostname()}")
     to_write: queue.Queue = queue.Queue(maxsize=16)
     stored: list = []  # the writer's frame count, or its exception
 
@@ -867,16 +870,21 @@ STALE_TMP_ANY_SECONDS = 6 * 3600.0
 
 
 def remove_stale_cache_temporaries(cache_dir: Path) -> int:
-    """Delete `*.lmdb.tmp-<pid>-<thread>` files killed runs left in
-    `cache_dir`; returns the bytes freed."""
+    """Delete `*.lmdb.tmp-<pid>-<thread>@<host>` files killed runs left in
+    `cache_dir`: at once where the writer ran on this host and is gone; a
+    file of another host (or of an older version, without a host) when its
+    pid is not running here and it is STALE_TMP_SECONDS old, or when it is
+    STALE_TMP_ANY_SECONDS old. Returns the bytes freed."""
     import time
 
     freed = 0
     now = time.time()
+    here = socket.gethostname()
     for tmp in Path(cache_dir).glob("*.lmdb.tmp-*"):
         try:
             st = tmp.stat()
-            pid = int(tmp.name.rsplit(".tmp-", 1)[1].split("-")[0])
+            owner, _, host = tmp.name.rsplit(".tmp-", 1)[1].partition("@")
+            pid = int(owner.split("-")[0])
         except (OSError, ValueError, IndexError):
             continue
         age = now - st.st_mtime
@@ -887,7 +895,11 @@ def remove_stale_cache_temporaries(cache_dir: Path) -> int:
             alive = False
         except PermissionError:
             alive = True
-        if (age > STALE_TMP_SECONDS and not alive) or age > STALE_TMP_ANY_SECONDS:
+        if host == here:
+            stale = not alive
+        else:
+            stale = (age > STALE_TMP_SECONDS and not alive and not host) or age > STALE_TMP_ANY_SECONDS
+        if stale:
             try:
                 tmp.unlink()
                 freed += st.st_size

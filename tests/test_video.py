@@ -549,8 +549,10 @@ def test_cache_writer_failure_ends_the_read_with_one_error(tmp_path):
 
 
 def test_stale_cache_temporaries_are_removed(tmp_path):
-    """Temporaries of killed runs go; a live writer's, and a dead one's
-    written a moment ago (another host may share the folder), stay."""
+    """Temporaries of killed runs go: at once where the writer ran on this
+    host; a live writer's stay, and so does another host's, or an unnamed
+    host's, written a moment ago (another host may share the folder)."""
+    import socket
     import subprocess
     import sys
     import time
@@ -559,12 +561,15 @@ def test_stale_cache_temporaries_are_removed(tmp_path):
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
+    here = socket.gethostname()
     old = time.time() - 2 * STALE_TMP_SECONDS
-    files = {"killed": f"a-1.lmdb.tmp-{dead.pid}-1", "live": f"b-1.lmdb.tmp-{os.getpid()}-1",
-             "recent": f"c-1.lmdb.tmp-{dead.pid}-2", "cache": "d-1.lmdb"}
+    files = {"killed": f"a-1.lmdb.tmp-{dead.pid}-1", "live": f"b-1.lmdb.tmp-{os.getpid()}-1@{here}",
+             "recent": f"c-1.lmdb.tmp-{dead.pid}-2", "killed_here": f"e-1.lmdb.tmp-{dead.pid}-3@{here}",
+             "other_host": f"f-1.lmdb.tmp-{dead.pid}-4@not-{here}", "cache": "d-1.lmdb"}
     for name in files.values():
         (tmp_path / name).write_bytes(b"\0" * 1000)
     for key in ("killed", "live", "cache"):
         os.utime(tmp_path / files[key], (old, old))
-    assert remove_stale_cache_temporaries(tmp_path) == 1000
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files[k] for k in ("live", "recent", "cache"))
+    assert remove_stale_cache_temporaries(tmp_path) == 2000
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files[k] for k in ("live", "recent", "other_host",
+                                                                                    "cache"))
