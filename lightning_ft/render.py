@@ -985,11 +985,11 @@ class DisplayRenderer:
             mask = np.zeros(H * W, bool)
             mask[pixel] = True
             return image.reshape(H, W, 3), mask.reshape(H, W)
-        verts = verts_cam.detach().float().cpu()
-        K = torch.as_tensor(K, dtype=torch.float32).cpu()
-        screen = project(verts[None], K)[0].numpy()
+        verts = np.ascontiguousarray(verts_cam.detach().cpu().numpy(), dtype=np.float32)
+        screen, normals = np.empty_like(verts), np.empty_like(verts)
+        render_jit.kernel("project_with_normals")(
+            verts, np.asarray(torch.as_tensor(K).cpu().numpy(), np.float64), self._faces_np, screen, normals)
         render_jit.kernel("visible_faces")(screen, self._faces_np, 1e-6, H, W, self._wbuf, self._fbuf)
-        normals = self.vertex_normals(verts).numpy()
         albedo_mode = 0
         colours = np.zeros((1, 3), np.float32)
         uvs = np.zeros((1, 3, 2), np.float32)

@@ -38,10 +38,41 @@ def available() -> bool:
 
 @lru_cache(maxsize=None)
 def kernel(name: str):
-    """The compiled kernel `name` ('visible_faces' or 'shade'), compiled on first use."""
+    """The compiled kernel `name` ('project_with_normals', 'visible_faces' or
+    'shade'), compiled on first use."""
     import numba
 
-    return numba.njit(cache=True, nogil=True)(globals()["_" + name])
+    # Shading may reassociate floating point (no NaN/inf assumptions): colours
+    # move by a rounding step at most; visibility must not, or shared edges
+    # could leak.
+    fastmath = {"reassoc", "contract", "arcp", "nsz"} if name == "shade" else False
+    return numba.njit(cache=True, nogil=True, fastmath=fastmath)(globals()["_" + name])
+
+
+def _project_with_normals(verts, K, faces, screen, normals):  # pragma: no cover - compiled
+    """screen [V,3] = render.project(verts [V,3], K [3,3]); normals [V,3] =
+    render.vertex_normals (area-weighted, unit length)."""
+    fx, skew, cx, fy, cy = K[0, 0], K[0, 1], K[0, 2], K[1, 1], K[1, 2]
+    for i in range(verts.shape[0]):
+        x, y, z = verts[i, 0], verts[i, 1], verts[i, 2]
+        screen[i, 0] = fx * (x / z) + skew * (y / z) + cx
+        screen[i, 1] = fy * (y / z) + cy
+        screen[i, 2] = z
+    normals[:] = 0.0
+    for f in range(faces.shape[0]):
+        i0, i1, i2 = faces[f, 0], faces[f, 1], faces[f, 2]
+        ax, ay, az = verts[i1, 0] - verts[i0, 0], verts[i1, 1] - verts[i0, 1], verts[i1, 2] - verts[i0, 2]
+        bx, by, bz = verts[i2, 0] - verts[i0, 0], verts[i2, 1] - verts[i0, 1], verts[i2, 2] - verts[i0, 2]
+        nx, ny, nz = ay * bz - az * by, az * bx - ax * bz, ax * by - ay * bx
+        for i in (i0, i1, i2):
+            normals[i, 0] += nx
+            normals[i, 1] += ny
+            normals[i, 2] += nz
+    for i in range(normals.shape[0]):
+        norm = max(math.sqrt(normals[i, 0] ** 2 + normals[i, 1] ** 2 + normals[i, 2] ** 2), 1e-12)
+        normals[i, 0] /= norm
+        normals[i, 1] /= norm
+        normals[i, 2] /= norm
 
 
 def _visible_faces(screen, faces, near, height, width, wbuf, fbuf):  # pragma: no cover - compiled
