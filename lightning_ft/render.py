@@ -66,6 +66,7 @@ tests check against the exact area derivative.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Tuple, Union
 
@@ -75,6 +76,8 @@ import torch.nn.functional as F
 
 from . import render_jit
 from .errors import LightningFTError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "Fragments",
@@ -975,6 +978,18 @@ class DisplayRenderer:
         `background`, mask [H,W] bool where the mesh is). Colours are
         round(255 * rgb), as the -v video stores `render_shaded`'s output."""
         H, W = self.image_size
+        if self.backend == "numba":
+            try:
+                result = self._render_image_compiled(verts_cam, K, colors, face_uvs, texture, sh_coeffs,
+                                                     background)
+                self._compiled_ok = True
+                return result
+            except Exception as error:  # numba imports but cannot compile or load here
+                if getattr(self, "_compiled_ok", False):
+                    raise
+                log.warning("the compiled display renderer failed (%s: %s); drawing with PyTorch instead "
+                            "(the same picture, slower)", type(error).__name__, error)
+                self.backend = "torch"
         if self.backend != "numba":
             rgb, frags = self.render(verts_cam, K, colors, face_uvs=face_uvs, texture=texture,
                                      sh_coeffs=sh_coeffs)
@@ -985,6 +1000,9 @@ class DisplayRenderer:
             mask = np.zeros(H * W, bool)
             mask[pixel] = True
             return image.reshape(H, W, 3), mask.reshape(H, W)
+
+    def _render_image_compiled(self, verts_cam, K, colors, face_uvs, texture, sh_coeffs, background):
+        H, W = self.image_size
         verts = np.ascontiguousarray(verts_cam.detach().cpu().numpy(), dtype=np.float32)
         screen, normals = np.empty_like(verts), np.empty_like(verts)
         render_jit.kernel("project_with_normals")(

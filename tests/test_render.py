@@ -521,3 +521,23 @@ def test_display_renderer_uses_pytorch_where_numba_does_not_import(monkeypatch):
             DisplayRenderer(faces, size, backend="numba")
     finally:
         render_jit.available.cache_clear()
+
+
+def test_display_renderer_draws_with_pytorch_when_the_compiled_kernels_fail(monkeypatch, caplog):
+    from lightning_ft import render_jit
+    from lightning_ft.render import DisplayRenderer
+
+    if not render_jit.available():
+        pytest.skip("numba does not import here")
+    verts, faces, K, size = display_scene(40, 50)
+    expected, expected_mask = DisplayRenderer(faces, size, backend="torch").render_image(verts, K)
+    renderer = DisplayRenderer(faces, size, backend="numba")
+
+    def broken(name):
+        raise RuntimeError(f"no LLVM for {name}")
+
+    monkeypatch.setattr(render_jit, "kernel", broken)
+    image, mask = renderer.render_image(verts, K)
+    assert renderer.backend == "torch" and "PyTorch" in caplog.text
+    np.testing.assert_array_equal(image, expected)
+    np.testing.assert_array_equal(mask, expected_mask)
