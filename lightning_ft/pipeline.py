@@ -657,6 +657,11 @@ class _ChunkedMesh:
             self._load(t)
         return self.verts[t - self.start]
 
+    def landmarks_at(self, t: int) -> np.ndarray:
+        """Fitted 68 landmarks [68,2] (crop pixels) of frame t, from the chunk `self(t)` loads."""
+        self(t)
+        return self.lmk[t - self.start]
+
     def landmarks(self) -> np.ndarray:
         out = []
         for s in range(0, len(self.tr["frame_ids"]), self.chunk):
@@ -675,7 +680,8 @@ def write_visualization_from_tracking(out_path: Path, face_video, tracking, flam
     from .visualize import write_visualization
 
     mesh = _ChunkedMesh(tracking, flame)
-    lmk_fitted = mesh.landmarks()
+    # per frame, from the chunk that gives the mesh: FLAME is evaluated once
+    lmk_fitted = mesh.landmarks_at
     fx, fy = (float(v) for v in tracking["focal_length"])
     cx, cy = (float(v) for v in tracking["principal_point"])
     K = np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1.0]])

@@ -7,6 +7,7 @@ import pytest
 import torch
 from skimage.measure import points_in_poly
 
+from lightning_ft.errors import LightningFTError
 from lightning_ft.render import (DECA_SH_CONSTANTS, antialias, face_adjacency, interpolate,
                                  project, rasterize, render_shaded, sh_shading,
                                  vertex_normals)
@@ -366,3 +367,177 @@ def test_chunked_cpu_rasterization_equals_one_pass(monkeypatch):
     assert whole.mask.float().mean() > 0.1
     torch.testing.assert_close(chunked.face_idx, whole.face_idx)
     torch.testing.assert_close(chunked.zbuf, whole.zbuf)
+
+
+# ----------------------------------------------------------------------------
+# The display path (DisplayRenderer): the same picture without autograd
+
+
+def _backends():
+    from lightning_ft import render_jit
+    numba_param = pytest.param("numba", marks=pytest.mark.skipif(
+        not render_jit.available(), reason="numba does not import here"))
+    return [numba_param, "torch"]
+
+
+def display_scene(H=120, W=160):
+    """A rotated icosphere 'head' with a smaller sphere pushed half into it
+    (intersecting surfaces) and, in front, an open bowl whose inside (back
+    faces) faces the camera: visibility that a z-buffer must resolve per pixel."""
+    from scipy.spatial.transform import Rotation
+
+    head, head_faces = icosphere(3)
+    bump, bump_faces = icosphere(2)
+    bowl, bowl_faces = icosphere(2)
+    R = Rotation.from_euler("xyz", [0.4, -0.6, 0.2]).as_matrix()
+    keep = bowl[bowl_faces].mean(1)[:, 2] > -0.2  # a cap: open towards the camera
+    parts = [(head @ R.T * 0.1 + [0.0, 0.0, 0.6], head_faces),
+             (bump * 0.04 + [0.07, -0.03, 0.55], bump_faces),
+             (bowl * 0.035 + [-0.06, 0.05, 0.45], bowl_faces[keep])]
+    verts, faces, offset = [], [], 0
+    for v, f in parts:
+        verts.append(v)
+        faces.append(f + offset)
+        offset += len(v)
+    focal = 2.0 * W
+    K = torch.tensor([[focal, 0, (W - 1) / 2 + 3.3], [0, focal * 1.02, (H - 1) / 2 - 2.1], [0, 0, 1]])
+    return (torch.tensor(np.concatenate(verts), dtype=torch.float32),
+            torch.from_numpy(np.concatenate(faces)), K, (H, W))
+
+
+def occlusion_edges(face_idx: torch.Tensor, faces: torch.Tensor) -> np.ndarray:
+    """[H,W] bool: pixels within one pixel of a silhouette or occlusion edge,
+    i.e. of a neighbour showing a face that is neither the same nor adjacent."""
+    adjacency = face_adjacency(faces).numpy()
+    f = face_idx.numpy()
+    H, W = f.shape
+    edge = np.zeros((H, W), bool)
+    for axis in (0, 1):
+        a = f.take(range(f.shape[axis] - 1), axis=axis)
+        b = f.take(range(1, f.shape[axis]), axis=axis)
+        neighbours = (a == b) | ((a >= 0) & (b >= 0) & (adjacency[np.maximum(a, 0)] == b[..., None]).any(-1))
+        cut = ~neighbours
+        if axis == 0:
+            edge[:-1] |= cut
+            edge[1:] |= cut
+        else:
+            edge[:, :-1] |= cut
+            edge[:, 1:] |= cut
+    grown = edge.copy()  # and one more pixel around: antialias blends both sides
+    grown[1:] |= edge[:-1]
+    grown[:-1] |= edge[1:]
+    grown[:, 1:] |= edge[:, :-1]
+    grown[:, :-1] |= edge[:, 1:]
+    return grown
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("appearance", ["grey", "colours", "sh", "texture"])
+def test_display_renderer_draws_the_picture_of_render_shaded(backend, appearance):
+    from lightning_ft.render import DisplayRenderer
+
+    verts, faces, K, size = display_scene()
+    rng = np.random.default_rng(3)
+    kwargs = {}
+    if appearance == "colours":
+        kwargs["colors"] = torch.from_numpy(rng.uniform(0.2, 1.0, (len(verts), 3)).astype(np.float32))
+    if appearance == "sh":
+        sh = np.zeros((9, 3), np.float32)
+        sh[0] = 2.0
+        sh[1:4] = rng.normal(0, 0.4, (3, 3))
+        sh[4:] = rng.normal(0, 0.15, (5, 3))
+        kwargs["sh_coeffs"] = torch.from_numpy(sh)[None]
+    if appearance == "texture":
+        kwargs["face_uvs"] = torch.from_numpy(rng.uniform(0, 1, (len(faces), 3, 2)).astype(np.float32))
+        kwargs["texture"] = torch.from_numpy(rng.uniform(0, 1, (1, 3, 16, 24)).astype(np.float32))
+    reference_rgb, reference_mask = render_shaded(verts[None], faces, K, size, **kwargs)
+    reference_faces = rasterize(project(verts[None], K), faces, size).face_idx[0]
+    renderer = DisplayRenderer(faces, size, backend=backend)
+    assert renderer.backend == backend
+    display_kwargs = dict(kwargs)
+    if "colors" in kwargs:
+        display_kwargs["colors"] = kwargs["colors"]
+    if "sh_coeffs" in kwargs:
+        display_kwargs["sh_coeffs"] = kwargs["sh_coeffs"][0]
+    image, mask = renderer.render_image(verts, K, background=(7, 8, 9), **display_kwargs)
+    frags = renderer.rasterize(project(verts[None], K)[0])
+
+    # the same triangle at (nearly) every pixel; the rest on exact edges
+    same_face = frags.face_idx() == reference_faces
+    assert (reference_faces >= 0).float().mean() > 0.3
+    assert (reference_faces[1:] != reference_faces[:-1]).any()
+    assert same_face.float().mean() >= 0.999
+    assert not ((mask != (reference_faces >= 0).numpy()) & same_face.numpy()).any()
+    # the same colour, within rounding, at >= 99% of the pixels, and
+    # differences beyond rounding only where render_shaded blends edges
+    expected = np.where(reference_mask[0, ..., None].numpy() > 0, np.round(reference_rgb[0].numpy() * 255),
+                        [7, 8, 9])
+    off = np.abs(image.astype(float) - expected).max(-1) > 1
+    assert off.mean() < 0.01, off.mean()
+    edges = occlusion_edges(reference_faces, faces)
+    assert edges.mean() < 0.3  # the exemption is a minority of the picture
+    assert not (off & ~edges).any(), np.argwhere(off & ~edges)[:5]
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_display_rasterizer_leaves_no_gap_between_triangles_sharing_an_edge(backend):
+    """A jittered grid whose vertices include exact pixel centres and
+    half-pixel points: every pixel centre inside the outline is covered."""
+    from lightning_ft.render import DisplayRenderer
+
+    rng = np.random.default_rng(0)
+    n = 13
+    gy, gx = np.mgrid[0:n, 0:n].astype(np.float64)
+    uv = np.stack([gx * 4.0 + 2, gy * 3.0 + 2], -1)
+    inner = (slice(1, -1), slice(1, -1))
+    jitter = rng.choice([0.0, 0.5, 1.0, -0.5, 0.37], size=uv[inner].shape)
+    uv[inner] += jitter
+    quads = np.array([[i * n + j, i * n + j + 1, (i + 1) * n + j + 1, (i + 1) * n + j]
+                      for i in range(n - 1) for j in range(n - 1)])
+    faces = np.concatenate([quads[:, [0, 1, 2]], quads[:, [0, 2, 3]]])
+    screen = torch.from_numpy(np.c_[uv.reshape(-1, 2), 1.0 + 0.01 * rng.random(n * n)]).float()
+    renderer = DisplayRenderer(faces, (42, 54), backend=backend)
+    covered = renderer.rasterize(screen).face_idx() >= 0
+    expected = np.zeros((42, 54), bool)
+    expected[2:39, 2:51] = True  # the grid's straight outer border runs through pixel centres
+    np.testing.assert_array_equal(covered.numpy(), expected)
+
+
+def test_display_renderer_uses_pytorch_where_numba_does_not_import(monkeypatch):
+    import sys
+
+    from lightning_ft import render_jit
+    from lightning_ft.render import DisplayRenderer
+
+    render_jit.available.cache_clear()
+    monkeypatch.setitem(sys.modules, "numba", None)  # import numba now raises ImportError
+    try:
+        verts, faces, K, size = display_scene(40, 50)
+        renderer = DisplayRenderer(faces, size)
+        assert renderer.backend == "torch"
+        image, mask = renderer.render_image(verts, K)
+        assert mask.mean() > 0.2 and image[mask].mean() > 40
+        with pytest.raises(LightningFTError, match="numba"):
+            DisplayRenderer(faces, size, backend="numba")
+    finally:
+        render_jit.available.cache_clear()
+
+
+def test_display_renderer_draws_with_pytorch_when_the_compiled_kernels_fail(monkeypatch, caplog):
+    from lightning_ft import render_jit
+    from lightning_ft.render import DisplayRenderer
+
+    if not render_jit.available():
+        pytest.skip("numba does not import here")
+    verts, faces, K, size = display_scene(40, 50)
+    expected, expected_mask = DisplayRenderer(faces, size, backend="torch").render_image(verts, K)
+    renderer = DisplayRenderer(faces, size, backend="numba")
+
+    def broken(name):
+        raise RuntimeError(f"no LLVM for {name}")
+
+    monkeypatch.setattr(render_jit, "kernel", broken)
+    image, mask = renderer.render_image(verts, K)
+    assert renderer.backend == "torch" and "PyTorch" in caplog.text
+    np.testing.assert_array_equal(image, expected)
+    np.testing.assert_array_equal(mask, expected_mask)

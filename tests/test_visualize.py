@@ -152,3 +152,63 @@ def test_frame_count_mismatch_is_reported(tmp_path):
         write_visualization(tmp_path / "b.mp4", frames + frames, vertices, faces, K,
                             detected, fitted, fps=25, valid=valid)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_frames_match_those_composed_from_the_differentiable_renderer():
+    """The -v panels from the display renderer against the same panels
+    composed from `render_shaded` (the differentiable rasterizer, with its
+    antialiased coverage), as the video was made before: >= 99% of the
+    pixels agree within one grey level, the rest lie on the mesh outline."""
+    from lightning_ft.render import DisplayRenderer, render_shaded
+    from lightning_ft.visualize import BACKGROUND_RGB, compose_frame
+
+    frames, vertices, faces, K, detected, fitted, valid = scene()
+    renderer = DisplayRenderer(faces, (H, W))
+    alpha = 0.5
+    for t in (0, 2, 4):
+        verts = torch.from_numpy(vertices[t]).float()
+        K_t = torch.from_numpy(K).float()
+        image, mask = renderer.render_image(verts, K_t, background=BACKGROUND_RGB)
+        frame = compose_frame(frames[t], image, mask, detected[t], fitted[t], bool(valid[t]), alpha)
+
+        rgb, cover = render_shaded(verts[None], torch.from_numpy(faces), K_t, (H, W))
+        shaded = np.round(rgb[0].numpy() * 255)
+        cover = cover[0].numpy()[..., None]
+        crop = frames[t].astype(np.float64)
+        empty_panel = np.broadcast_to(np.asarray(BACKGROUND_RGB, np.uint8), (H, W, 3))
+        reference = compose_frame(frames[t], empty_panel, np.zeros((H, W), bool),
+                                  detected[t], fitted[t], bool(valid[t]), alpha).astype(np.float64)
+        overlay = crop * (1 - alpha * cover) + shaded * alpha * cover
+        mesh = shaded + np.asarray(BACKGROUND_RGB) * (1 - cover)
+        dots = np.abs(reference[:, W:2 * W] - crop).max(-1) > 0  # landmarks and border
+        reference[:, W:2 * W] = np.where(dots[..., None], reference[:, W:2 * W], np.round(overlay))
+        border = np.abs(reference[:, 2 * W:] - np.asarray(BACKGROUND_RGB)).max(-1) > 0
+        reference[:, 2 * W:] = np.where(border[..., None], reference[:, 2 * W:], np.round(mesh))
+
+        off = np.abs(frame.astype(np.float64) - reference).max(-1) > 1
+        assert mask.mean() > 0.1
+        assert off.mean() < 0.01, off.mean()
+        outline = (cover[..., 0] > 0) & (cover[..., 0] < 1)
+        grown = outline.copy()
+        for axis in (0, 1):
+            grown |= np.roll(outline, 1, axis) | np.roll(outline, -1, axis)
+        panels_off = off[:, W:2 * W] | off[:, 2 * W:]
+        assert not (panels_off & ~grown).any()
+        assert not off[:, :W].any()
+
+
+def test_video_is_the_same_with_the_numba_and_the_pytorch_renderer(tmp_path, monkeypatch):
+    from lightning_ft import render_jit
+
+    if not render_jit.available():
+        pytest.skip("numba does not import here: only the PyTorch path runs")
+    frames, vertices, faces, K, detected, fitted, valid = scene()
+    jit = write_visualization(tmp_path / "numba.mp4", frames, vertices, faces, K, detected, fitted,
+                              fps=25, valid=valid)
+    monkeypatch.setattr(render_jit, "available", lambda: False)
+    plain = write_visualization(tmp_path / "torch.mp4", frames, vertices, faces, K, detected, fitted,
+                                fps=25, valid=valid)
+    _, a = decode(jit)
+    _, b = decode(plain)
+    assert a.shape == b.shape == (T, H, 3 * W, 3)
+    assert np.abs(a.astype(int) - b.astype(int)).mean() < 0.05
