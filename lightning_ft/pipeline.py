@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .calibration import CalibrationConfig, calibrate
+from .calibration import CalibrationConfig, SourceView, calibrate, combine_focals, fov_deg_to_focal
 from .errors import AssetError, LightningFTError, UsageError
 from .flame import FLAME
 from .optimize import FitConfig, FrameParams, Targets, build_basis, fit_sequence, predict_landmarks
@@ -65,6 +65,11 @@ class TrackConfig:
     fit: FitConfig = field(default_factory=FitConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)
+    # A known camera (source-video pixels / horizontal degrees) or one focal
+    # calibrated over all videos of the run (docs/camera.md).
+    focal_px: Optional[float] = None
+    fov_deg: Optional[float] = None
+    shared_camera: bool = False
     synthesis_config: SynthesisConfig = field(default_factory=SynthesisConfig)
 
 
@@ -157,15 +162,28 @@ class FitOutput:
 
 def fit_landmarks(flame: FLAME, lmk68: np.ndarray, lmk_dense: np.ndarray, valid: np.ndarray, image_size,
                   fps: float, cfg: TrackConfig, timer: StageTimer, emoca=None,
-                  timestamps: Optional[np.ndarray] = None) -> FitOutput:
-    """Calibrate, fit every valid frame, interpolate invalid ones, smooth."""
+                  timestamps: Optional[np.ndarray] = None, source: Optional[SourceView] = None,
+                  calibrate_only: bool = False) -> FitOutput:
+    """Calibrate, fit every valid frame, interpolate invalid ones, smooth.
+    source: the crops' place in the source video (the focal's field-of-view
+    prior, --focal / --fov); calibrate_only: return the calibration's
+    `describe` dict after calibrating."""
     H, W = image_size
     fit_cfg = replace(cfg.fit, image_size=max(H, W))
+    source = source or SourceView(float(W), 1.0)
+    fixed = None
+    if cfg.focal_px is not None:
+        fixed = source.crop_focal(cfg.focal_px)
+    elif cfg.fov_deg is not None:
+        fixed = source.crop_focal(fov_deg_to_focal(cfg.fov_deg, source.width_px))
     with timer("calibration"):
         basis = build_basis(flame)
         targets = Targets.from_landmarks(lmk68, lmk_dense, basis)
         init_shape = None if emoca is None else emoca.identity
-        cal = calibrate(basis, targets, valid, (H, W), fit_cfg, cfg.calibration, init_shape=init_shape)
+        cal = calibrate(basis, targets, valid, (H, W), fit_cfg, cfg.calibration, init_shape=init_shape,
+                        source=source, fixed_focal_px=fixed)
+    if calibrate_only:
+        return cal.describe(source)
     if not cal.focal_rel_std <= WEAK_FOCAL_REL_STD:  # NaN too: no curvature along the focal at all
         log.warning("focal length %.0f px is weakly determined (predicted std %.0f %%): little perspective in "
                     "the landmarks (a distant face, a long lens or noisy landmarks); depth and head size share "
@@ -207,8 +225,7 @@ def fit_landmarks(flame: FLAME, lmk68: np.ndarray, lmk_dense: np.ndarray, valid:
         rotation=smoothed["rotation"], translation=smoothed["translation"], expression=smoothed["expression"],
         jaw_pose=smoothed["jaw_pose"], neck_pose=np.zeros((T, 3)), eye_pose=smoothed["eye_pose"],
         shape=cal.shape, focal_length=cal.focal_px, principal_point=cal.principal_point, quality=quality,
-        calibration={"frames": cal.frames.tolist(), "focal_costs": cal.focal_costs, "focal_px": float(cal.focal_px[0]),
-                     "focal_rel_std": float(cal.focal_rel_std) if np.isfinite(cal.focal_rel_std) else None})
+        calibration=cal.describe(source))
 
 
 def _params_from(d: Dict[str, np.ndarray], shape: torch.Tensor) -> FrameParams:
@@ -280,8 +297,11 @@ def _versions() -> dict:
     return out
 
 
-def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: FLAME, emoca_model=None) -> Path:
-    """Track one video (or one --landmarks file); returns the result folder."""
+def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: FLAME, emoca_model=None,
+              calibrate_only: bool = False, shared: Optional[dict] = None) -> Path:
+    """Track one video (or one --landmarks file); returns the result folder
+    (with calibrate_only, what calibration found, without EMOCA). shared:
+    the --shared-camera focal and how it was combined."""
     timer = StageTimer()
     t_start = time.perf_counter()
     frames_source = None
@@ -295,6 +315,7 @@ def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: FLAME, 
         fps = float(cfg.fps or 25.0)
         timestamps = None
         H, W = lm.image_size
+        source_width = W
         crop_boxes = np.tile(np.array([0.0, 0.0, W, H]), (T, 1))
         video_meta = {"path": str(video) if video else None, "landmarks_file": str(cfg.landmarks_file)}
     else:
@@ -315,6 +336,7 @@ def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: FLAME, 
         timestamps = face_video.timestamps
         crop_boxes = face_video.crop_boxes
         H, W = face_video.image_size
+        source_width = face_video.source_size[1]
         frames_source = face_video
         video_meta = {"path": str(video), "fps": fps, "frames": int(T), "cache": str(face_video.cache_path)}
     valid = np.asarray(lm.valid, bool)
@@ -322,6 +344,12 @@ def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: FLAME, 
         from .errors import NoFaceError
 
         raise NoFaceError(f"{video or cfg.landmarks_file}: no valid landmarks in any frame")
+    source = SourceView.from_crop_boxes(crop_boxes, (H, W), source_width, valid)
+    if calibrate_only:
+        return fit_landmarks(flame, lm.lmk68, lm.lmk_dense, valid, (H, W), fps, cfg, timer, source=source,
+                             calibrate_only=True)
+    if shared is not None:
+        cfg = replace(cfg, focal_px=shared["focal_source_px"], fov_deg=None)
     emoca_result = None
     if emoca_model is not None:
         if frames_source is None:
@@ -332,7 +360,9 @@ def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: FLAME, 
             emoca_result = regress(frames_source.frames(), lm.lmk_dense if np.isfinite(lm.lmk_dense).any() else lm.lmk68,
                                    valid, emoca_model, progress=cfg.progress)
     fit = fit_landmarks(flame, lm.lmk68, lm.lmk_dense, valid, (H, W), fps, cfg, timer, emoca=emoca_result,
-                        timestamps=timestamps)
+                        timestamps=timestamps, source=source)
+    if shared is not None:
+        fit.calibration["shared_camera"] = shared
     tracking = {
         "frame_ids": np.asarray(frame_ids, np.int64), "valid": valid, "shape": fit.shape.astype(np.float32),
         "expression": fit.expression.astype(np.float32), "jaw_pose": fit.jaw_pose.astype(np.float32),
@@ -369,7 +399,8 @@ def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: FLAME, 
         "synthesis": synthesis_meta,
         "settings": {"device": cfg.device, "image_size": cfg.image_size, "fps": cfg.fps, "lmk68": cfg.lmk68,
                      "no_emoca": cfg.no_emoca, "synthesis": cfg.synthesis, "visualize": cfg.visualize,
-                     "fit": asdict(cfg.fit), "calibration": asdict(cfg.calibration)},
+                     "fit": asdict(cfg.fit), "calibration": asdict(cfg.calibration),
+                     "focal_px": cfg.focal_px, "fov_deg": cfg.fov_deg, "shared_camera": cfg.shared_camera},
         "versions": _versions(),
         "stage_seconds": timer.seconds,
     }
@@ -573,6 +604,9 @@ def run(cfg: TrackConfig) -> List[VideoOutcome]:
         # (faster on CPU, benchmarks/bench_emoca.py).
         emoca_model = EmocaEncoder.from_release(Path(cfg.assets_dir) / "EMOCA", device=cfg.device,
                                                 fold_batchnorm=True).to(memory_format=torch.channels_last)
+    shared = None
+    if cfg.shared_camera and cfg.focal_px is None and cfg.fov_deg is None:
+        shared = _shared_camera(videos, stems, cfg, flame)
     outcomes = []
     for video, stem in zip(videos, stems):
         t0 = time.perf_counter()
@@ -583,7 +617,7 @@ def run(cfg: TrackConfig) -> List[VideoOutcome]:
             continue
         _remove_stale_partials(folder)
         try:
-            folder = track_one(video, stem, cfg, flame, emoca_model)
+            folder = track_one(video, stem, cfg, flame, emoca_model, shared=shared)
             outcomes.append(VideoOutcome(name, "done", str(folder), time.perf_counter() - t0))
         except LightningFTError as exc:
             if len(videos) == 1:
@@ -591,3 +625,29 @@ def run(cfg: TrackConfig) -> List[VideoOutcome]:
             log.error("%s", exc)
             outcomes.append(VideoOutcome(name, "failed", str(exc), time.perf_counter() - t0))
     return outcomes
+
+
+def _shared_camera(videos, stems, cfg: TrackConfig, flame: FLAME) -> dict:
+    """--shared-camera: calibrate each video (landmarks and calibration only)
+    and combine their focals in log source focal, weighted by the precision
+    each calibration predicts, with the field-of-view prior counted once.
+    A video that fails here is left to fail again in its own run."""
+    estimates = []
+    for video, stem in zip(videos, stems):
+        try:
+            cal = track_one(video, stem, cfg, flame, calibrate_only=True)
+        except LightningFTError as exc:
+            log.error("%s (left out of the shared camera)", exc)
+            continue
+        estimates.append({"video": str(video or cfg.landmarks_file), "focal_source_px": cal["focal_source_px"],
+                          "focal_rel_std": cal["focal_rel_std"],
+                          "prior_focal_source_px": cal["prior"]["focal_px"] / cal["crop_scale"],
+                          "prior_sigma_log": cal["prior"]["sigma_log"]})
+    if not estimates:
+        from .errors import NoFaceError
+
+        raise NoFaceError(f"{cfg.data}: no video could be calibrated for --shared-camera")
+    focal, rel_std = combine_focals(estimates)
+    log.info("shared camera: focal %.1f source px (predicted std %.1f %%) from %d videos", focal, 100 * rel_std,
+             len(estimates))
+    return {"focal_source_px": focal, "focal_rel_std": rel_std, "videos": estimates}

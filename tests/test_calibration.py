@@ -24,7 +24,7 @@ def test_noiseless_focal_is_recovered(basis, flame_model, focal, seed):
     seq = make_sequence(flame_model, T=120, focal=focal, seed=seed, noise_px=0.0)
     targets = Targets.from_landmarks(seq.lmk68, seq.lmk_dense, basis)
     cal = calibrate(basis, targets, np.ones(120, bool), (512, 512))
-    assert abs(cal.focal_px[0] / focal - 1) < 0.02
+    assert abs(cal.focal_px[0] / focal - 1) < 0.03
     assert cal.focal_px[0] == cal.focal_px[1]
     assert len(cal.frames) == 32
     np.testing.assert_allclose(cal.principal_point, [255.5, 255.5])
