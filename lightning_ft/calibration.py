@@ -338,12 +338,19 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
         arrays, r, A, B = linearize(params, shape, log_f)
         cost = total(r, params, shape, log_f)  # under the new rows
     params.shape = shape
+    # residual noise variance per point coordinate (the weights assume 1 px),
+    # and the share of it that every frame repeats (see `calibrate`)
+    n_params = params.rotation.shape[0] * A.shape[-1] + n_shared
+    r64 = r.double()
+    noise_var = float((r64 ** 2).sum()) / max(1, r.numel() - n_params)
+    common = float((r64.mean(0) ** 2).sum() / ((r64 ** 2).sum() / r64.shape[0]).clamp_min(1e-30))
+    noise_var = (noise_var, common)
     log_f_std = None
     if not fix_focal:  # at the final estimate
         if stale:
             _, r, A, B = linearize(params, shape, log_f)
         log_f_std = _log_focal_std(A, B, r, params, cfg, prior_diag)
-    return params, log_f, cost, log_f_std
+    return params, log_f, cost, log_f_std, noise_var
 
 
 def _hessian_blocks(A: torch.Tensor, B: torch.Tensor, terms, prior_diag: torch.Tensor):
@@ -410,8 +417,8 @@ def calibrate(basis: LandmarkBasis, targets: Targets, valid: np.ndarray, image_s
         f = float(fixed_focal_px)
         focal = torch.tensor([f, f], dtype=torch.float32)
         params = initial_params(basis, sub, focal, pp, shape=shape0, cfg=cfg)
-        params, _, cost, _ = _joint_fit(basis, sub, params, torch.tensor(float(np.log(f))), pp, cfg, ccfg, log_f0,
-                                        iters=ccfg.iters + ccfg.free_iters)
+        params, _, cost, _, _ = _joint_fit(basis, sub, params, torch.tensor(float(np.log(f))), pp, cfg, ccfg, log_f0,
+                                           iters=ccfg.iters + ccfg.free_iters)
         return Calibration(focal_px=np.array([f, f]), principal_point=pp.numpy().astype(np.float64),
                            shape=params.shape.numpy().astype(np.float64), frames=frames,
                            focal_costs=[(f, float(cost))], focal_rel_std=0.0, prior={"kind": "fixed", "focal_px": f})
@@ -428,16 +435,16 @@ def calibrate(basis: LandmarkBasis, targets: Targets, valid: np.ndarray, image_s
             else:  # warm start: same poses and shape, depth scaled with the focal
                 params = params.clone()
                 params.translation = params.translation * (f / prev_f)
-            params, _, cost, _ = _joint_fit(basis, sub, params, torch.tensor(float(np.log(f))), pp, cfg, ccfg,
-                                            log_f0, iters=iters)
-            out.append((f, cost, params))
+            params, _, cost, _, noise_var = _joint_fit(basis, sub, params, torch.tensor(float(np.log(f))), pp, cfg,
+                                                       ccfg, log_f0, iters=iters)
+            out.append((f, cost, params, noise_var))
             prev_f = f
             if start is not None:  # every focal from the given basin
                 params, prev_f = start, start_f
         return out
 
     coarse = profile(ccfg.grid_factors, None, None, ccfg.coarse_iters)
-    k = int(np.argmin([c for _, c, _ in coarse]))
+    k = int(np.argmin([c for _, c, _, _ in coarse]))
     # A minimum at the edge of the grid: walk on (within the prior's reach).
     step = ccfg.grid_factors[1] / ccfg.grid_factors[0]
     for _ in range(3):
@@ -446,18 +453,35 @@ def calibrate(basis: LandmarkBasis, targets: Targets, valid: np.ndarray, image_s
         factor = coarse[k][0] / f0 * (step if k else 1 / step)
         extra = profile([factor], coarse[k][2], coarse[k][0])
         coarse = sorted(coarse + extra, key=lambda x: x[0])
-        k = int(np.argmin([c for _, c, _ in coarse]))
+        k = int(np.argmin([c for _, c, _, _ in coarse]))
     # From the best grid point's basin, LM with the focal free: with the
     # contour correspondence held within each step the valley is smooth, and
     # it reaches the profile's minimum in one fit (the older refits of the
     # grid neighbours and a parabola through them cost 3 fits and missed it
     # by several percent on noiseless data: the profile is not a parabola
     # over a 1.4x focal step).
-    best_f, _, start = coarse[k]
-    best_params, log_f, cost, log_f_std = _joint_fit(basis, sub, start, torch.tensor(float(np.log(best_f))), pp,
-                                                     cfg, ccfg, log_f0, iters=ccfg.free_iters, fix_focal=False)
+    best_f, _, start, (noise_var, common) = coarse[k]
+    # The landmark term's weights assume 1 px noise; where the residuals show
+    # more (detector noise, and a head model that cannot reach the face),
+    # the landmarks know the focal that much less, so the prior keeps its
+    # strength relative to them: its weight is scaled by the residual
+    # variance (never weakened below its own sigma). Without this, a 7 px
+    # misfit outweighed the field-of-view prior 50-fold and real clips ran off
+    # towards 100-degree or 10-degree lenses. And what every frame repeats
+    # (a misfit of the face's shape, the same photograph in every frame) is
+    # not averaged out over K frames: with a share rho of the residual
+    # variance common to all frames (rho = 1/K for independent noise), K
+    # frames weigh as K / (1 + (K - 1) rho_excess) independent ones.
+    K = len(frames)
+    rho = min(1.0, max(0.0, (common - 1.0 / K) * K / max(K - 1, 1)))
+    prior_scale = max(1.0, noise_var) * (1.0 + (K - 1) * rho)
+    prior["common_residual_share"] = rho
+    ccfg = replace(ccfg, focal_prior_sigma_log=ccfg.focal_prior_sigma_log / np.sqrt(prior_scale))
+    prior["residual_variance_px2"] = noise_var
+    best_params, log_f, cost, log_f_std, _ = _joint_fit(basis, sub, start, torch.tensor(float(np.log(best_f))), pp,
+                                                        cfg, ccfg, log_f0, iters=ccfg.free_iters, fix_focal=False)
     best_f = float(torch.exp(log_f))
-    results = [(float(f), float(c)) for f, c, _ in coarse] + [(best_f, float(cost))]
+    results = [(float(f), float(c)) for f, c, _, _ in coarse] + [(best_f, float(cost))]
     return Calibration(
         focal_px=np.array([best_f, best_f], dtype=np.float64), principal_point=pp.numpy().astype(np.float64),
         shape=best_params.shape.numpy().astype(np.float64), frames=frames, focal_costs=results,
