@@ -123,6 +123,7 @@ def test_same_focal_whatever_the_thread_count(basis, flame_model):
             torch.set_num_threads(n)
             cal = calibrate(basis, targets, np.ones(60, bool), (512, 512), source=_source_for(1600.0, 40.0))
             focals.append(cal.focal_px[0])
+            assert torch.get_num_threads() == n  # calibration gives the caller's threads back
     finally:
         torch.set_num_threads(threads)
     assert max(focals) / min(focals) - 1 < 1e-3, focals
@@ -175,3 +176,39 @@ def test_cli_focal_and_fov_fix_the_camera(tmp_path, flame_model, assets_dir):
     rc = track_main(["--landmarks", str(tmp_path / "seq.npz"), "--no-emoca", "--assets", str(assets_dir),
                      "--out", str(tmp_path / "bad"), "-q", "--fov", "200"])
     assert rc != 0 and not (tmp_path / "bad").exists()
+
+
+def test_shared_camera_gives_every_video_one_focal(tmp_path, assets_dir):
+    import json
+
+    from lightning_ft.cli import track_main
+    from lightning_ft.synthetic import clips
+
+    folder = tmp_path / "rig"
+    folder.mkdir()
+    clips.write_excerpt(clips.carphone_path(), folder / "a.mp4", n_frames=16)
+    frames = []
+    import av
+
+    with av.open(str(clips.carphone_path())) as c:
+        for i, f in enumerate(c.decode(video=0)):
+            if i >= 60:
+                frames.append(f.to_ndarray(format="rgb24"))
+            if len(frames) == 16:
+                break
+    clips.write_clip(folder / "b.mp4", frames, fps=25.0, crf=18)
+    rc = track_main(["--data", str(folder), "--no-emoca", "--assets", str(assets_dir), "--out", str(tmp_path / "out"),
+                     "-q", "--shared-camera"])
+    assert rc == 0
+    metas = [json.loads((tmp_path / "out" / v / "meta.json").read_text()) for v in ("a", "b")]
+    shared = [m["calibration"]["shared_camera"] for m in metas]
+    assert shared[0] == shared[1] and len(shared[0]["videos"]) == 2
+    from lightning_ft.calibration import combine_focals
+
+    # what meta.json lists per video is what was combined (each video's own
+    # estimate and the prior it was fitted under)
+    assert shared[0]["focal_source_px"] == pytest.approx(combine_focals(shared[0]["videos"])[0], rel=1e-9)
+    for m in metas:
+        assert m["settings"]["shared_camera"] is True
+        assert m["calibration"]["focal_source_px"] == pytest.approx(shared[0]["focal_source_px"], rel=1e-6)
+        assert m["calibration"]["prior"]["kind"] == "fixed"
