@@ -36,17 +36,90 @@ from .optimize import (ALL_BLOCKS, FitConfig, FrameParams, LandmarkBasis, Target
 
 @dataclass
 class CalibrationConfig:
+    """fov_prior_deg / fov_prior_sigma_log: the log-normal prior on the focal
+    when the source frame is known (`SourceView`): centred on a horizontal
+    field of view of the SOURCE video, one sigma in log focal (docs/camera.md
+    says where the numbers come from). focal_prior_factor: the prior's
+    centre (factor x crop width) when it is not."""
+
     n_frames: int = 32
-    seed: int = 0
+    seed: int = 0                       # kept for old configs; frame choice is deterministic
     grid_factors: Sequence[float] = (0.5, 0.72, 1.0, 1.4, 2.0)
     iters: int = 12
     coarse_iters: int = 5               # LM iterations per focal of the coarse sweep
     free_iters: int = 20                # LM iterations of the final fit with the focal free
-    focal_prior_factor: float = 2.5     # prior centre = factor * image width (px)
+    focal_prior_factor: float = 2.5     # prior centre = factor * image width (px), source frame unknown
     focal_prior_sigma_log: float = 0.5  # weak: a factor e^0.5 = 1.65 is one sigma
+    fov_prior_deg: float = 55.0         # horizontal field of view of the source video, prior centre
+    fov_prior_sigma_log: float = 0.5    # one sigma: 35-81 deg horizontal, two: 21-109 deg
     sigma_shape: float = 1.0
     alternations: int = 4
     iters_per_alternation: int = 6
+
+
+@dataclass
+class SourceView:
+    """Where the crops sit in the source video: width_px, the source frame's
+    width (px); crop_scale, crop pixels per source pixel (the crop's size over
+    the crop box's side in the source, the median over frames). A focal in
+    crop pixels is the source focal times crop_scale."""
+
+    width_px: float
+    crop_scale: float
+
+    @staticmethod
+    def from_crop_boxes(crop_boxes: np.ndarray, image_size: tuple, source_width: float,
+                        valid: Optional[np.ndarray] = None) -> "SourceView":
+        boxes = np.asarray(crop_boxes, dtype=np.float64)
+        if valid is not None and np.any(valid):
+            boxes = boxes[np.asarray(valid, bool)]
+        side = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+        return SourceView(float(source_width), float(max(image_size) / np.median(side)))
+
+    def crop_focal(self, source_focal_px: float) -> float:
+        return source_focal_px * self.crop_scale
+
+    def source_focal(self, crop_focal_px: float) -> float:
+        return crop_focal_px / self.crop_scale
+
+    def fov_deg(self, crop_focal_px: float) -> float:
+        """Horizontal field of view (degrees) of the source video."""
+        return focal_to_fov_deg(self.source_focal(crop_focal_px), self.width_px)
+
+
+def fov_deg_to_focal(fov_deg: float, width_px: float) -> float:
+    """Pinhole focal (px) whose horizontal field of view over width_px is fov_deg."""
+    return width_px / 2.0 / np.tan(np.deg2rad(fov_deg) / 2.0)
+
+
+def focal_to_fov_deg(focal_px: float, width_px: float) -> float:
+    return float(np.rad2deg(2.0 * np.arctan(width_px / 2.0 / focal_px)))
+
+
+def combine_focals(estimates: Sequence[dict]) -> tuple:
+    """One focal from several calibrations of the same camera: each entry
+    has focal_source_px, focal_rel_std (its posterior std in log focal),
+    prior_focal_source_px and prior_sigma_log (the prior it was fitted
+    under). Each posterior already holds the prior, so the prior's precision
+    is taken out of each and counted once: the product of the videos'
+    likelihoods and one prior, in log focal. An estimate without a predicted
+    std weighs as its prior alone (it adds nothing). Returns (focal source
+    px, predicted relative std)."""
+    mu0 = float(np.mean([np.log(e["prior_focal_source_px"]) for e in estimates]))
+    p0 = 1.0 / float(np.mean([e["prior_sigma_log"] for e in estimates])) ** 2
+    precision, weighted = p0, p0 * mu0
+    for e in estimates:
+        std = e["focal_rel_std"]
+        if std is None or not np.isfinite(std) or std <= 0:
+            continue
+        # the data's own precision and mean, once the prior is divided out
+        p_data = max(1.0 / std ** 2 - p0, 0.0)
+        if p_data == 0.0:
+            continue
+        m_data = (np.log(e["focal_source_px"]) / std ** 2 - p0 * np.log(e["prior_focal_source_px"])) / p_data
+        precision += p_data
+        weighted += p_data * m_data
+    return float(np.exp(weighted / precision)), float(1.0 / np.sqrt(precision))
 
 
 @dataclass
@@ -62,29 +135,54 @@ class Calibration:
     frames: np.ndarray
     focal_costs: list
     focal_rel_std: float = float("nan")
+    prior: Optional[dict] = None
+
+    def describe(self, source: Optional[SourceView]) -> dict:
+        """What calibration did, for meta.json."""
+        f = float(self.focal_px[0])
+        out = {"frames": self.frames.tolist(), "focal_costs": self.focal_costs, "focal_px": f,
+               "focal_rel_std": float(self.focal_rel_std) if np.isfinite(self.focal_rel_std) else None,
+               "prior": self.prior}
+        if source is not None:
+            out.update(source_width_px=source.width_px, crop_scale=source.crop_scale,
+                       focal_source_px=source.source_focal(f), fov_deg=source.fov_deg(f))
+        return out
 
 
-def select_frames(valid: np.ndarray, yaw_proxy: Optional[np.ndarray], n: int, seed: int = 0) -> np.ndarray:
-    """Up to n valid frames, half spread evenly in time, half chosen to span
-    the head-pose range (by a yaw proxy), seeded and deterministic."""
+def select_frames(valid: np.ndarray, features: Optional[np.ndarray], n: int, seed: int = 0) -> np.ndarray:
+    """Up to n valid frames chosen for what they tell about the focal, with
+    no randomness: half spread evenly in time (ends included), half at
+    even quantiles of the first feature (the yaw: rotation is what separates
+    depth structure from shape), and where those coincide, farthest-point
+    sampling over all features ([T] or [T,K], e.g. `pose_features`: yaw,
+    pitch, log face size, each scaled by its spread over the valid frames),
+    so the frames that add the most pose or depth change come next. Ties go
+    to the earlier frame. `seed` is unused (kept for callers of the former,
+    seeded version)."""
     idx = np.flatnonzero(valid)
     if len(idx) == 0:
         raise NoFaceError("no valid frame to calibrate on")
     if len(idx) <= n:
         return idx
-    rng = np.random.default_rng(seed)
-    even = idx[np.linspace(0, len(idx) - 1, n // 2).round().astype(int)]
-    chosen = set(even.tolist())
-    if yaw_proxy is not None:
-        order = idx[np.argsort(yaw_proxy[idx])]
-        for q in np.linspace(0, len(order) - 1, n - len(chosen)).round().astype(int):
-            chosen.add(int(order[q]))
-    rest = np.setdiff1d(idx, np.fromiter(chosen, int))
-    while len(chosen) < n and len(rest):
-        k = rng.integers(len(rest))
-        chosen.add(int(rest[k]))
-        rest = np.delete(rest, k)
-    return np.sort(np.fromiter(chosen, int))
+    chosen = np.zeros(len(idx), bool)
+    chosen[np.linspace(0, len(idx) - 1, n // 2).round().astype(int)] = True
+    if features is None:
+        x = (np.arange(len(idx), dtype=np.float64) / len(idx))[:, None]
+    else:
+        x = np.asarray(features, dtype=np.float64)[idx].reshape(len(idx), -1)
+        x = np.where(np.isfinite(x), x, np.nanmedian(x, axis=0) if np.isfinite(x).any() else 0.0)
+        spread = x.std(axis=0)
+        x = (x - x.mean(axis=0)) / np.where(spread > 1e-9, spread, 1.0)
+        order = np.argsort(x[:, 0], kind="stable")
+        chosen[order[np.linspace(0, len(idx) - 1, n - int(chosen.sum())).round().astype(int)]] = True
+    dist = np.full(len(idx), np.inf)
+    for k in np.flatnonzero(chosen):
+        dist = np.minimum(dist, ((x - x[k]) ** 2).sum(1))
+    while chosen.sum() < n:
+        k = int(np.argmax(np.where(chosen, -1.0, dist)))
+        chosen[k] = True
+        dist = np.minimum(dist, ((x - x[k]) ** 2).sum(1))
+    return idx[chosen]
 
 
 def yaw_proxy(lmk68: np.ndarray) -> np.ndarray:
@@ -92,6 +190,17 @@ def yaw_proxy(lmk68: np.ndarray) -> np.ndarray:
     a = lmk68[:, 30, 0] - lmk68[:, 36, 0]
     b = lmk68[:, 45, 0] - lmk68[:, 30, 0]
     return (a - b) / np.maximum(a + b, 1e-6)
+
+
+def pose_features(lmk68: np.ndarray) -> np.ndarray:
+    """Per-frame cues [T,3] of what separates focal from shape: yaw (nose tip
+    between the eye corners), pitch (nose tip between the eye line and the
+    chin) and log face size (eye-corner span plus nose-bridge-to-chin
+    length; it changes with the distance, i.e. depth)."""
+    eyes_y = (lmk68[:, 36, 1] + lmk68[:, 45, 1]) / 2
+    pitch = (lmk68[:, 30, 1] - eyes_y) / np.maximum(lmk68[:, 8, 1] - eyes_y, 1e-6)
+    size = np.linalg.norm(lmk68[:, 45] - lmk68[:, 36], axis=-1) + np.linalg.norm(lmk68[:, 8] - lmk68[:, 27], axis=-1)
+    return np.stack([yaw_proxy(lmk68), pitch, np.log(np.maximum(size, 1e-6))], axis=1)
 
 
 def _joint_linearize(full: LandmarkBasis, arrays, S: int, params: FrameParams, shape, log_f, targets, pp, cfg,
@@ -140,13 +249,18 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
     mu, nu = 1e-3, 2.0
     n_shared = S if fix_focal else S + 1
     sigma_shape = ccfg.sigma_shape
-    prior_diag = torch.cat([torch.full((S,), 1 / sigma_shape ** 2),
-                            torch.tensor([1 / ccfg.focal_prior_sigma_log ** 2])])[:n_shared]
+    prior_diag = torch.cat([torch.full((S,), 1 / sigma_shape ** 2, dtype=torch.float64),
+                            torch.tensor([1 / ccfg.focal_prior_sigma_log ** 2], dtype=torch.float64)])[:n_shared]
 
+    # Costs, normal equations and solves in float64: in float32 their sums
+    # depend on the summation order, i.e. on the thread count, and along the
+    # flat focal-shape valley that was enough to move the focal by 30 %
+    # between two runs of the same file (issue 20). The Jacobians stay float32.
     def total(r, params, shape, log_f):
-        return float((r ** 2).sum() + _vector_cost(_param_vector_terms(params, cfg, None)).sum()
-                     + (shape ** 2).sum() / sigma_shape ** 2
-                     + ((log_f - log_f0) / ccfg.focal_prior_sigma_log) ** 2)
+        return float((r.double() ** 2).sum()
+                     + sum((w.double() * a.double() ** 2).sum() for a, w in _param_vector_terms(params, cfg, None))
+                     + (shape.double() ** 2).sum() / sigma_shape ** 2
+                     + ((float(log_f) - log_f0) / ccfg.focal_prior_sigma_log) ** 2)
 
     # The yaw-dependent contour correspondence is held fixed within a step and
     # updated between steps, as in fit_frames: a trial scored with its own
@@ -172,14 +286,16 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
     cost = total(r, params, shape, log_f)
     stale = False
     for _ in range(iters):
-        terms = _param_vector_terms(params, cfg, None)  # per-frame priors (identity Jacobians)
-        Hff, Hfs, Hss = _hessian_blocks(A, B, terms, prior_diag)
-        gf = (r[:, None] @ A)[:, 0]  # row vector times J: 5x faster than J^T r (strided)
+        terms = [(a.double(), w.double()) for a, w in _param_vector_terms(params, cfg, None)]  # identity Jacobians
+        A64, B64, r64 = A.double(), B.double(), r.double()
+        Hff, Hfs, Hss = _hessian_blocks(A64, B64, terms, prior_diag)
+        gf = (r64[:, None] @ A64)[:, 0]  # row vector times J: 5x faster than J^T r (strided)
         for a, w in terms:
             gf = gf + w * a
         gf = gf[..., None]
-        gs = B.reshape(-1, n_shared).T @ r.reshape(-1) + torch.cat(
-            [shape / sigma_shape ** 2, ((log_f - log_f0) / ccfg.focal_prior_sigma_log ** 2).reshape(1)])[:n_shared]
+        gs = B64.reshape(-1, n_shared).T @ r64.reshape(-1) + torch.cat(
+            [shape.double() / sigma_shape ** 2,
+             torch.tensor([(float(log_f) - log_f0) / ccfg.focal_prior_sigma_log ** 2], dtype=torch.float64)])[:n_shared]
         Hfs_gf = torch.cat([Hfs, gf], -1)
         Hfs_flat = Hfs.reshape(-1, n_shared)
         dff = torch.diagonal(Hff, dim1=1, dim2=2) + 1e-6  # LM's scaling of the damping
@@ -195,11 +311,11 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
             rhs = gs - reduced[:, -1]
             ds = -torch.linalg.solve(schur, rhs)
             df = -(Hinv_gf[..., 0] + Hinv_Hfs @ ds)
-            trial = _apply_step(params, df, E)
+            trial = _apply_step(params, df.float(), E)
             if not fix_focal:
-                trial.translation[:, 2] *= torch.exp(ds[S])
-            shape_t = shape + ds[:S]
-            log_f_t = log_f if fix_focal else log_f + ds[S]
+                trial.translation[:, 2] *= torch.exp(ds[S]).float()
+            shape_t = shape + ds[:S].float()
+            log_f_t = log_f if fix_focal else log_f + ds[S].float()
             r_t = _joint_linearize(full, arrays, S, trial, shape_t, log_f_t, targets, pp, cfg, False)
             cost_t = total(r_t, trial, shape_t, log_f_t)
             if cost_t < cost:
@@ -222,12 +338,19 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
         arrays, r, A, B = linearize(params, shape, log_f)
         cost = total(r, params, shape, log_f)  # under the new rows
     params.shape = shape
+    # residual noise variance per point coordinate (the weights assume 1 px),
+    # and the share of it that every frame repeats (see `calibrate`)
+    n_params = params.rotation.shape[0] * A.shape[-1] + n_shared
+    r64 = r.double()
+    noise_var = float((r64 ** 2).sum()) / max(1, r.numel() - n_params)
+    common = float((r64.mean(0) ** 2).sum() / ((r64 ** 2).sum() / r64.shape[0]).clamp_min(1e-30))
+    noise_var = (noise_var, common)
     log_f_std = None
     if not fix_focal:  # at the final estimate
         if stale:
             _, r, A, B = linearize(params, shape, log_f)
         log_f_std = _log_focal_std(A, B, r, params, cfg, prior_diag)
-    return params, log_f, cost, log_f_std
+    return params, log_f, cost, log_f_std, noise_var
 
 
 def _hessian_blocks(A: torch.Tensor, B: torch.Tensor, terms, prior_diag: torch.Tensor):
@@ -263,18 +386,56 @@ def _log_focal_std(A: torch.Tensor, B: torch.Tensor, r: torch.Tensor, params: Fr
 
 def calibrate(basis: LandmarkBasis, targets: Targets, valid: np.ndarray, image_size: tuple,
               cfg: FitConfig = FitConfig(), ccfg: CalibrationConfig = CalibrationConfig(),
-              init_shape: Optional[np.ndarray] = None) -> Calibration:
+              init_shape: Optional[np.ndarray] = None, source: Optional[SourceView] = None,
+              fixed_focal_px: Optional[float] = None) -> Calibration:
     """Fit one focal length and identity on up to `ccfg.n_frames` frames.
 
     targets: all frames (crop pixels); valid [T]; image_size (H, W).
+    source: where the crops sit in the source video; with it the focal's
+    prior is the real-lens field of view (`ccfg.fov_prior_deg`), without it
+    a focal of `ccfg.focal_prior_factor` crop widths.
+    fixed_focal_px: a known focal (crop pixels); then only the identity
+    (and the sampled frames' poses) are fitted.
+
+    Runs its CPU work on one thread: float32 Jacobians summed in another
+    order (2 threads instead of 1) moved carphone's focal by 3.7 % along its
+    flat profile, the float64 normal equations notwithstanding; the matrices
+    are small (32 frames) and gain little from a second thread.
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _calibrate(basis, targets, valid, image_size, cfg, ccfg, init_shape, source, fixed_focal_px)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _calibrate(basis, targets, valid, image_size, cfg, ccfg, init_shape, source, fixed_focal_px) -> Calibration:
     H, W = image_size
     pp = torch.tensor([(W - 1) / 2.0, (H - 1) / 2.0], dtype=torch.float32)  # OpenCV: pixel centres at integer coordinates
-    frames = select_frames(valid, yaw_proxy(targets.lmk68.numpy()), ccfg.n_frames, ccfg.seed)
+    frames = select_frames(valid, pose_features(targets.lmk68.numpy()), ccfg.n_frames, ccfg.seed)
     sub = targets.select(torch.as_tensor(frames))
     shape0 = torch.zeros(basis.n_shape) if init_shape is None else torch.as_tensor(init_shape, dtype=torch.float32)
-    f0 = ccfg.focal_prior_factor * W
+    if source is not None:
+        f0 = source.crop_focal(fov_deg_to_focal(ccfg.fov_prior_deg, source.width_px))
+        sigma_log = ccfg.fov_prior_sigma_log
+        prior = {"kind": "field_of_view", "fov_deg": ccfg.fov_prior_deg, "sigma_log": sigma_log,
+                 "focal_px": f0}
+    else:
+        f0 = ccfg.focal_prior_factor * W
+        sigma_log = ccfg.focal_prior_sigma_log
+        prior = {"kind": "crop_width", "factor": ccfg.focal_prior_factor, "sigma_log": sigma_log, "focal_px": f0}
+    ccfg = replace(ccfg, focal_prior_sigma_log=sigma_log)
     log_f0 = float(np.log(f0))
+    if fixed_focal_px is not None:
+        f = float(fixed_focal_px)
+        focal = torch.tensor([f, f], dtype=torch.float32)
+        params = initial_params(basis, sub, focal, pp, shape=shape0, cfg=cfg)
+        params, _, cost, _, _ = _joint_fit(basis, sub, params, torch.tensor(float(np.log(f))), pp, cfg, ccfg, log_f0,
+                                           iters=ccfg.iters + ccfg.free_iters)
+        return Calibration(focal_px=np.array([f, f]), principal_point=pp.numpy().astype(np.float64),
+                           shape=params.shape.numpy().astype(np.float64), frames=frames,
+                           focal_costs=[(f, float(cost))], focal_rel_std=0.0, prior={"kind": "fixed", "focal_px": f})
     # A coarse profile of the focal first (every other unknown refitted at
     # each grid focal) finds the basin: LM with a free focal from a cold
     # start wanders along the long, flat focal-shape valley.
@@ -288,16 +449,16 @@ def calibrate(basis: LandmarkBasis, targets: Targets, valid: np.ndarray, image_s
             else:  # warm start: same poses and shape, depth scaled with the focal
                 params = params.clone()
                 params.translation = params.translation * (f / prev_f)
-            params, _, cost, _ = _joint_fit(basis, sub, params, torch.tensor(float(np.log(f))), pp, cfg, ccfg,
-                                            log_f0, iters=iters)
-            out.append((f, cost, params))
+            params, _, cost, _, noise_var = _joint_fit(basis, sub, params, torch.tensor(float(np.log(f))), pp, cfg,
+                                                       ccfg, log_f0, iters=iters)
+            out.append((f, cost, params, noise_var))
             prev_f = f
             if start is not None:  # every focal from the given basin
                 params, prev_f = start, start_f
         return out
 
     coarse = profile(ccfg.grid_factors, None, None, ccfg.coarse_iters)
-    k = int(np.argmin([c for _, c, _ in coarse]))
+    k = int(np.argmin([c for _, c, _, _ in coarse]))
     # A minimum at the edge of the grid: walk on (within the prior's reach).
     step = ccfg.grid_factors[1] / ccfg.grid_factors[0]
     for _ in range(3):
@@ -306,19 +467,36 @@ def calibrate(basis: LandmarkBasis, targets: Targets, valid: np.ndarray, image_s
         factor = coarse[k][0] / f0 * (step if k else 1 / step)
         extra = profile([factor], coarse[k][2], coarse[k][0])
         coarse = sorted(coarse + extra, key=lambda x: x[0])
-        k = int(np.argmin([c for _, c, _ in coarse]))
+        k = int(np.argmin([c for _, c, _, _ in coarse]))
     # From the best grid point's basin, LM with the focal free: with the
     # contour correspondence held within each step the valley is smooth, and
     # it reaches the profile's minimum in one fit (the older refits of the
     # grid neighbours and a parabola through them cost 3 fits and missed it
     # by several percent on noiseless data: the profile is not a parabola
     # over a 1.4x focal step).
-    best_f, _, start = coarse[k]
-    best_params, log_f, cost, log_f_std = _joint_fit(basis, sub, start, torch.tensor(float(np.log(best_f))), pp,
-                                                     cfg, ccfg, log_f0, iters=ccfg.free_iters, fix_focal=False)
+    best_f, _, start, (noise_var, common) = coarse[k]
+    # The landmark term's weights assume 1 px noise; where the residuals show
+    # more (detector noise, and a head model that cannot reach the face),
+    # the landmarks know the focal that much less, so the prior keeps its
+    # strength relative to them: its weight is scaled by the residual
+    # variance (never weakened below its own sigma). Without this, a 7 px
+    # misfit outweighed the field-of-view prior 50-fold and real clips ran off
+    # towards 100-degree or 10-degree lenses. And what every frame repeats
+    # (a misfit of the face's shape, the same photograph in every frame) is
+    # not averaged out over K frames: with a share rho of the residual
+    # variance common to all frames (rho = 1/K for independent noise), K
+    # frames weigh as K / (1 + (K - 1) rho_excess) independent ones.
+    K = len(frames)
+    rho = min(1.0, max(0.0, (common - 1.0 / K) * K / max(K - 1, 1)))
+    prior_scale = max(1.0, noise_var) * (1.0 + (K - 1) * rho)
+    prior["common_residual_share"] = rho
+    ccfg = replace(ccfg, focal_prior_sigma_log=ccfg.focal_prior_sigma_log / np.sqrt(prior_scale))
+    prior["residual_variance_px2"] = noise_var
+    best_params, log_f, cost, log_f_std, _ = _joint_fit(basis, sub, start, torch.tensor(float(np.log(best_f))), pp,
+                                                        cfg, ccfg, log_f0, iters=ccfg.free_iters, fix_focal=False)
     best_f = float(torch.exp(log_f))
-    results = [(float(f), float(c)) for f, c, _ in coarse] + [(best_f, float(cost))]
+    results = [(float(f), float(c)) for f, c, _, _ in coarse] + [(best_f, float(cost))]
     return Calibration(
         focal_px=np.array([best_f, best_f], dtype=np.float64), principal_point=pp.numpy().astype(np.float64),
         shape=best_params.shape.numpy().astype(np.float64), frames=frames, focal_costs=results,
-        focal_rel_std=log_f_std)
+        focal_rel_std=log_f_std, prior=prior)

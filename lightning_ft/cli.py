@@ -72,6 +72,13 @@ def _track_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--export", default="", help="also export: comma-separated vhap,metrical,lightning,nerface,mesh")
     p.add_argument("--cache", type=Path, default=None, help="frame cache folder (default: OUT/.cache)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info messages")
+    camera = p.add_mutually_exclusive_group()
+    camera.add_argument("--focal", type=float, default=None, metavar="PX",
+                        help="known focal length in source-video pixels (calibration then fits the identity only)")
+    camera.add_argument("--fov", type=float, default=None, metavar="DEG",
+                        help="known horizontal field of view of the source video, degrees")
+    camera.add_argument("--shared-camera", action="store_true",
+                        help="one focal for all videos of --data (one camera rig), calibrated over all of them")
     return p
 
 
@@ -89,6 +96,10 @@ def _track(args: argparse.Namespace) -> int:
         raise UsageError(f"--image-size {args.image_size}: choose 64 to {MAX_IMAGE_SIZE} pixels")
     if args.fps is not None and not (math.isfinite(args.fps) and args.fps > 0):
         raise UsageError(f"--fps {args.fps}: a positive frame rate, e.g. 25")
+    if args.focal is not None and not (math.isfinite(args.focal) and args.focal > 0):
+        raise UsageError(f"--focal {args.focal}: must be a positive number of source-video pixels")
+    if args.fov is not None and not 1.0 <= args.fov <= 170.0:
+        raise UsageError(f"--fov {args.fov}: must be a horizontal field of view between 1 and 170 degrees")
     exports = [x.strip() for x in args.export.split(",") if x.strip()]
     if exports:
         from .export import FORMATS
@@ -104,7 +115,10 @@ def _track(args: argparse.Namespace) -> int:
         device=devices[0], visualize=args.visualize, synthesis=args.synthesis,
         landmarks_file=args.landmarks, no_emoca=args.no_emoca, shard=parse_shard(args.shard),
         overwrite=args.overwrite, image_size=args.image_size, fps=args.fps, lmk68=args.lmk68, export=exports,
-        cache_dir=args.cache, progress=False if args.quiet else None)
+        cache_dir=args.cache, progress=False if args.quiet else None,
+        focal_px=args.focal, fov_deg=args.fov, shared_camera=args.shared_camera)
+    if args.shared_camera and len(devices) > 1:
+        raise UsageError("--shared-camera calibrates over all videos in one process: use one device, no --workers")
     outcomes = run(cfg) if len(devices) == 1 else run_workers(cfg, devices, quiet=args.quiet)
     return _summary(outcomes)
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .calibration import CalibrationConfig, calibrate
+from .calibration import CalibrationConfig, SourceView, calibrate, combine_focals, fov_deg_to_focal
 from .claims import claim, clear_stale
 from .errors import (AssetError, DiskFullError, LightningFTError, OutputError, UsageError, VideoError,
                      disk_full_reason)
@@ -80,6 +80,11 @@ class TrackConfig:
     fit: FitConfig = field(default_factory=FitConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)
+    # A known camera (source-video pixels / horizontal degrees) or one focal
+    # calibrated over all videos of the run (docs/camera.md).
+    focal_px: Optional[float] = None
+    fov_deg: Optional[float] = None
+    shared_camera: bool = False
     synthesis_config: SynthesisConfig = field(default_factory=SynthesisConfig)
 
 
@@ -87,7 +92,7 @@ class TrackConfig:
 # only when all of them are as they were (recorded in meta.json's
 # "result_settings"); add a field here when it changes what is written.
 RESULT_SETTINGS = ("image_size", "fps", "lmk68", "no_emoca", "synthesis", "visualize", "fit", "calibration",
-                   "smoothing", "synthesis_config")
+                   "smoothing", "synthesis_config", "focal_px", "fov_deg", "shared_camera")
 
 
 def result_settings(cfg: TrackConfig) -> dict:
@@ -266,18 +271,31 @@ class FitOutput:
 
 def fit_landmarks(flame: FLAME, lmk68: np.ndarray, lmk_dense: np.ndarray, valid: np.ndarray, image_size,
                   fps: float, cfg: TrackConfig, timer: StageTimer, emoca=None,
-                  timestamps: Optional[np.ndarray] = None, label: str = "") -> FitOutput:
+                  timestamps: Optional[np.ndarray] = None, label: str = "", source: Optional[SourceView] = None,
+                  calibrate_only: bool = False) -> FitOutput:
     """Calibrate, fit every valid frame, interpolate invalid ones, smooth.
-    label: the video's name, for messages."""
+    label: the video's name, for messages; source: the crops' place in the
+    source video (the focal's field-of-view prior, --focal / --fov);
+    calibrate_only: return the calibration's `describe` dict after
+    calibrating."""
     from .progress import elapsed_bar
 
     H, W = image_size
     fit_cfg = replace(cfg.fit, image_size=max(H, W))
+    source = source or SourceView(float(W), 1.0)
+    fixed = None
+    if cfg.focal_px is not None:
+        fixed = source.crop_focal(cfg.focal_px)
+    elif cfg.fov_deg is not None:
+        fixed = source.crop_focal(fov_deg_to_focal(cfg.fov_deg, source.width_px))
     with timer("calibration"), elapsed_bar(f"{Path(label).name}: calibration", cfg.progress):
         basis = build_basis(flame)
         targets = Targets.from_landmarks(lmk68, lmk_dense, basis)
         init_shape = None if emoca is None else emoca.identity
-        cal = calibrate(basis, targets, valid, (H, W), fit_cfg, cfg.calibration, init_shape=init_shape)
+        cal = calibrate(basis, targets, valid, (H, W), fit_cfg, cfg.calibration, init_shape=init_shape,
+                        source=source, fixed_focal_px=fixed)
+    if calibrate_only:
+        return cal.describe(source)
     if not cal.focal_rel_std <= WEAK_FOCAL_REL_STD:  # NaN too: no curvature along the focal at all
         # advice, not a failure (meta.json has the figure): -q hides it
         log.info("%s: focal length %.0f px is weakly determined (predicted std %.0f %%): little perspective in "
@@ -320,8 +338,7 @@ def fit_landmarks(flame: FLAME, lmk68: np.ndarray, lmk_dense: np.ndarray, valid:
         rotation=smoothed["rotation"], translation=smoothed["translation"], expression=smoothed["expression"],
         jaw_pose=smoothed["jaw_pose"], neck_pose=np.zeros((T, 3)), eye_pose=smoothed["eye_pose"],
         shape=cal.shape, focal_length=cal.focal_px, principal_point=cal.principal_point, quality=quality,
-        calibration={"frames": cal.frames.tolist(), "focal_costs": cal.focal_costs, "focal_px": float(cal.focal_px[0]),
-                     "focal_rel_std": float(cal.focal_rel_std) if np.isfinite(cal.focal_rel_std) else None},
+        calibration=cal.describe(source),
         frame_errors=frame_errors)
 
 
@@ -421,10 +438,13 @@ def _versions() -> dict:
 
 
 def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: FLAME, emoca_model=None,
-              sources: Optional[dict] = None) -> Path:
-    """Track one video (or one --landmarks file); returns the result folder.
+              sources: Optional[dict] = None, calibrate_only: bool = False,
+              shared: Optional[dict] = None) -> Path:
+    """Track one video (or one --landmarks file); returns the result folder
+    (with calibrate_only, what calibration found, without EMOCA).
 
-    sources: `run_sources(video, cfg)` when the caller has it already."""
+    sources: `run_sources(video, cfg)` when the caller has it already;
+    shared: the --shared-camera focal and how it was combined."""
     timer = StageTimer()
     if sources is None:
         sources = run_sources(video, cfg)
@@ -440,6 +460,7 @@ def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: FLAME, 
         fps = float(cfg.fps or 25.0)
         timestamps = None
         H, W = lm.image_size
+        source_width = W
         crop_boxes = np.tile(np.array([0.0, 0.0, W, H]), (T, 1))
         video_meta = {"path": str(video) if video else None, "landmarks_file": str(cfg.landmarks_file)}
     else:
@@ -460,6 +481,7 @@ def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: FLAME, 
         timestamps = face_video.timestamps
         crop_boxes = face_video.crop_boxes
         H, W = face_video.image_size
+        source_width = face_video.source_size[1]
         frames_source = face_video
         video_meta = {"path": str(video), "fps": fps, "frames": int(T), "cache": str(face_video.cache_path)}
         if cfg.fps is not None and cfg.fps > fps * 1.001:
@@ -472,6 +494,12 @@ def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: FLAME, 
         from .errors import NoFaceError
 
         raise NoFaceError(f"{video or cfg.landmarks_file}: no valid landmarks in any frame")
+    source = SourceView.from_crop_boxes(crop_boxes, (H, W), source_width, valid)
+    if calibrate_only:
+        return fit_landmarks(flame, lm.lmk68, lm.lmk_dense, valid, (H, W), fps, cfg, timer, source=source,
+                             calibrate_only=True)
+    if shared is not None:
+        cfg = replace(cfg, focal_px=shared["focal_source_px"], fov_deg=None)
     emoca_result = None
     if emoca_model is not None:
         if frames_source is None:
@@ -483,7 +511,9 @@ def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: FLAME, 
                                    valid, emoca_model, progress=cfg.progress)
     label = str(video or cfg.landmarks_file)
     fit = fit_landmarks(flame, lm.lmk68, lm.lmk_dense, valid, (H, W), fps, cfg, timer, emoca=emoca_result,
-                        timestamps=timestamps, label=label)
+                        timestamps=timestamps, label=label, source=source)
+    if shared is not None:
+        fit.calibration["shared_camera"] = shared
     _check_fit_quality(fit.quality, (H, W), label)
     tracking = {
         "frame_ids": np.asarray(frame_ids, np.int64), "valid": valid, "shape": fit.shape.astype(np.float32),
@@ -522,7 +552,8 @@ def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: FLAME, 
         "synthesis": synthesis_meta,
         "settings": {"device": cfg.device, "image_size": cfg.image_size, "fps": cfg.fps, "lmk68": cfg.lmk68,
                      "no_emoca": cfg.no_emoca, "synthesis": cfg.synthesis, "visualize": cfg.visualize,
-                     "fit": asdict(cfg.fit), "calibration": asdict(cfg.calibration)},
+                     "fit": asdict(cfg.fit), "calibration": asdict(cfg.calibration),
+                     "focal_px": cfg.focal_px, "fov_deg": cfg.fov_deg, "shared_camera": cfg.shared_camera},
         "sources": sources,
         "result_settings": result_settings(cfg),
         "settings_fingerprint": settings_fingerprint(result_settings(cfg)),
@@ -830,6 +861,9 @@ def run(cfg: TrackConfig, events=None) -> List[VideoOutcome]:
         # (faster on CPU, benchmarks/bench_emoca.py).
         emoca_model = EmocaEncoder.from_release(Path(cfg.assets_dir) / "EMOCA", device=cfg.device,
                                                 fold_batchnorm=True).to(memory_format=torch.channels_last)
+    shared = None
+    if cfg.shared_camera and cfg.focal_px is None and cfg.fov_deg is None:
+        shared = _shared_camera(videos, stems, cfg, flame)
     outcomes = [] if events is None else _ReportedOutcomes(events.finished)
     for video, stem in zip(videos, stems):
         t0 = time.perf_counter()
@@ -861,7 +895,7 @@ def run(cfg: TrackConfig, events=None) -> List[VideoOutcome]:
                 _remove_stale_partials(folder)
                 if events is not None:
                     events.started(name, folder)
-                folder = track_one(video, stem, cfg, flame, emoca_model, sources=sources)
+                folder = track_one(video, stem, cfg, flame, emoca_model, sources=sources, shared=shared)
                 clear_failure(cfg.out_dir, stem)
             outcomes.append(VideoOutcome(name, "done", str(folder), time.perf_counter() - t0))
         except Exception as exc:
@@ -886,3 +920,29 @@ def run(cfg: TrackConfig, events=None) -> List[VideoOutcome]:
                                 for v in rest)
                 break
     return outcomes
+
+
+def _shared_camera(videos, stems, cfg: TrackConfig, flame: FLAME) -> dict:
+    """--shared-camera: calibrate each video (landmarks and calibration only)
+    and combine their focals in log source focal, weighted by the precision
+    each calibration predicts, with the field-of-view prior counted once.
+    A video that fails here is left to fail again in its own run."""
+    estimates = []
+    for video, stem in zip(videos, stems):
+        try:
+            cal = track_one(video, stem, cfg, flame, calibrate_only=True)
+        except LightningFTError as exc:
+            log.error("%s (left out of the shared camera)", exc)
+            continue
+        estimates.append({"video": str(video or cfg.landmarks_file), "focal_source_px": cal["focal_source_px"],
+                          "focal_rel_std": cal["focal_rel_std"],
+                          "prior_focal_source_px": cal["prior"]["focal_px"] / cal["crop_scale"],
+                          "prior_sigma_log": cal["prior"]["sigma_log"]})
+    if not estimates:
+        from .errors import NoFaceError
+
+        raise NoFaceError(f"{cfg.data}: no video could be calibrated for --shared-camera")
+    focal, rel_std = combine_focals(estimates)
+    log.info("shared camera: focal %.1f source px (predicted std %.1f %%) from %d videos", focal, 100 * rel_std,
+             len(estimates))
+    return {"focal_source_px": focal, "focal_rel_std": rel_std, "videos": estimates}

