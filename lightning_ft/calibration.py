@@ -195,7 +195,7 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
             rhs = gs - reduced[:, -1]
             ds = -torch.linalg.solve(schur, rhs)
             df = -(Hinv_gf[..., 0] + Hinv_Hfs @ ds)
-            trial = _apply_step(params, df, E)
+            trial = _apply_step(params, df, E, bounds=cfg.expression_bounds)
             if not fix_focal:
                 trial.translation[:, 2] *= torch.exp(ds[S])
             shape_t = shape + ds[:S]
