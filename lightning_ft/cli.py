@@ -63,14 +63,20 @@ def _track_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--lmk68", choices=("auto", "fan", "dlib", "mediapipe"), default="auto",
                    help="source of the 68 landmarks (default: FAN if its weights are local, else dlib, else "
                    "mediapipe)")
-    p.add_argument("--export", default="", help="also export: comma-separated vhap,metrical,lightning,nerface,mesh")
+    p.add_argument("--model", choices=("flame", "ict"), default=None,
+                   help="head model: FLAME (needs its files under the assets folder) or the built-in ICT-FaceKit "
+                   "model (MIT licence, no files needed); default: FLAME where its files are there, else ICT")
+    p.add_argument("--export", default="", help="also export: comma-separated "
+                   "vhap,metrical,lightning,nerface,mesh,arkit")
     p.add_argument("--cache", type=Path, default=None, help="frame cache folder (default: OUT/.cache)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info messages")
     return p
 
 
 def _track(args: argparse.Namespace) -> int:
-    from .assets import resolve_assets_dir
+    import os
+
+    from .assets import ENV_ASSETS, resolve_assets_dir
     from .pipeline import TrackConfig, parse_shard, run
 
     if args.data is None and args.landmarks is None:
@@ -93,7 +99,8 @@ def _track(args: argparse.Namespace) -> int:
         device=resolve_device(args.device), visualize=args.visualize, synthesis=args.synthesis,
         landmarks_file=args.landmarks, no_emoca=args.no_emoca, shard=parse_shard(args.shard),
         overwrite=args.overwrite, image_size=args.image_size, fps=args.fps, lmk68=args.lmk68, export=exports,
-        cache_dir=args.cache, progress=False if args.quiet else None)
+        cache_dir=args.cache, progress=False if args.quiet else None, model=args.model,
+        assets_named=bool(args.assets or os.environ.get(ENV_ASSETS)))
     outcomes = run(cfg)
     return _summary(outcomes)
 
@@ -111,6 +118,11 @@ def _summary(outcomes) -> int:
     else:
         for o in outcomes:
             print(f"{o.name}: {o.status} -> {o.detail}")
+            if o.status == "done":
+                folder = Path(o.detail)
+                print(f"results: {folder / 'tracking.npz'} and {folder / 'meta.json'}")
+                if (folder / "visualization.mp4").exists():
+                    print(f"video: {folder / 'visualization.mp4'}")
     return 1 if failed else 0
 
 
@@ -149,7 +161,8 @@ def _main_parser() -> argparse.ArgumentParser:
     assets.set_defaults(func=_assets)
     exp = sub.add_parser("export", help="convert a result folder for another tool")
     exp.add_argument("result_dir", type=Path)
-    exp.add_argument("--format", required=True, help="vhap, metrical, lightning, nerface, mesh (comma-separated)")
+    exp.add_argument("--format", required=True, help="vhap, metrical, lightning, nerface, mesh, arkit "
+                     "(comma-separated)")
     exp.add_argument("--out", type=Path, default=None)
     exp.add_argument("--allow-version-mismatch", action="store_true")
     exp.set_defaults(func=_export)

@@ -228,7 +228,8 @@ def fit_config_for(model: "HeadModel", cfg: FitConfig) -> FitConfig:
     """`cfg` with the model's expression prior and bounds
     (`HeadModel.parameter_blocks`)."""
     block = model.parameter_blocks()["expression"]
-    return replace(cfg, sigma_expression=block.sigma, expression_bounds=block.bounds)
+    smooth = cfg.smooth_expression if block.temporal_sigma is None else block.temporal_sigma
+    return replace(cfg, sigma_expression=block.sigma, expression_bounds=block.bounds, smooth_expression=smooth)
 
 
 # ----------------------------------------------------------------------------

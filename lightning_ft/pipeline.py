@@ -24,7 +24,8 @@ from . import __version__
 from .calibration import CalibrationConfig, calibrate
 from .errors import AssetError, LightningFTError, UsageError
 from .flame import FLAME
-from .optimize import FitConfig, FrameParams, Targets, build_basis, fit_sequence, predict_landmarks
+from .head_model import MODEL_NAMES, HeadModel
+from .optimize import FitConfig, FrameParams, Targets, build_basis, fit_config_for, fit_sequence, predict_landmarks
 from .output import is_finished, result_dir, write_result
 from .smoothing import SmoothingConfig, second_difference_jitter, smooth_tracking
 from .synthesis import SynthesisConfig
@@ -66,6 +67,12 @@ class TrackConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)
     synthesis_config: SynthesisConfig = field(default_factory=SynthesisConfig)
+    # Head model: "flame", "ict", or None: FLAME where its files are under
+    # assets_dir, else ICT (built in). assets_named: the user chose assets_dir
+    # (--assets or $LIGHTNING_FT_ASSETS); then missing FLAME files are an
+    # error, not a reason to switch models.
+    model: Optional[str] = None
+    assets_named: bool = True
 
 
 class StageTimer:
@@ -155,14 +162,14 @@ class FitOutput:
     calibration: dict
 
 
-def fit_landmarks(flame: FLAME, lmk68: np.ndarray, lmk_dense: np.ndarray, valid: np.ndarray, image_size,
+def fit_landmarks(model: HeadModel, lmk68: np.ndarray, lmk_dense: np.ndarray, valid: np.ndarray, image_size,
                   fps: float, cfg: TrackConfig, timer: StageTimer, emoca=None,
                   timestamps: Optional[np.ndarray] = None) -> FitOutput:
     """Calibrate, fit every valid frame, interpolate invalid ones, smooth."""
     H, W = image_size
-    fit_cfg = replace(cfg.fit, image_size=max(H, W))
+    fit_cfg = fit_config_for(model, replace(cfg.fit, image_size=max(H, W)))
     with timer("calibration"):
-        basis = build_basis(flame)
+        basis = build_basis(model)
         targets = Targets.from_landmarks(lmk68, lmk_dense, basis)
         init_shape = None if emoca is None else emoca.identity
         cal = calibrate(basis, targets, valid, (H, W), fit_cfg, cfg.calibration, init_shape=init_shape)
@@ -184,7 +191,7 @@ def fit_landmarks(flame: FLAME, lmk68: np.ndarray, lmk_dense: np.ndarray, valid:
             ok = emoca.valid[idx]
             if ok.all():
                 rot0 = torch.as_tensor(emoca_pose_to_opencv(emoca.global_pose[idx]), dtype=torch.float32)
-                exp0 = torch.as_tensor(emoca.expression[idx][:, :flame.n_exp], dtype=torch.float32)
+                exp0 = torch.as_tensor(emoca.expression[idx][:, :model.n_exp], dtype=torch.float32)
                 jaw0 = torch.as_tensor(emoca.jaw_pose[idx], dtype=torch.float32)
         contiguous = torch.as_tensor(np.concatenate([[False], np.diff(idx) == 1]))
         res = fit_sequence(basis, sub, focal, pp, shape, fit_cfg, contiguous=contiguous, rotation=rot0,
@@ -197,10 +204,12 @@ def fit_landmarks(flame: FLAME, lmk68: np.ndarray, lmk_dense: np.ndarray, valid:
         return out
 
     raw = {"rotation": full(p.rotation, (3, 3)), "translation": full(p.translation, (3,)),
-           "expression": full(p.expression, (flame.n_exp,)), "jaw_pose": full(p.jaw, (3,)),
+           "expression": full(p.expression, (model.n_exp,)), "jaw_pose": full(p.jaw, (3,)),
            "eye_pose": full(p.eyes, (6,))}
     with timer("smoothing"):
         smoothed = smooth_tracking(raw, valid, fps, cfg.smoothing, timestamps=timestamps)
+        if fit_cfg.expression_bounds is not None:  # the smoother may overshoot a bound
+            smoothed["expression"] = np.clip(smoothed["expression"], *fit_cfg.expression_bounds)
     with timer("quality"):
         quality = _quality(basis, smoothed, raw, shape, focal, pp, lmk68, lmk_dense, valid, idx, res)
     return FitOutput(
@@ -267,6 +276,47 @@ def load_flame(assets_dir: Path) -> FLAME:
     return FLAME(p["model"], p["landmark_embedding"], p["mediapipe_embedding"])
 
 
+# Exports that evaluate FLAME in the consumer's code; mesh, nerface and arkit
+# take any model's result.
+FLAME_ONLY_EXPORTS = ("vhap", "metrical", "lightning")
+
+
+def select_model(cfg: TrackConfig) -> str:
+    """The head model of a run: cfg.model if given; else FLAME where its
+    files are under the assets folder, or where the user named that folder
+    (missing files then stay the error they are); else the built-in ICT."""
+    if cfg.model is not None:
+        if cfg.model not in MODEL_NAMES:
+            raise UsageError(f"--model {cfg.model}: choose from {', '.join(MODEL_NAMES)}")
+        return cfg.model
+    if all(p.exists() for p in _flame_paths(cfg.assets_dir).values()) or cfg.assets_named:
+        return "flame"
+    log.info("no FLAME model under %s: tracking with the built-in ICT-FaceKit head model (MIT licence; "
+             "--model flame with FLAME's files to use FLAME)", cfg.assets_dir)
+    return "ict"
+
+
+def load_model(name: str, assets_dir: Path) -> HeadModel:
+    if name == "flame":
+        return load_flame(assets_dir)
+    from .head_model import load_ict
+
+    return load_ict()
+
+
+def _check_model_options(name: str, cfg: TrackConfig) -> None:
+    """Refuse, before any work, what the chosen model cannot do."""
+    if name != "ict":
+        return
+    if cfg.synthesis:
+        raise UsageError("--synthesis fits FLAME's texture space, which ICT-FaceKit's model has no counterpart "
+                         "for: use --model flame (with FLAME's files) or run without --synthesis")
+    flame_only = [f for f in cfg.export if f in FLAME_ONLY_EXPORTS]
+    if flame_only:
+        raise UsageError(f"--export {','.join(flame_only)}: writes FLAME parameters and this run tracks with ICT; "
+                         f"use mesh, nerface or arkit, or --model flame")
+
+
 def _versions() -> dict:
     import importlib.metadata as md
 
@@ -280,7 +330,7 @@ def _versions() -> dict:
     return out
 
 
-def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: FLAME, emoca_model=None) -> Path:
+def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: HeadModel, emoca_model=None) -> Path:
     """Track one video (or one --landmarks file); returns the result folder."""
     timer = StageTimer()
     t_start = time.perf_counter()
@@ -343,6 +393,8 @@ def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: FLAME, 
         "lmk68": np.asarray(lm.lmk68, np.float32), "lmk_dense": np.asarray(lm.lmk_dense, np.float32),
         "fps": np.float32(fps),
     }
+    if getattr(flame, "expression_names", None) is not None:
+        tracking["expression_names"] = np.asarray(flame.expression_names)
     synthesis_meta = albedo = None
     if cfg.synthesis:
         synthesis_meta, albedo = _run_synthesis(flame, frames_source, tracking, valid, fps, timestamps, cfg, timer)
@@ -357,10 +409,11 @@ def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: FLAME, 
         "video": video_meta, "frames": {"total": int(T), "valid": int(valid.sum()), "invalid": int((~valid).sum())},
         "landmarks": {"source68": lm.source68, "image_size": [H, W]},
         "emoca": {"used": emoca_result is not None},
-        "flame": {"version": flame.version, "sha256": flame.sha256, "n_shape": flame.n_shape, "n_exp": flame.n_exp,
-                  "n_vertices": flame.n_vertices,
-                  **{f"{k}_path" if k != "model" else "model_path": str(v)
-                     for k, v in _flame_paths(cfg.assets_dir).items()}},
+        "model": flame.model_meta(),
+        **({"flame": {"version": flame.version, "sha256": flame.sha256, "n_shape": flame.n_shape,
+                      "n_exp": flame.n_exp, "n_vertices": flame.n_vertices,
+                      **{f"{k}_path" if k != "model" else "model_path": str(v)
+                         for k, v in _flame_paths(cfg.assets_dir).items()}}} if flame.name == "flame" else {}),
         "camera": {"convention": "OpenCV: x right, y down, z forward; p = R X + t; u = fx x/z + cx; "
                                  "pixel centres at integer coordinates (OpenCV; the crop spans [-0.5, W-0.5])",
                    "focal_length": fit.focal_length, "principal_point": fit.principal_point},
@@ -378,7 +431,7 @@ def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: FLAME, 
     if cfg.export:
         from .export import export
 
-        export(folder, cfg.export, frames=(frames_source.frame if frames_source is not None else None), flame=flame)
+        export(folder, cfg.export, frames=(frames_source.frame if frames_source is not None else None), model=flame)
     return folder
 
 
@@ -472,11 +525,12 @@ class _ChunkedMesh:
         B = sl.stop - sl.start
         f = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
         with torch.no_grad():
-            out = self.flame(shape=f(self.tr["shape"])[None].expand(B, -1), expression=f(self.tr["expression"][sl]),
-                             jaw_pose=f(self.tr["jaw_pose"][sl]), eye_pose=f(self.tr["eye_pose"][sl]))
+            vertices = self.flame.posed_vertices(f(self.tr["shape"])[None].expand(B, -1),
+                                                 f(self.tr["expression"][sl]), jaw_pose=f(self.tr["jaw_pose"][sl]),
+                                                 eye_pose=f(self.tr["eye_pose"][sl]))
             R, tr = f(self.tr["rotation"][sl]), f(self.tr["translation"][sl])
-            lmk = self.flame.landmarks68(out.vertices, head_rotation_flame(R))
-            self.verts = (torch.einsum("tij,tvj->tvi", R, out.vertices) + tr[:, None]).numpy()
+            lmk = self.flame.landmarks68(vertices, head_rotation_flame(R))
+            self.verts = (torch.einsum("tij,tvj->tvi", R, vertices) + tr[:, None]).numpy()
             pc = torch.einsum("tij,tvj->tvi", R, lmk) + tr[:, None]
             self.lmk = (pc[..., :2] / pc[..., 2:3] * f(self.tr["focal_length"]) + f(self.tr["principal_point"])).numpy()
         self.start = s
@@ -545,7 +599,12 @@ def run(cfg: TrackConfig) -> List[VideoOutcome]:
     """
     from .assets import require, tiers_for
 
-    require(cfg.assets_dir, tiers_for(emoca=not cfg.no_emoca, synthesis=cfg.synthesis))
+    model_name = select_model(cfg)
+    _check_model_options(model_name, cfg)
+    if model_name == "flame":
+        require(cfg.assets_dir, tiers_for(emoca=not cfg.no_emoca, synthesis=cfg.synthesis))
+    elif not cfg.no_emoca:
+        log.info("EMOCA regresses FLAME codes: not used with ICT (each frame starts from a neutral face)")
     if cfg.synthesis:
         _texture_space_files(cfg.assets_dir)
     if cfg.synthesis and cfg.landmarks_file is not None and cfg.data is None:
@@ -564,9 +623,9 @@ def run(cfg: TrackConfig) -> List[VideoOutcome]:
         videos = select_shard(find_videos(cfg.data), cfg.shard)
         root = Path(cfg.data) if Path(cfg.data).is_dir() else None
         stems = [output_stem(v, root) for v in videos]
-    flame = load_flame(cfg.assets_dir)
+    flame = load_model(model_name, cfg.assets_dir)
     emoca_model = None
-    if not cfg.no_emoca:
+    if not cfg.no_emoca and model_name == "flame":
         from .emoca import EmocaEncoder
 
         # Inference only: BatchNorm folded into the convolutions, channels_last
