@@ -186,7 +186,13 @@ class ICTHeadModel(nn.Module):
         # with FLAME's weak priors the fit followed the 1 px landmark noise
         # (68-point error 1.04 px against the noiseless points, weights 0.11
         # off on synthetic ICT heads; 0.68 px and 0.06 with these).
-        return {"shape": ParameterBlock("shape", self.n_shape, 1.0),
+        # Identity: ICT samples it from N(0, 1), but the fitter weighs
+        # landmarks as 1 px noise, and a real detector on a small face is
+        # 3-5 px off at the 512 px crop (carphone: 4.1 px mean 68-point
+        # error); under N(0, 1) carphone's identity reached 13 sd on mode 77
+        # (0.1 mm rms per sd), fitting the detector's own idea of the
+        # landmarks. sd 0.3 is N(0, 1) against ~3.3 px noise.
+        return {"shape": ParameterBlock("shape", self.n_shape, 0.3),
                 "expression": ParameterBlock("expression", self.n_exp, 0.5, (0.0, 1.0),
                                              tuple(self.expression_names), temporal_sigma=0.1)}
 

@@ -651,6 +651,32 @@ def _apply_step(params: FrameParams, step: torch.Tensor, E: int, free=ALL_BLOCKS
     return FrameParams(rotation, translation, expression, jaw, eyes, params.shape.clone())
 
 
+def active_bounds(expression: torch.Tensor, grad: torch.Tensor, bounds: Optional[Tuple[float, float]]) -> torch.Tensor:
+    """[T,E] bool: expression coefficients at a bound whose gradient
+    `grad` [T,E] points out of the box. A projected step moves them nowhere,
+    and their unconstrained step only bends everyone else's: LM then
+    rejected trial after trial (calibration stalled tens of percent off the
+    focal on heads with most weights at 0). Projected Newton holds them."""
+    if bounds is None:
+        return torch.zeros_like(expression, dtype=torch.bool)
+    lo, hi = bounds
+    return ((expression <= lo + 1e-6) & (grad > 0)) | ((expression >= hi - 1e-6) & (grad < 0))
+
+
+def hold_coordinates(H: torch.Tensor, g: torch.Tensor, held: torch.Tensor, coupling: Optional[torch.Tensor] = None):
+    """(H, g, coupling) with the coordinates `held` [T,D] removed from
+    per-frame normal equations H [T,D,D], g [T,D] (their step comes out 0)
+    and from the rows of a shared-parameter coupling block [T,D,n]."""
+    if not bool(held.any()):
+        return H, g, coupling
+    keep = (~held).to(H.dtype)
+    H = H * keep[:, :, None] * keep[:, None, :] + torch.diag_embed(held.to(H.dtype))
+    g = g * keep.reshape(g.shape[:2] + (1,) * (g.dim() - 2))
+    if coupling is not None:
+        coupling = coupling * keep[:, :, None]
+    return H, g, coupling
+
+
 def _neighbour_means(params: FrameParams, order_ok: torch.Tensor):
     """Mean of each frame's previous and next frame (one side at the ends),
     and the number of neighbours (0, 1 or 2) / 2 as the prior's weight."""
@@ -698,6 +724,12 @@ def _normal_equations(basis, arrays, params, targets, focal, pp, cfg, free, robu
     return tuple(torch.cat(x) for x in zip(*parts))
 
 
+def g_full_exp(g: torch.Tensor, free_idx: torch.Tensor, L: Dict[str, slice]) -> torch.Tensor:
+    """The expression entries [T,E] of a gradient over the free columns."""
+    pos = {int(c): i for i, c in enumerate(free_idx)}
+    return g[:, [pos[c] for c in range(L["exp"].start, L["exp"].stop)]]
+
+
 def fit_frames(basis: LandmarkBasis, targets: Targets, init: FrameParams, focal: torch.Tensor,
                pp: torch.Tensor, cfg: FitConfig = FitConfig(), free: Tuple[str, ...] = ALL_BLOCKS,
                temporal: bool = True, contiguous: Optional[torch.Tensor] = None) -> FitResult:
@@ -741,6 +773,10 @@ def fit_frames(basis: LandmarkBasis, targets: Targets, init: FrameParams, focal:
         for a, w in terms:  # identity Jacobians: diagonal additions
             H = H + torch.diag_embed(w[:, free_idx])
             g = g + (w * a)[:, free_idx]
+        if cfg.expression_bounds is not None and "exp" in free:
+            held = torch.zeros(T, 15 + E, dtype=torch.bool)
+            held[:, L["exp"]] = active_bounds(params.expression, g_full_exp(g, free_idx, L), cfg.expression_bounds)
+            H, g, _ = hold_coordinates(H, g, held[:, free_idx])
         diagH = torch.diagonal(H, dim1=1, dim2=2)
         accepted = torch.zeros(T, dtype=torch.bool)
         for _ in range(4):  # LM: retry rejected frames with more damping

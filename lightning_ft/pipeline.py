@@ -168,11 +168,14 @@ def fit_landmarks(model: HeadModel, lmk68: np.ndarray, lmk_dense: np.ndarray, va
     """Calibrate, fit every valid frame, interpolate invalid ones, smooth."""
     H, W = image_size
     fit_cfg = fit_config_for(model, replace(cfg.fit, image_size=max(H, W)))
+    # the model's identity prior, relative to the calibration's N(0, sigma_shape^2)
+    cal_cfg = replace(cfg.calibration,
+                      sigma_shape=cfg.calibration.sigma_shape * model.parameter_blocks()["shape"].sigma)
     with timer("calibration"):
         basis = build_basis(model)
         targets = Targets.from_landmarks(lmk68, lmk_dense, basis)
         init_shape = None if emoca is None else emoca.identity
-        cal = calibrate(basis, targets, valid, (H, W), fit_cfg, cfg.calibration, init_shape=init_shape)
+        cal = calibrate(basis, targets, valid, (H, W), fit_cfg, cal_cfg, init_shape=init_shape)
     if not cal.focal_rel_std <= WEAK_FOCAL_REL_STD:  # NaN too: no curvature along the focal at all
         log.warning("focal length %.0f px is weakly determined (predicted std %.0f %%): little perspective in "
                     "the landmarks (a distant face, a long lens or noisy landmarks); depth and head size share "
