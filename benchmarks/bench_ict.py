@@ -19,13 +19,13 @@ priors, fitting, smoothing) and prints per seed, then the mean:
 import lightning_ft  # first: it sets OpenMP's waiting before torch loads, as in a run
 import argparse
 import time
-from dataclasses import replace
 
 import numpy as np
 import torch
 
 from lightning_ft.calibration import CalibrationConfig, calibrate
 from lightning_ft.head_model import load_ict
+from lightning_ft.pipeline import calibration_config_for
 from lightning_ft.optimize import FitConfig, FrameParams, Targets, build_basis, fit_config_for, fit_sequence, \
     predict_landmarks
 from lightning_ft.smoothing import SmoothingConfig, smooth_tracking
@@ -38,7 +38,7 @@ def run_seed(model, basis, seed: int, frames: int) -> dict:
     t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
     t0 = time.perf_counter()
     cfg = fit_config_for(model, FitConfig())
-    ccfg = replace(CalibrationConfig(), sigma_shape=model.parameter_blocks()["shape"].sigma)
+    ccfg = calibration_config_for(model, CalibrationConfig())
     targets = Targets.from_landmarks(seq.lmk68, seq.lmk_dense, basis)
     valid = np.ones(frames, bool)
     cal = calibrate(basis, targets, valid, seq.image_size, cfg, ccfg)

@@ -168,9 +168,7 @@ def fit_landmarks(model: HeadModel, lmk68: np.ndarray, lmk_dense: np.ndarray, va
     """Calibrate, fit every valid frame, interpolate invalid ones, smooth."""
     H, W = image_size
     fit_cfg = fit_config_for(model, replace(cfg.fit, image_size=max(H, W)))
-    # the model's identity prior, relative to the calibration's N(0, sigma_shape^2)
-    cal_cfg = replace(cfg.calibration,
-                      sigma_shape=cfg.calibration.sigma_shape * model.parameter_blocks()["shape"].sigma)
+    cal_cfg = calibration_config_for(model, cfg.calibration)
     with timer("calibration"):
         basis = build_basis(model)
         targets = Targets.from_landmarks(lmk68, lmk_dense, basis)
@@ -221,6 +219,12 @@ def fit_landmarks(model: HeadModel, lmk68: np.ndarray, lmk_dense: np.ndarray, va
         shape=cal.shape, focal_length=cal.focal_px, principal_point=cal.principal_point, quality=quality,
         calibration={"frames": cal.frames.tolist(), "focal_costs": cal.focal_costs, "focal_px": float(cal.focal_px[0]),
                      "focal_rel_std": float(cal.focal_rel_std) if np.isfinite(cal.focal_rel_std) else None})
+
+
+def calibration_config_for(model: HeadModel, ccfg: CalibrationConfig) -> CalibrationConfig:
+    """`ccfg` with the model's identity prior (its sd relative to the
+    calibration's own N(0, sigma_shape^2))."""
+    return replace(ccfg, sigma_shape=ccfg.sigma_shape * model.parameter_blocks()["shape"].sigma)
 
 
 def _params_from(d: Dict[str, np.ndarray], shape: torch.Tensor) -> FrameParams:
