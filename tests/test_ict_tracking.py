@@ -237,3 +237,64 @@ def test_flame_result_refuses_arkit(tmp_path):
     write_result(tmp_path / "r", tracking, {"flame": {"version": "2020"}})
     with pytest.raises(UsageError, match="--model ict"):
         export(tmp_path / "r", ["arkit"])
+
+
+# ----------------------------------------------------------------------------
+# Real video through the command line
+
+
+@pytest.fixture(scope="module")
+def carphone_ict(tmp_path_factory):
+    from lightning_ft.synthetic import clips
+
+    d = tmp_path_factory.mktemp("carphone_ict")
+    video = clips.write_excerpt(clips.carphone_path(), d / "carphone40.mp4", n_frames=40)
+    rc = track_main(["--data", str(video), "--model", "ict", "-v", "-q", "-d", "cpu", "--image-size", "256",
+                     "--out", str(d / "out"), "--export", "arkit,mesh"])
+    return rc, d / "out" / "carphone40"
+
+
+def test_carphone_tracks_with_ict(carphone_ict, ict):
+    rc, folder = carphone_ict
+    assert rc == 0
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["model"]["name"] == "ict" and meta["model"]["sha256"] == ict.sha256 and "flame" not in meta
+    assert meta["model"]["licence"].startswith("MIT")
+    with np.load(folder / "tracking.npz") as d:
+        r = {k: d[k] for k in d.files}
+    T = len(r["frame_ids"])
+    assert r["shape"].shape == (100,) and r["expression"].shape == (T, 53)
+    assert list(r["expression_names"]) == list(ict.expression_names)
+    assert r["expression"].min() >= 0 and r["expression"].max() <= 1
+    assert np.all(r["jaw_pose"] == 0)
+    q = meta["quality"]
+    assert r["valid"].mean() >= 0.95
+    assert q["jitter_68_fitted_px"] < q["jitter_68_detected_px"]
+    assert q["mean_error_68_px"] < 6.0  # 256 px crops of a ~80 px face
+    assert (folder / "visualization.mp4").stat().st_size > 10_000
+    assert (folder / "export" / "arkit" / "arkit.csv").exists()
+    assert len(list((folder / "export" / "mesh" / "meshes").glob("*.obj"))) == int(r["valid"].sum())
+
+
+def test_frontal_photograph_with_ict(tmp_path):
+    """The astronaut looks into the camera: with ICT the head's pitch stays
+    within 10 degrees of frontal and the identity within 3 sd (the strict
+    xfail of the FLAME stand-in in test_e2e)."""
+    from lightning_ft.synthetic import clips
+
+    video = clips.write_still_clip(tmp_path / "astronaut_still.mp4", n_frames=40, fps=25, noise_std=2.0, crf=23)
+    rc = track_main(["--data", str(video), "--model", "ict", "-q", "-d", "cpu", "--image-size", "256",
+                     "--out", str(tmp_path / "out")])
+    assert rc == 0
+    with np.load(tmp_path / "out" / "astronaut_still" / "tracking.npz") as d:
+        R, shape = d["rotation"].astype(np.float64), d["shape"].astype(np.float64)
+    forward = R @ np.array([0.0, 0.0, 1.0])  # ICT +z: out of the face
+    pitch = np.degrees(np.arctan2(forward[:, 1], -forward[:, 2])).mean()
+    yaw = np.degrees(np.arctan2(forward[:, 0], -forward[:, 2])).mean()
+    shape_rms = float(np.sqrt(np.mean(shape ** 2)))
+    print({"pitch_deg": pitch, "yaw_deg": yaw, "shape_rms_sd": shape_rms, "shape_max_sd": np.abs(shape).max()})
+    assert abs(pitch) < 10 and abs(yaw) < 10
+    # 3 sd RMS over the 100 coefficients, as test_e2e asks of FLAME (single
+    # coefficients reach 5-6 sd: the photograph's detector points and ICT's
+    # landmark placement disagree on a few features)
+    assert shape_rms < 3.0
