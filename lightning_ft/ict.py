@@ -17,6 +17,7 @@ centre: ICT's eyeLook* shapes move the lids only, not the eyeballs.
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
@@ -32,7 +33,7 @@ DATA_DIR = Path(__file__).resolve().parent / "data" / "ict"
 SHIPPED_MODEL = DATA_DIR / "ict_face_model_light.npz"
 # sha256 of the shipped file; `tools/convert_ict.py` prints it. A mismatch means a
 # corrupted or hand-edited file, or a rebuild whose hash was not recorded here.
-SHIPPED_SHA256 = "71e8772e77b0a57efd68646f0eb011a29841dc0dd03224ccd7d6f80c67ae1e08"
+SHIPPED_SHA256 = "92f5cd9d8a1c13be3000c1eca16e3107401a7df11ad3d3024d6ccb0c01ae11b6"
 FORMAT_VERSION = 1
 LICENSE_NAME = "MIT (ICT-FaceKit, USC Institute for Creative Technologies, 2020)"
 
@@ -98,7 +99,7 @@ def read_model_file(path: Path) -> Dict[str, np.ndarray]:
             arrays = {k: z[k] for k in z.files}
     except FileNotFoundError:
         raise AssetError(f"{path}: ICT model file not found") from None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise AssetError(f"{path}: not a readable ICT model file ({exc})") from None
     required = ("format_version", "v_template", "shapedirs", "expdirs", "faces", "expression_names",
                 "kept_vertex_ids", "geometry_names", "geometry_vertex_ranges", "eyeball_vertex_ranges",
@@ -141,10 +142,24 @@ class ICT(nn.Module):
     [R,17,3] (the jaw contour per yaw row, `flame.contour_rows`), dense_faces
     [M] / dense_bary [M,3] / mediapipe_indices [M]; plus lmk68_faces [68] /
     lmk68_bary [68,3], the static 68 of ICT's README.
+
+    Other attributes: n_shape, n_exp, expression_names [53], faces [F,3],
+    v_template [V,3], shapedirs [V,3,100], expdirs [V,3,53] (views of `dirs`
+    [V*3,153]), uv [T,2] / faces_uv [F,3] (ICT's texture coordinates),
+    kept_vertex_ids [V] (OBJ vertex of each model vertex), region (vertex
+    masks), geometry_vertex_ranges (ICT geometry -> (first, end)),
+    eyeball_vertex_ids (left, right), eyeball_vertex_ranges [2,3] (first,
+    first iris vertex, end), eyeball_centres [2,3] of the neutral mesh;
+    name, license and sha256 for result metadata.
     """
 
     name = "ict"
     license = LICENSE_NAME
+    # Priors, for fitters: ICT draws identity weights from N(0, 1) (its
+    # sample_random.py), so shape has unit standard deviation; expression
+    # weights are ARKit-style activations in [0, 1].
+    shape_std = 1.0
+    expression_range = (0.0, 1.0)
 
     def __init__(self, arrays: Dict[str, np.ndarray], path: Optional[Path] = None, sha256: str = "",
                  dtype: torch.dtype = torch.float32):
@@ -175,6 +190,7 @@ class ICT(nn.Module):
         ranges = arrays["eyeball_vertex_ranges"].astype(np.int64)  # [2 eyes, 3]: first, first iris, end
         if not (ranges[0, 2] <= ranges[1, 0] or ranges[1, 2] <= ranges[0, 0]):
             raise AssetError(f"{path}: the two eyeballs' vertex ranges overlap")
+        self.eyeball_vertex_ranges = ranges
         self.eyeball_vertex_ids = tuple(np.arange(r[0], r[2]) for r in ranges)
         self._eye_slices = tuple((int(r[0]), int(r[2])) for r in ranges)
         for eye, r in zip(("left", "right"), ranges):
@@ -184,7 +200,6 @@ class ICT(nn.Module):
             sclera = v[r[0]:r[1]].astype(np.float64)
             centre = sphere_fit(torch.as_tensor(sclera)[None])[0][0].numpy()
             self.register_buffer(f"sclera_fit_{eye}", long(np.flatnonzero(sclera[:, 2] < centre[2])))
-        self.region: Dict[str, torch.Tensor] = {}
         for region, parts in REGIONS.items():
             mask = np.zeros(V, dtype=bool)
             for part in parts:
@@ -219,9 +234,9 @@ class ICT(nn.Module):
         The shipped file is checked against `SHIPPED_SHA256`; another path only
         when `expected_sha256` is given.
         """
-        if path is None:
-            path, expected_sha256 = SHIPPED_MODEL, SHIPPED_SHA256
-        path = Path(path)
+        path = Path(path) if path is not None else SHIPPED_MODEL
+        if path.resolve() == SHIPPED_MODEL.resolve():
+            expected_sha256 = SHIPPED_SHA256
         if not path.is_file():
             raise AssetError(f"{path}: ICT model file not found")
         digest = _check_sha256(path, expected_sha256) if expected_sha256 else file_sha256(path)
@@ -237,7 +252,7 @@ class ICT(nn.Module):
         return self.dense_faces.shape[0]
 
     @property
-    def regions(self) -> Dict[str, torch.Tensor]:
+    def region(self) -> Dict[str, torch.Tensor]:
         """Vertex masks [V] bool: face, head_neck, eye_sockets, eyeballs, mouth_interior."""
         return {r: getattr(self, f"region_{r}") for r in REGIONS}
 

@@ -140,7 +140,7 @@ def test_shipped_file_loads_with_its_recorded_hash(shipped):
     # Meters, ICT's frame: a head about 25 cm wide, nose tip in front (+z).
     extent = v.max(0).values - v.min(0).values
     assert 0.15 < extent[0] < 0.35 and v[shipped.region_face, 2].max() > 0.12
-    masks = shipped.regions
+    masks = shipped.region
     assert sum(int(m.sum()) for m in masks.values()) == V
     assert not (masks["eyeballs"] & masks["face"]).any()
 
@@ -244,5 +244,58 @@ def test_jaw_contour_follows_yaw(shipped):
     for p in (at[25][12:16] @ R.T):
         near = face[(face[:, 1] - p[1]).abs() < 3e-3]
         assert p[0] > near[:, 0].max() - 4e-3
+    # The side turning towards the camera (the subject's right, points 0..7, at
+    # +25 degrees) and the chin keep the README's jaw vertices.
+    static = shipped.landmarks68(v)[0, :17]
+    torch.testing.assert_close(at[25][:9], static[:9], atol=0, rtol=0)
+    torch.testing.assert_close(at[-25][8:], static[8:], atol=0, rtol=0)
     # The inner 51 points do not depend on yaw.
     torch.testing.assert_close(shipped.landmarks68(v, _yaw(25))[0, 17:], shipped.landmarks68(v)[0, 17:])
+
+
+# ----------------------------------------------------------------------------
+# The mediapipe embedding
+
+
+def test_mediapipe_embedding_covers_the_face_and_the_irises(shipped):
+    idx = shipped.mediapipe_indices
+    assert idx.numel() >= 300 and idx.unique().numel() == idx.numel()
+    assert idx.min() >= 0 and idx.max() <= 477
+    iris = idx >= 468
+    assert iris.sum() >= 8
+    on_eyeball = shipped.region_eyeballs[shipped.faces[shipped.dense_faces]].all(-1)
+    assert torch.equal(on_eyeball, iris)  # iris points on the eyeballs, nothing else there
+    # They turn with the eyes.
+    eye_pose = torch.tensor([[0.0, 0.3, 0.0, 0.0, 0.3, 0.0]])
+    moved = shipped.dense_landmarks(shipped(eye_pose=eye_pose)) - shipped.dense_landmarks(shipped())
+    assert (moved[0, iris].norm(dim=-1) > 2e-3).all() and (moved[0, ~iris].norm(dim=-1) == 0).all()
+
+
+def test_mediapipe_embedding_agrees_with_facemesh_on_a_new_render(shipped):
+    """FaceMesh on a render of an identity and view that the embedding was not
+    built from lands where the embedded points project."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_emb", ROOT / "tools" / "build_ict_mediapipe_embedding.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    from lightning_ft.landmarks import MeshTracker
+    from lightning_ft.render import project, render_shaded
+
+    colours, shown = build.paint(shipped)
+    shape = torch.as_tensor(np.random.default_rng(123).normal(size=100), dtype=torch.float32)[None]
+    R = build._rotation(8.0, -5.0)
+    with torch.no_grad():
+        verts = shipped(shape=shape)[0].double().numpy()
+    nose = shipped.landmarks68(shipped.v_template[None])[0, 27:36].double().numpy().mean(0)
+    cam = torch.as_tensor(build.camera_vertices(verts, R, nose))[None]
+    K = torch.tensor([[1000.0, 0, 255.5], [0, 1000.0, 255.5], [0, 0, 1]], dtype=torch.float64)
+    rgb, mask = render_shaded(cam, shipped.faces[torch.as_tensor(shown)], K, 512, colors=torch.as_tensor(colours))
+    image = ((rgb[0] + 0.45 * (1 - mask[0, ..., None])).clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8)
+    with MeshTracker(static=True) as tracker:
+        detected = tracker(image)
+    assert detected is not None
+    pts = shipped.dense_landmarks(torch.as_tensor(verts, dtype=torch.float32)[None])[0].double().numpy()
+    uv = project(torch.as_tensor(build.camera_vertices(pts, R, nose))[None], K)[0, :, :2].numpy()
+    err = np.linalg.norm(uv - detected[shipped.mediapipe_indices.numpy()], axis=1)
+    assert np.median(err) < 2.0 and np.percentile(err, 90) < 5.0

@@ -148,6 +148,10 @@ def jaw_contour_table(v: np.ndarray, faces: np.ndarray, jaw_ids: Sequence[int], 
                       yaws_deg: np.ndarray = CONTOUR_YAWS_DEG, margin: float = 0.005) -> np.ndarray:
     """Vertex ids [R,17] of the jaw outline seen at each yaw (degrees).
 
+    Points on the side turning towards the camera, the chin point, and all
+    points at yaw 0 stay at the README's jaw vertices; the points on the side
+    turning away follow the occluding contour:
+
     Contour point i is searched on a "meridian" through the README's jaw
     vertex p_i: the slab of candidate vertices within half the spacing of the
     jaw points of the plane through p_i whose normal is the jaw line's tangent
@@ -182,7 +186,14 @@ def jaw_contour_table(v: np.ndarray, faces: np.ndarray, jaw_ids: Sequence[int], 
         slab = cand[(np.abs(d @ t) <= max(half, 1e-3)) & (d @ o >= -0.04)]
         if slab.size == 0:
             raise ConversionError(f"jaw contour point {i}: no candidate vertices on its meridian")
+        side = np.sign(round(jaw[i, 0], 4))  # -1: subject's right, +1: left, 0: chin
         for r, yaw in enumerate(np.deg2rad(yaws_deg)):
+            if side * yaw <= 0:
+                # Facing the camera (or frontal): the outline a 2-D detector draws
+                # there is the jaw line itself, not the occluding contour, which
+                # on this side runs back over the ear.
+                out[r, i] = jaw_ids[i]
+                continue
             c, s = np.cos(yaw), np.sin(yaw)
             R = np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
             facing = (n[slab] @ R.T)[:, 2] > 0
