@@ -35,7 +35,7 @@ import torch
 
 from lightning_ft.calibration import CalibrationConfig, calibrate
 from lightning_ft.head_model import load_ict
-from lightning_ft.pipeline import calibration_config_for
+from lightning_ft.pipeline import calibration_config_for, calibration_fit_config
 from lightning_ft.optimize import FitConfig, FrameParams, Targets, build_basis, fit_config_for, fit_sequence, \
     predict_landmarks
 from lightning_ft.smoothing import SmoothingConfig, smooth_tracking
@@ -51,7 +51,7 @@ def run_seed(model, basis, seed: int, frames: int) -> dict:
     ccfg = calibration_config_for(model, CalibrationConfig())
     targets = Targets.from_landmarks(seq.lmk68, seq.lmk_dense, basis)
     valid = np.ones(frames, bool)
-    cal = calibrate(basis, targets, valid, seq.image_size, cfg, ccfg)
+    cal = calibrate(basis, targets, valid, seq.image_size, calibration_fit_config(cfg), ccfg)
     focal, pp = t(cal.focal_px), t(cal.principal_point)
     res = fit_sequence(basis, targets, focal, pp, t(cal.shape), cfg)
     p = res.params

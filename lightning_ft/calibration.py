@@ -29,7 +29,6 @@ import numpy as np
 import torch
 
 from .errors import NoFaceError
-from .optimize import active_bounds, hold_coordinates
 from .optimize import (ALL_BLOCKS, FitConfig, FrameParams, LandmarkBasis, Targets, _apply_step,
                        _param_vector_terms, _point_arrays, _vector_cost, fold_shape, head_rotation_flame,
                        held_contour_rows, initial_params, point_residuals)
@@ -179,8 +178,6 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
         for a, w in terms:
             gf = gf + w * a
         gf = gf[..., None]
-        held = active_bounds(params.expression, gf[:, 6:6 + E, 0], cfg.expression_bounds)
-        Hff, gf, Hfs = hold_coordinates(Hff, gf, torch.nn.functional.pad(held, (6, 9)), Hfs)
         gs = B.reshape(-1, n_shared).T @ r.reshape(-1) + torch.cat(
             [shape / sigma_shape ** 2, ((log_f - log_f0) / ccfg.focal_prior_sigma_log ** 2).reshape(1)])[:n_shared]
         Hfs_gf = torch.cat([Hfs, gf], -1)
@@ -198,7 +195,7 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
             rhs = gs - reduced[:, -1]
             ds = -torch.linalg.solve(schur, rhs)
             df = -(Hinv_gf[..., 0] + Hinv_Hfs @ ds)
-            trial = _apply_step(params, df, E, bounds=cfg.expression_bounds)
+            trial = _apply_step(params, df, E)
             if not fix_focal:
                 trial.translation[:, 2] *= torch.exp(ds[S])
             shape_t = shape + ds[:S]

@@ -220,7 +220,9 @@ class FitConfig:
     tol: float = 1e-3
     image_size: int = 512
     # Hard bounds (lo, hi) of every expression coefficient, or None: each LM
-    # step is projected onto them (ICT's ARKit-style weights lie in [0, 1]).
+    # step of `fit_frames` is projected onto them (ICT's ARKit-style weights
+    # lie in [0, 1]); calibration runs without them
+    # (`pipeline.calibration_fit_config` says why).
     expression_bounds: Optional[Tuple[float, float]] = None
 
 

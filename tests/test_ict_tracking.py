@@ -19,7 +19,7 @@ from lightning_ft.head_model import HeadModel, ICTHeadModel
 from lightning_ft.optimize import (FitConfig, FrameParams, Targets, _apply_step, build_basis, fit_config_for,
                                    fit_sequence, predict_landmarks)
 from lightning_ft.output import TRACKING_KEYS, write_result
-from lightning_ft.pipeline import TrackConfig, calibration_config_for, select_model
+from lightning_ft.pipeline import TrackConfig, calibration_config_for, calibration_fit_config, select_model
 from lightning_ft.synthetic.ict_sequences import make_ict_sequence
 
 from ict_standin import StandInICT
@@ -91,7 +91,8 @@ def test_fit_recovers_bounded_weights_head_motion_and_focal(ict):
     basis = build_basis(ict)
     cfg = fit_config_for(ict, FitConfig())
     tg = Targets.from_landmarks(seq.lmk68, seq.lmk_dense, basis)
-    cal = calibrate(basis, tg, np.ones(T, bool), (512, 512), cfg, calibration_config_for(ict, CalibrationConfig()))
+    cal = calibrate(basis, tg, np.ones(T, bool), (512, 512), calibration_fit_config(cfg),
+                    calibration_config_for(ict, CalibrationConfig()))
     focal, pp = _t(cal.focal_px), _t(cal.principal_point)
     res = fit_sequence(basis, tg, focal, pp, _t(cal.shape), cfg)
     e = res.params.expression.numpy()
