@@ -69,7 +69,11 @@ def _track_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--lmk68", choices=("auto", "fan", "dlib", "mediapipe"), default="auto",
                    help="source of the 68 landmarks (default: FAN if its weights are local, else dlib, else "
                    "mediapipe)")
-    p.add_argument("--export", default="", help="also export: comma-separated vhap,metrical,lightning,nerface,mesh")
+    p.add_argument("--model", choices=("flame", "ict"), default=None,
+                   help="head model: FLAME (needs its files under the assets folder) or the built-in ICT-FaceKit "
+                   "model (MIT licence, no files needed); default: FLAME where its files are there, else ICT")
+    p.add_argument("--export", default="", help="also export: comma-separated "
+                   "vhap,metrical,lightning,nerface,mesh,arkit")
     p.add_argument("--cache", type=Path, default=None, help="frame cache folder (default: OUT/.cache)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info messages")
     camera = p.add_mutually_exclusive_group()
@@ -83,7 +87,9 @@ def _track_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def _track(args: argparse.Namespace) -> int:
-    from .assets import resolve_assets_dir
+    import os
+
+    from .assets import ENV_ASSETS, resolve_assets_dir
     from .pipeline import TrackConfig, parse_shard, run
 
     if args.data is None and args.landmarks is None:
@@ -115,7 +121,8 @@ def _track(args: argparse.Namespace) -> int:
         device=devices[0], visualize=args.visualize, synthesis=args.synthesis,
         landmarks_file=args.landmarks, no_emoca=args.no_emoca, shard=parse_shard(args.shard),
         overwrite=args.overwrite, image_size=args.image_size, fps=args.fps, lmk68=args.lmk68, export=exports,
-        cache_dir=args.cache, progress=False if args.quiet else None,
+        cache_dir=args.cache, progress=False if args.quiet else None, model=args.model,
+        assets_named=bool(args.assets or os.environ.get(ENV_ASSETS)),
         focal_px=args.focal, fov_deg=args.fov, shared_camera=args.shared_camera)
     if args.shared_camera and len(devices) > 1:
         raise UsageError("--shared-camera calibrates over all videos in one process: use one device, no --workers")
@@ -136,6 +143,11 @@ def _summary(outcomes) -> int:
     else:
         for o in outcomes:
             print(f"{o.name}: {o.status} -> {o.detail}")
+            if o.status == "done":
+                folder = Path(o.detail)
+                print(f"results: {folder / 'tracking.npz'} and {folder / 'meta.json'}")
+                if (folder / "visualization.mp4").exists():
+                    print(f"video: {folder / 'visualization.mp4'}")
     not_run = [o for o in outcomes if o.status == "not-run"]
     if not_run:
         from .errors import DiskFullError
@@ -193,7 +205,8 @@ def _main_parser() -> argparse.ArgumentParser:
     assets.set_defaults(func=_assets)
     exp = sub.add_parser("export", help="convert a result folder for another tool")
     exp.add_argument("result_dir", type=Path)
-    exp.add_argument("--format", required=True, help="vhap, metrical, lightning, nerface, mesh (comma-separated)")
+    exp.add_argument("--format", required=True, help="vhap, metrical, lightning, nerface, mesh, arkit "
+                     "(comma-separated)")
     exp.add_argument("--out", type=Path, default=None)
     exp.add_argument("--allow-version-mismatch", action="store_true")
     exp.add_argument("--video", type=Path, default=None, help="the source video, where it is not at the path "

@@ -14,6 +14,11 @@ see docs/formats.md). Formats:
   GAGAvatar), PyTorch3D camera, vertices scaled by 5.
 - ``nerface``: `transforms_{train,val,test}.json` with expressions.
 - ``mesh``: per-frame OBJ in OpenCV camera space and the neutral identity mesh.
+- ``arkit``: per-frame ARKit blendshape weights and head/eye angles as CSV in
+  Live Link Face's column layout (a result tracked with ICT only).
+
+vhap, metrical and lightning write FLAME parameters that the consumer
+evaluates with its own FLAME: they refuse a result tracked with ICT.
 
 Each output folder gets `export_info.json` with the FLAME version and model
 hash, the pixel convention of the source and of the written intrinsics, and
@@ -31,7 +36,7 @@ import pickle
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -155,6 +160,11 @@ class TrackingResult:
         return dict(self.meta.get("flame", {}))
 
     @property
+    def model_name(self) -> str:
+        """'flame' or 'ict' (results written before the 'model' entry are FLAME's)."""
+        return str(self.meta.get("model", {}).get("name", "flame"))
+
+    @property
     def flame_version(self) -> str:
         return normalize_flame_version(self.flame_info.get("version"))
 
@@ -236,6 +246,44 @@ def _torch():
     import torch
 
     return torch
+
+
+def load_model_for(result: TrackingResult):
+    """The head model a result was tracked with (FLAME from the paths in
+    meta.json; ICT, built in, checked against the recorded sha256)."""
+    if result.model_name == "flame":
+        return load_flame_for(result)
+    from .head_model import load_ict
+
+    model = load_ict()
+    recorded = result.meta.get("model", {}).get("sha256")
+    if recorded and model.sha256 and recorded != model.sha256:
+        raise UsageError(f"{result.path / 'meta.json'}: tracked with an ICT model of sha256 {recorded[:12]}..., "
+                         f"this installation ships {model.sha256[:12]}...; export with the same version")
+    return model
+
+
+def evaluate_model(result: TrackingResult, model, need_vertices: bool = True, chunk: int = 128) -> FlameEvaluation:
+    """`evaluate_flame` for FLAME; for a model without root and neck joints
+    (ICT) the vertices of `HeadModel.posed_vertices`, joints at the origin."""
+    if getattr(model, "name", "flame") == "flame":
+        return evaluate_flame(result, model, need_vertices, chunk)
+    torch = _torch()
+    dtype = model.v_template.dtype
+    t = lambda a: torch.as_tensor(np.asarray(a), dtype=dtype)  # noqa: E731
+    vertices = []
+    with torch.no_grad():
+        if need_vertices:
+            for s in range(0, result.n_frames, chunk):
+                e = min(s + chunk, result.n_frames)
+                vertices.append(model.posed_vertices(t(result.shape)[None].expand(e - s, -1),
+                                                     t(result.expression[s:e]), eye_pose=t(result.eye_pose[s:e]))
+                                .double().numpy())
+        neutral = model.posed_vertices(t(result.shape)[None], torch.zeros(1, model.n_exp, dtype=dtype))
+    zeros = np.zeros((result.n_frames, 3))
+    return FlameEvaluation(vertices=np.concatenate(vertices) if need_vertices else np.zeros((0, 0, 3)),
+                           root=zeros, neck=zeros, faces=model.faces.numpy().astype(np.int64),
+                           neutral_vertices=neutral[0].double().numpy())
 
 
 def evaluate_flame(result: TrackingResult, flame, need_vertices: bool = True, chunk: int = 128) -> FlameEvaluation:
@@ -739,7 +787,10 @@ def export_nerface(result: TrackingResult, out_dir: Path, flame_eval: FlameEvalu
     # ours, and the principal point stored as a fraction of the image size.
     cx_frac = float(result.principal_point[0]) / result.width
     cy_frac = float(result.principal_point[1]) / result.height
-    expression = np.concatenate([result.expression, result.jaw_pose], axis=1).astype(np.float64)
+    # ICT's jaw is among its expression weights; FLAME's jaw pose is appended
+    with_jaw = result.model_name == "flame"
+    expression = np.concatenate([result.expression] + ([result.jaw_pose] if with_jaw else []),
+                                axis=1).astype(np.float64)
     _require_images_note(frames, "nerface", notes)
     written = []
     for split, members in _nerface_splits(len(idx)).items():
@@ -754,8 +805,10 @@ def export_nerface(result: TrackingResult, out_dir: Path, flame_eval: FlameEvalu
         meta = {"camera_angle_x": float(cam.focal_to_fov(fx, result.width)),
                 "intrinsics": [fx, fy, cx_frac, cy_frac], "frames": items}
         written.append(_write_json(out_dir / f"transforms_{split}.json", meta))
-    notes.append(f"nerface: expression vectors have {expression.shape[1]} values "
-                 f"({result.expression.shape[1]} FLAME expression + 3 jaw); set the network's expression size")
+    what = (f"{result.expression.shape[1]} FLAME expression + 3 jaw" if with_jaw
+            else f"{result.expression.shape[1]} {result.model_name.upper()} expression weights")
+    notes.append(f"nerface: expression vectors have {expression.shape[1]} values ({what}); "
+                 f"set the network's expression size")
     return written
 
 
@@ -777,6 +830,105 @@ def export_mesh(result: TrackingResult, out_dir: Path, flame_eval: FlameEvaluati
         written.append(_atomic_write(out_dir / "meshes" / f"{int(result.frame_ids[i]):05d}.obj",
                                      _obj_text(verts, faces).encode()))
     return written
+
+
+# ----------------------------------------------------------------------------
+# arkit (Live Link Face CSV)
+
+
+# The 52 ARKit blendshapes in Live Link Face's CSV column order.
+ARKIT_NAMES = (
+    "EyeBlinkLeft EyeLookDownLeft EyeLookInLeft EyeLookOutLeft EyeLookUpLeft EyeSquintLeft EyeWideLeft "
+    "EyeBlinkRight EyeLookDownRight EyeLookInRight EyeLookOutRight EyeLookUpRight EyeSquintRight EyeWideRight "
+    "JawForward JawRight JawLeft JawOpen MouthClose MouthFunnel MouthPucker MouthRight MouthLeft "
+    "MouthSmileLeft MouthSmileRight MouthFrownLeft MouthFrownRight MouthDimpleLeft MouthDimpleRight "
+    "MouthStretchLeft MouthStretchRight MouthRollLower MouthRollUpper MouthShrugLower MouthShrugUpper "
+    "MouthPressLeft MouthPressRight MouthLowerDownLeft MouthLowerDownRight MouthUpperUpLeft MouthUpperUpRight "
+    "BrowDownLeft BrowDownRight BrowInnerUp BrowOuterUpLeft BrowOuterUpRight CheekPuff CheekSquintLeft "
+    "CheekSquintRight NoseSneerLeft NoseSneerRight TongueOut").split()
+ARKIT_ANGLES = ("HeadYaw", "HeadPitch", "HeadRoll", "LeftEyeYaw", "LeftEyePitch", "LeftEyeRoll",
+                "RightEyeYaw", "RightEyePitch", "RightEyeRoll")
+LIVE_LINK_FACE_COLUMNS = ("Timecode", "BlendShapeCount") + tuple(ARKIT_NAMES) + ARKIT_ANGLES
+
+
+def arkit_weight_map(model_names: Sequence[str]) -> Tuple[np.ndarray, List[str]]:
+    """(M [52, E], unused model names): ARKit weights = expression @ M.T.
+
+    A model shape `fooBar_L` / `fooBar_R` feeds `FooBarLeft` / `FooBarRight`
+    (the subject's left and right, in both naming schemes); an unsplit ARKit
+    shape the model splits (browInnerUp, cheekPuff) is the mean of its two
+    halves; a shape ARKit lacks (ICT's cheekRaiser_*, PupilDilate_*) is
+    left out and listed; an ARKit shape the model lacks (tongueOut) is 0.
+    """
+    def arkit_key(name: str) -> str:
+        base, side = (name[:-2], "Left") if name.endswith("_L") else (name[:-2], "Right") if name.endswith("_R") \
+            else (name, "")
+        return (base[:1].upper() + base[1:] + side).lower()
+
+    column = {n.lower(): i for i, n in enumerate(ARKIT_NAMES)}
+    M = np.zeros((len(ARKIT_NAMES), len(model_names)))
+    unused = []
+    for j, name in enumerate(model_names):
+        key = arkit_key(name)
+        if key in column:
+            M[column[key], j] = 1.0
+        elif key.endswith(("left", "right")) and key[:-4 if key.endswith("left") else -5] in column:
+            M[column[key[:-4 if key.endswith("left") else -5]], j] = 0.5
+        else:
+            unused.append(name)
+    return M, unused
+
+
+def _euler_yaw_pitch_roll(R: np.ndarray) -> np.ndarray:
+    """(yaw, pitch, roll) [T,3] radians of rotations R = Ry(yaw) Rx(pitch)
+    Rz(roll) [T,3,3] in model axes (x to the subject's left, y up, z
+    forward out of the face)."""
+    yaw = np.arctan2(R[:, 0, 2], R[:, 2, 2])
+    pitch = np.arcsin(np.clip(-R[:, 1, 2], -1.0, 1.0))
+    roll = np.arctan2(R[:, 1, 0], R[:, 1, 1])
+    return np.stack([yaw, pitch, roll], 1)
+
+
+def _timecode(seconds: float, fps: float) -> str:
+    """HH:MM:SS:FF.mmm as Live Link Face writes it (FF: frame within the second)."""
+    whole = int(np.floor(seconds))
+    frame = (seconds - whole) * fps
+    h, m, s = whole // 3600, (whole // 60) % 60, whole % 60
+    return f"{h:02d}:{m:02d}:{s:02d}:{int(frame):02d}.{int(round((frame - int(frame)) * 1000)) % 1000:03d}"
+
+
+def _arkit_precheck(result: TrackingResult) -> None:
+    if "expression_names" not in result.arrays:
+        raise UsageError(f"{result.path / 'tracking.npz'}: arkit writes ARKit blendshape weights, and this result "
+                         f"was tracked with {result.model_name.upper()}, which has none; track with --model ict")
+
+
+def export_arkit(result: TrackingResult, out_dir: Path, flame_eval: Optional[FlameEvaluation], frames: _Frames,
+                 notes: List[str]) -> List[Path]:
+    """arkit.csv: one row per valid frame in Live Link Face's layout:
+    Timecode, BlendShapeCount (61), the 52 ARKit weights in [0, 1], then
+    head yaw, pitch, roll and each eye's yaw, pitch, roll in radians."""
+    _arkit_precheck(result)
+    idx = _valid_indices(result, notes, "arkit")
+    names = [str(n) for n in result.expression_names]
+    M, unused = arkit_weight_map(names)
+    weights = np.clip(result.expression.astype(np.float64) @ M.T, 0.0, 1.0)
+    if unused:
+        notes.append(f"arkit: {', '.join(unused)} have no ARKit counterpart and are not written")
+    missing = [ARKIT_NAMES[i] for i in np.flatnonzero(M.sum(1) == 0)]
+    if missing:
+        notes.append(f"arkit: {', '.join(missing)} not in the model; written as 0")
+    # the head's rotation relative to a frontal face (the camera's y and z flipped)
+    head = _euler_yaw_pitch_roll(np.diag([1.0, -1.0, -1.0]) @ result.rotation.astype(np.float64))
+    eyes = [_euler_yaw_pitch_roll(cam.axis_angle_to_matrix(result.eye_pose[:, 3 * k:3 * k + 3])) for k in (0, 1)]
+    angles = np.concatenate([head] + eyes, 1)
+    fps = float(result.fps)
+    rows = [",".join(LIVE_LINK_FACE_COLUMNS)]
+    for i in idx:
+        values = np.concatenate([weights[i], angles[i]])
+        rows.append(",".join([_timecode(float(result.frame_ids[i]) / fps, fps), str(len(values))]
+                             + [f"{v:.6f}" for v in values]))
+    return [_atomic_write(Path(out_dir) / "arkit.csv", ("\n".join(rows) + "\n").encode())]
 
 
 # ----------------------------------------------------------------------------
@@ -821,6 +973,8 @@ FORMATS: Dict[str, ExportFormat] = {
         "intrinsics [fx, fy, cx/W, cy/H] with cx, cy in OpenCV pixels (nerface casts rays through integer "
         "pixel indices)"),
     "mesh": ExportFormat("mesh", export_mesh, "any mesh tool (OBJ)", None, "none (camera-space meshes)"),
+    "arkit": ExportFormat("arkit", export_arkit, "ARKit rigs via Live Link Face CSV importers (Unreal, Blender)",
+                          None, "none (no camera)", _arkit_precheck),
 }
 
 
@@ -849,7 +1003,7 @@ def check_flame_version(result: TrackingResult, fmt: ExportFormat, allow_mismatc
 
 def export(result_dir: Path, formats: List[str], out_dir: Optional[Path] = None, frames: Optional[FrameSource] = None,
            flame=None, allow_version_mismatch: bool = False, video: Optional[Path] = None,
-           require_images: bool = False) -> List[Path]:
+           require_images: bool = False, model=None) -> List[Path]:
     """Export RESULT_DIR's tracking into each format; returns the files written.
 
     out_dir defaults to RESULT_DIR/export; each format goes to out_dir/<format>.
@@ -858,7 +1012,8 @@ def export(result_dir: Path, formats: List[str], out_dir: Optional[Path] = None,
     decode them from `video`, else from the source recorded in meta.json
     (`source_frames`; with `require_images` a missing or changed source is
     an error, else a warning). flame: a `flame.FLAME`; when None it is built
-    from the paths in meta.json.
+    from the paths in meta.json. model: any `head_model.HeadModel` (the one
+    the result was tracked with); `flame` is its older name.
     """
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
@@ -867,6 +1022,9 @@ def export(result_dir: Path, formats: List[str], out_dir: Optional[Path] = None,
     out_dir = Path(out_dir) if out_dir is not None else result.path / "export"
     version_notes: Dict[str, List[str]] = {}
     for name in formats:  # refuse before writing anything
+        if result.model_name != "flame" and FORMATS[name].expected_flame is not None:
+            raise UsageError(f"{result.path / 'meta.json'}: tracked with {result.model_name.upper()}; {name} writes "
+                             f"FLAME parameters for {FORMATS[name].consumers}; export mesh, nerface or arkit instead")
         version_notes[name] = []
         check_flame_version(result, FORMATS[name], allow_version_mismatch, version_notes[name])
         if FORMATS[name].precheck is not None:
@@ -874,9 +1032,12 @@ def export(result_dir: Path, formats: List[str], out_dir: Optional[Path] = None,
     if frames is None and any(name in IMAGE_FORMATS for name in formats):
         frames = source_frames(result, video, required=require_images)
     frame_source = _Frames(frames, result.n_frames)
-    if flame is None:
-        flame = load_flame_for(result)
-    flame_eval = evaluate_flame(result, flame, need_vertices="mesh" in formats)
+    model = model if model is not None else flame
+    flame_eval = None
+    if set(formats) - {"arkit"}:  # arkit needs no mesh
+        if model is None:
+            model = load_model_for(result)
+        flame_eval = evaluate_model(result, model, need_vertices="mesh" in formats)
     written: List[Path] = []
     for name in formats:
         fmt = FORMATS[name]
@@ -885,6 +1046,7 @@ def export(result_dir: Path, formats: List[str], out_dir: Optional[Path] = None,
         files = fmt.writer(result, target, flame_eval, frame_source, notes)
         info = {"format": name, "consumers": fmt.consumers, "source": str(result.path),
                 "pixel_convention": {"source": SOURCE_PIXEL_CONVENTION, "written": fmt.pixel_convention},
+                "model": result.meta.get("model", {"name": "flame"}),
                 "flame": {"version": result.flame_info.get("version"), "sha256": result.flame_info.get("sha256"),
                           "consumer_expects": fmt.expected_flame},
                 "n_frames": int(result.valid.sum()), "notes": notes}

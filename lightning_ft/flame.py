@@ -436,6 +436,39 @@ class FLAME(nn.Module):
     def n_dense(self) -> int:
         return self.dense_faces.shape[0]
 
+    # -- the head-model interface (lightning_ft.head_model.HeadModel) --------
+
+    name = "flame"
+    rotation_parameters = ("jaw_pose", "eye_pose")
+
+    def parameter_blocks(self) -> Dict[str, "ParameterBlock"]:
+        from .head_model import ParameterBlock
+
+        return {"shape": ParameterBlock("shape", self.n_shape, 1.0),
+                "expression": ParameterBlock("expression", self.n_exp, 2.0)}
+
+    def linear_parts(self) -> "LinearParts":
+        """Jaw and eyes (joints 2, 3, 4) with FLAME's pose correctives; the
+        root and neck stay at rest (the head rotation is the camera's)."""
+        from .head_model import LinearParts
+
+        d = torch.float64
+        V = self.v_template.shape[0]
+        ks = [2, 3, 4]
+        return LinearParts(v_template=self.v_template.cpu().to(d), dirs=self.dirs.cpu().to(d),
+                           posedirs=self.posedirs.cpu().to(d).T.reshape(V, 3, -1),
+                           weights=self.weights.cpu().to(d)[:, ks], joints=self.joints_template.cpu().to(d)[ks],
+                           joint_dirs=self.joint_dirs.cpu().to(d)[ks])
+
+    def posed_vertices(self, shape, expression, jaw_pose=None, eye_pose=None) -> torch.Tensor:
+        """Vertices [B,V,3] with the root and neck at rest."""
+        return self(shape=shape, expression=expression, jaw_pose=jaw_pose, eye_pose=eye_pose).vertices
+
+    def model_meta(self) -> dict:
+        return {"name": "flame", "version": self.version, "licence": "FLAME licence (non-commercial research use; "
+                "https://flame.is.tue.mpg.de)", "sha256": self.sha256, "n_shape": self.n_shape,
+                "n_exp": self.n_exp, "n_vertices": self.n_vertices}
+
     def pose_vector(self, B: int, global_pose=None, neck_pose=None, jaw_pose=None, eye_pose=None) -> torch.Tensor:
         """Concatenate the joint rotations [B,15]; None means zero."""
         like = self.v_template

@@ -25,7 +25,8 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from .flame import FLAME, contour_rows, rotation_yaw_degrees
+from .flame import contour_rows, rotation_yaw_degrees
+from .head_model import HeadModel
 from .lbs import batch_rodrigues, rotation_matrix_to_axis_angle
 
 # FLAME's head looks along +z; an OpenCV camera sees a frontal face with the
@@ -67,6 +68,7 @@ class LandmarkBasis:
     n_rows: int
     n_dense: int
     mediapipe_indices: np.ndarray
+    has_jaw: bool = True
 
     @property
     def contour_start(self) -> int:
@@ -81,27 +83,29 @@ class LandmarkBasis:
         return self.dense_start + self.n_dense
 
 
-def build_basis(flame: FLAME) -> LandmarkBasis:
-    """Precompute the landmark-level arrays of `flame` (float64 -> float32)."""
-    faces = flame.faces.cpu()
+def build_basis(model: "HeadModel") -> LandmarkBasis:
+    """Precompute the landmark-level arrays of a head model (FLAME, ICT;
+    `head_model.HeadModel`) in float64, stored as float32.
+
+    Models without pose correctives (ICT) get MP = 0; a model without a jaw
+    joint (ICT, all jaw weights 0) leaves the jaw block out of every fit
+    (`has_jaw`)."""
+    parts = model.linear_parts()
+    faces = model.faces.cpu()
     dtype = torch.float64
-    v_t = flame.v_template.cpu().to(dtype)
-    dirs = flame.dirs.cpu().to(dtype)
-    V = v_t.shape[0]
-    posedirs = flame.posedirs.cpu().to(dtype).T.reshape(V, 3, -1)  # [V,3,36]
-    weights = flame.weights.cpu().to(dtype)
-    R = flame.dynamic_faces.shape[0]
-    face_idx = torch.cat([flame.static_faces.cpu(), flame.dynamic_faces.cpu().reshape(-1),
-                          flame.dense_faces.cpu()])
-    bary = torch.cat([flame.static_bary.cpu(), flame.dynamic_bary.cpu().reshape(-1, 3),
-                      flame.dense_bary.cpu()]).to(dtype)
+    v_t, dirs, weights = parts.v_template.to(dtype), parts.dirs.to(dtype), parts.weights.to(dtype)
+    R = model.dynamic_faces.shape[0]
+    face_idx = torch.cat([model.static_faces.cpu(), model.dynamic_faces.cpu().reshape(-1),
+                          model.dense_faces.cpu()])
+    bary = torch.cat([model.static_bary.cpu(), model.dynamic_bary.cpu().reshape(-1, 3),
+                      model.dense_bary.cpu()]).to(dtype)
     corner = faces[face_idx]  # [P,3]
     # Pupils: the most forward vertex of each eyeball (vertices skinned to an eye).
     pupils = []
-    for k in (LEYE, REYE):
+    for k in (1, 2):
         ids = torch.nonzero(weights[:, k] > 0.5).flatten()
         if len(ids) == 0:
-            raise ValueError("FLAME model has no vertices skinned to the eye joints")
+            raise ValueError(f"{model.name} model has no vertices skinned to the eye joints")
         pupils.append(ids[torch.argmax(v_t[ids, 2])])
     corner = torch.cat([corner, torch.stack([torch.stack([p, p, p]) for p in pupils])])
     bary = torch.cat([bary, torch.tensor([[1.0, 0, 0], [1.0, 0, 0]], dtype=dtype)])
@@ -111,19 +115,25 @@ def build_basis(flame: FLAME) -> LandmarkBasis:
         b = bary if w is None else bary * w[corner]
         return torch.einsum("pj,pj...->p...", b, g)
 
-    J_reg_t = flame.joints_template.cpu().to(dtype)
-    J_dirs = flame.joint_dirs.cpu().to(dtype)
-    ks = (JAW, LEYE, REYE)
+    P = corner.shape[0]
+    if parts.posedirs is None:  # no pose correctives: the MP/WP arrays stay zero
+        MP = torch.zeros(P, 3, 36, dtype=dtype)
+        WP = [MP] * 3
+    else:
+        posedirs = parts.posedirs.to(dtype)
+        MP = comb(posedirs)
+        WP = [comb(posedirs, weights[:, k]) for k in range(3)]
     f32 = lambda x: x.to(torch.float32).contiguous()  # noqa: E731
     return LandmarkBasis(
-        M0=f32(comb(v_t)), MD=f32(comb(dirs)), MP=f32(comb(posedirs)),
-        W0=f32(torch.stack([comb(v_t, weights[:, k]) for k in ks])),
-        WD=f32(torch.stack([comb(dirs, weights[:, k]) for k in ks])),
-        WP=f32(torch.stack([comb(posedirs, weights[:, k]) for k in ks])),
-        omega=f32(torch.stack([(bary * weights[corner, k]).sum(1) for k in ks])),
-        J0=f32(J_reg_t[list(ks)]), Jd=f32(J_dirs[list(ks)]),
-        n_shape=flame.n_shape, n_exp=flame.n_exp, n_static=flame.static_faces.shape[0],
-        n_rows=R, n_dense=flame.n_dense, mediapipe_indices=flame.mediapipe_indices.cpu().numpy(),
+        M0=f32(comb(v_t)), MD=f32(comb(dirs)), MP=f32(MP),
+        W0=f32(torch.stack([comb(v_t, weights[:, k]) for k in range(3)])),
+        WD=f32(torch.stack([comb(dirs, weights[:, k]) for k in range(3)])),
+        WP=f32(torch.stack(WP)),
+        omega=f32(torch.stack([(bary * weights[corner, k]).sum(1) for k in range(3)])),
+        J0=f32(parts.joints), Jd=f32(parts.joint_dirs),
+        n_shape=model.n_shape, n_exp=model.n_exp, n_static=model.static_faces.shape[0],
+        n_rows=R, n_dense=model.n_dense, mediapipe_indices=model.mediapipe_indices.cpu().numpy(),
+        has_jaw=bool((weights[:, 0] > 0).any()),
     )
 
 
@@ -209,6 +219,19 @@ class FitConfig:
     max_iters: int = 20
     tol: float = 1e-3
     image_size: int = 512
+    # Hard bounds (lo, hi) of every expression coefficient, or None: each LM
+    # step of `fit_frames` is projected onto them (ICT's ARKit-style weights
+    # lie in [0, 1]); calibration runs without them
+    # (`pipeline.calibration_fit_config` says why).
+    expression_bounds: Optional[Tuple[float, float]] = None
+
+
+def fit_config_for(model: "HeadModel", cfg: FitConfig) -> FitConfig:
+    """`cfg` with the model's expression prior and bounds
+    (`HeadModel.parameter_blocks`)."""
+    block = model.parameter_blocks()["expression"]
+    smooth = cfg.smooth_expression if block.temporal_sigma is None else block.temporal_sigma
+    return replace(cfg, sigma_expression=block.sigma, expression_bounds=block.bounds, smooth_expression=smooth)
 
 
 # ----------------------------------------------------------------------------
@@ -601,15 +624,20 @@ def _vector_cost(terms) -> torch.Tensor:
     return sum((w * a ** 2).sum(1) for a, w in terms)
 
 
-def _apply_step(params: FrameParams, step: torch.Tensor, E: int, free=ALL_BLOCKS) -> FrameParams:
+def _apply_step(params: FrameParams, step: torch.Tensor, E: int, free=ALL_BLOCKS,
+                bounds: Optional[Tuple[float, float]] = None) -> FrameParams:
     """params moved by step [T,15+E] (`_layout`); blocks not in `free` are
-    copied unchanged (their rotation updates are most of a rigid fit's step)."""
+    copied unchanged (their rotation updates are most of a rigid fit's step).
+    bounds: the expression is projected onto [lo, hi] (a projected LM step;
+    the trial's cost is that of the projected point)."""
     L = _layout(E)
     T = step.shape[0]
     rotation = (batch_rodrigues(step[:, L["rot"]]) @ params.rotation if "rot" in free
                 else params.rotation.clone())
     translation = params.translation + step[:, L["trans"]] if "trans" in free else params.translation.clone()
     expression = params.expression + step[:, L["exp"]] if "exp" in free else params.expression.clone()
+    if bounds is not None and "exp" in free:
+        expression = expression.clamp(bounds[0], bounds[1])
     jaw, eyes = params.jaw.clone(), params.eyes.clone()
     joints = [k for k in ("jaw", "eyes") if k in free]
     if joints:
@@ -623,6 +651,32 @@ def _apply_step(params: FrameParams, step: torch.Tensor, E: int, free=ALL_BLOCKS
         if "eyes" in free:
             eyes = moved
     return FrameParams(rotation, translation, expression, jaw, eyes, params.shape.clone())
+
+
+def active_bounds(expression: torch.Tensor, grad: torch.Tensor, bounds: Optional[Tuple[float, float]]) -> torch.Tensor:
+    """[T,E] bool: expression coefficients at a bound whose gradient
+    `grad` [T,E] points out of the box. A projected step moves them nowhere,
+    and their unconstrained step only bends everyone else's: LM then
+    rejected trial after trial (calibration stalled tens of percent off the
+    focal on heads with most weights at 0). Projected Newton holds them."""
+    if bounds is None:
+        return torch.zeros_like(expression, dtype=torch.bool)
+    lo, hi = bounds
+    return ((expression <= lo + 1e-6) & (grad > 0)) | ((expression >= hi - 1e-6) & (grad < 0))
+
+
+def hold_coordinates(H: torch.Tensor, g: torch.Tensor, held: torch.Tensor, coupling: Optional[torch.Tensor] = None):
+    """(H, g, coupling) with the coordinates `held` [T,D] removed from
+    per-frame normal equations H [T,D,D], g [T,D] (their step comes out 0)
+    and from the rows of a shared-parameter coupling block [T,D,n]."""
+    if not bool(held.any()):
+        return H, g, coupling
+    keep = (~held).to(H.dtype)
+    H = H * keep[:, :, None] * keep[:, None, :] + torch.diag_embed(held.to(H.dtype))
+    g = g * keep.reshape(g.shape[:2] + (1,) * (g.dim() - 2))
+    if coupling is not None:
+        coupling = coupling * keep[:, :, None]
+    return H, g, coupling
 
 
 def _neighbour_means(params: FrameParams, order_ok: torch.Tensor):
@@ -672,6 +726,23 @@ def _normal_equations(basis, arrays, params, targets, focal, pp, cfg, free, robu
     return tuple(torch.cat(x) for x in zip(*parts))
 
 
+def _feasible_fraction(expression: torch.Tensor, step: torch.Tensor, bounds: Tuple[float, float]) -> torch.Tensor:
+    """Per frame [T], the largest fraction (<= 1) of the expression step
+    [T,E] that keeps every weight inside `bounds` (weights already at a
+    bound and moving out do not count: clipping keeps them there)."""
+    lo, hi = bounds
+    room = torch.where(step < 0, (lo - expression) / step.clamp(max=-1e-12),
+                       torch.where(step > 0, (hi - expression) / step.clamp(min=1e-12), torch.ones_like(step)))
+    room = torch.where(room > 1e-9, room, torch.ones_like(room))
+    return room.clamp(max=1.0).amin(1)
+
+
+def g_full_exp(g: torch.Tensor, free_idx: torch.Tensor, L: Dict[str, slice]) -> torch.Tensor:
+    """The expression entries [T,E] of a gradient over the free columns."""
+    pos = {int(c): i for i, c in enumerate(free_idx)}
+    return g[:, [pos[c] for c in range(L["exp"].start, L["exp"].stop)]]
+
+
 def fit_frames(basis: LandmarkBasis, targets: Targets, init: FrameParams, focal: torch.Tensor,
                pp: torch.Tensor, cfg: FitConfig = FitConfig(), free: Tuple[str, ...] = ALL_BLOCKS,
                temporal: bool = True, contiguous: Optional[torch.Tensor] = None) -> FitResult:
@@ -687,7 +758,7 @@ def fit_frames(basis: LandmarkBasis, targets: Targets, init: FrameParams, focal:
     T = params.rotation.shape[0]
     E = params.expression.shape[1]
     L = _layout(E)
-    free = tuple(b for b in ALL_BLOCKS if b in free)
+    free = tuple(b for b in ALL_BLOCKS if b in free and (b != "jaw" or basis.has_jaw))
     free_idx = torch.cat([torch.arange(L[b].start, L[b].stop) for b in free])
     contiguous = torch.ones(T, dtype=torch.bool) if contiguous is None else contiguous
     mu = torch.full((T,), 1e-3)
@@ -715,16 +786,55 @@ def fit_frames(basis: LandmarkBasis, targets: Targets, init: FrameParams, focal:
         for a, w in terms:  # identity Jacobians: diagonal additions
             H = H + torch.diag_embed(w[:, free_idx])
             g = g + (w * a)[:, free_idx]
+        at_bound = None
+        if cfg.expression_bounds is not None and "exp" in free:
+            held = torch.zeros(T, 15 + E, dtype=torch.bool)
+            held[:, L["exp"]] = active_bounds(params.expression, g_full_exp(g, free_idx, L), cfg.expression_bounds)
+            H, g, _ = hold_coordinates(H, g, held[:, free_idx])
+            lo, hi = cfg.expression_bounds
+            at_bound = torch.zeros(T, 15 + E)  # -1 at the lower bound, +1 at the upper
+            at_bound[:, L["exp"]] = (params.expression >= hi - 1e-6).float() - (params.expression <= lo + 1e-6).float()
+            at_bound = at_bound[:, free_idx]
         diagH = torch.diagonal(H, dim1=1, dim2=2)
         accepted = torch.zeros(T, dtype=torch.bool)
         for _ in range(4):  # LM: retry rejected frames with more damping
             A = H + torch.diag_embed(mu[:, None] * (diagH + 1e-6))
             step_f = -torch.linalg.solve(A, g[..., None])[..., 0]
+            if at_bound is not None:
+                # A coefficient at a bound whose gradient points inwards can
+                # still get a Newton step outwards (through its coupling to
+                # the others); clipped, the rest of the step is no longer a
+                # descent direction and every damping was rejected (the fit
+                # stopped after 3 iterations 13.7 px off on carphone). Hold
+                # those too and solve again.
+                out = at_bound * step_f > 0
+                if bool(out.any()):
+                    H2, g2, _ = hold_coordinates(H, g, out)
+                    A = H2 + torch.diag_embed(mu[:, None] * (torch.diagonal(H2, dim1=1, dim2=2) + 1e-6))
+                    step_f = -torch.linalg.solve(A, g2[..., None])[..., 0]
             step = torch.zeros(T, 15 + E)
             step[:, free_idx] = step_f
-            trial = _apply_step(params, step, E, free)
+            trial = _apply_step(params, step, E, free, cfg.expression_bounds)
             r_new, _, err_new, _ = point_residuals(basis, arrays, trial, targets, focal, pp, cfg, (), robust, points)
             cost_new = (r_new ** 2).sum(1) + _vector_cost(_param_vector_terms(trial, cfg, nb))
+            if at_bound is not None:
+                # Clipping a weight that crosses a bound bends the step: on
+                # carphone the clipped step raised the cost where the
+                # unclipped one lowered it 50x as much, and the fit stalled
+                # after 3 iterations (7.3 px). The step shortened to the
+                # first bound it meets is a descent direction: each frame
+                # keeps the better of the two.
+                trial_cut = _apply_step(params, step * _feasible_fraction(params.expression, step[:, L["exp"]],
+                                                                          cfg.expression_bounds)[:, None],
+                                        E, free, cfg.expression_bounds)
+                r_cut, _, err_cut, _ = point_residuals(basis, arrays, trial_cut, targets, focal, pp, cfg, (), robust,
+                                                       points)
+                cost_cut = (r_cut ** 2).sum(1) + _vector_cost(_param_vector_terms(trial_cut, cfg, nb))
+                cut = cost_cut < cost_new
+                if bool(cut.any()):
+                    for name in ("rotation", "translation", "expression", "jaw", "eyes"):
+                        getattr(trial, name)[cut] = getattr(trial_cut, name)[cut]
+                    cost_new, err_new = torch.where(cut, cost_cut, cost_new), torch.where(cut[:, None], err_cut, err_new)
             ok = (cost_new < cost) & ~accepted
             err[ok] = err_new[ok]
             for name in ("rotation", "translation", "expression", "jaw", "eyes"):
@@ -801,6 +911,8 @@ def initial_params(basis: LandmarkBasis, targets: Targets, focal: torch.Tensor, 
     centre = torch.where(torch.isfinite(centre), centre, pp.expand_as(centre))
     model_centre = X.mean(0)
     t = torch.cat([(centre - pp) / focal * z[:, None], z[:, None]], 1) - torch.einsum("tij,j->ti", R0, model_centre)
+    if expression is not None and cfg.expression_bounds is not None:
+        expression = expression.clamp(*cfg.expression_bounds)
     params = FrameParams(
         rotation=R0, translation=t,
         expression=torch.zeros(T, E) if expression is None else expression.clone(),

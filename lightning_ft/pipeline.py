@@ -29,7 +29,8 @@ from .claims import claim, clear_stale
 from .errors import (AssetError, DiskFullError, LightningFTError, OutputError, UsageError, VideoError,
                      disk_full_reason)
 from .flame import FLAME
-from .optimize import FitConfig, FrameParams, Targets, build_basis, fit_sequence, predict_landmarks
+from .head_model import MODEL_NAMES, HeadModel
+from .optimize import FitConfig, FrameParams, Targets, build_basis, fit_config_for, fit_sequence, predict_landmarks
 from .output import (check_writable, clear_failure, is_finished, result_differences, result_dir, source_identity,
                      write_failure, write_result)
 from .smoothing import SmoothingConfig, second_difference_jitter, smooth_tracking
@@ -86,13 +87,19 @@ class TrackConfig:
     fov_deg: Optional[float] = None
     shared_camera: bool = False
     synthesis_config: SynthesisConfig = field(default_factory=SynthesisConfig)
+    # Head model: "flame", "ict", or None: FLAME where its files are under
+    # assets_dir, else ICT (built in). assets_named: the user chose assets_dir
+    # (--assets or $LIGHTNING_FT_ASSETS); then missing FLAME files are an
+    # error, not a reason to switch models.
+    model: Optional[str] = None
+    assets_named: bool = True
 
 
 # The TrackConfig fields that shape a result: a finished result is reused
 # only when all of them are as they were (recorded in meta.json's
 # "result_settings"); add a field here when it changes what is written.
 RESULT_SETTINGS = ("image_size", "fps", "lmk68", "no_emoca", "synthesis", "visualize", "fit", "calibration",
-                   "smoothing", "synthesis_config", "focal_px", "fov_deg", "shared_camera")
+                   "smoothing", "synthesis_config", "focal_px", "fov_deg", "shared_camera", "model")
 
 
 def result_settings(cfg: TrackConfig) -> dict:
@@ -269,7 +276,7 @@ class FitOutput:
     frame_errors: Dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def fit_landmarks(flame: FLAME, lmk68: np.ndarray, lmk_dense: np.ndarray, valid: np.ndarray, image_size,
+def fit_landmarks(model: HeadModel, lmk68: np.ndarray, lmk_dense: np.ndarray, valid: np.ndarray, image_size,
                   fps: float, cfg: TrackConfig, timer: StageTimer, emoca=None,
                   timestamps: Optional[np.ndarray] = None, label: str = "", source: Optional[SourceView] = None,
                   calibrate_only: bool = False) -> FitOutput:
@@ -281,7 +288,8 @@ def fit_landmarks(flame: FLAME, lmk68: np.ndarray, lmk_dense: np.ndarray, valid:
     from .progress import elapsed_bar
 
     H, W = image_size
-    fit_cfg = replace(cfg.fit, image_size=max(H, W))
+    fit_cfg = fit_config_for(model, replace(cfg.fit, image_size=max(H, W)))
+    cal_cfg = calibration_config_for(model, cfg.calibration)
     source = source or SourceView(float(W), 1.0)
     fixed = None
     if cfg.focal_px is not None:
@@ -289,11 +297,11 @@ def fit_landmarks(flame: FLAME, lmk68: np.ndarray, lmk_dense: np.ndarray, valid:
     elif cfg.fov_deg is not None:
         fixed = source.crop_focal(fov_deg_to_focal(cfg.fov_deg, source.width_px))
     with timer("calibration"), elapsed_bar(f"{Path(label).name}: calibration", cfg.progress):
-        basis = build_basis(flame)
+        basis = build_basis(model)
         targets = Targets.from_landmarks(lmk68, lmk_dense, basis)
         init_shape = None if emoca is None else emoca.identity
-        cal = calibrate(basis, targets, valid, (H, W), fit_cfg, cfg.calibration, init_shape=init_shape,
-                        source=source, fixed_focal_px=fixed)
+        cal = calibrate(basis, targets, valid, (H, W), calibration_fit_config(fit_cfg), cal_cfg,
+                        init_shape=init_shape, source=source, fixed_focal_px=fixed)
     if calibrate_only:
         return cal.describe(source)
     if not cal.focal_rel_std <= WEAK_FOCAL_REL_STD:  # NaN too: no curvature along the focal at all
@@ -315,7 +323,7 @@ def fit_landmarks(flame: FLAME, lmk68: np.ndarray, lmk_dense: np.ndarray, valid:
             ok = emoca.valid[idx]
             if ok.all():
                 rot0 = torch.as_tensor(emoca_pose_to_opencv(emoca.global_pose[idx]), dtype=torch.float32)
-                exp0 = torch.as_tensor(emoca.expression[idx][:, :flame.n_exp], dtype=torch.float32)
+                exp0 = torch.as_tensor(emoca.expression[idx][:, :model.n_exp], dtype=torch.float32)
                 jaw0 = torch.as_tensor(emoca.jaw_pose[idx], dtype=torch.float32)
         contiguous = torch.as_tensor(np.concatenate([[False], np.diff(idx) == 1]))
         res = fit_sequence(basis, sub, focal, pp, shape, fit_cfg, contiguous=contiguous, rotation=rot0,
@@ -328,10 +336,12 @@ def fit_landmarks(flame: FLAME, lmk68: np.ndarray, lmk_dense: np.ndarray, valid:
         return out
 
     raw = {"rotation": full(p.rotation, (3, 3)), "translation": full(p.translation, (3,)),
-           "expression": full(p.expression, (flame.n_exp,)), "jaw_pose": full(p.jaw, (3,)),
+           "expression": full(p.expression, (model.n_exp,)), "jaw_pose": full(p.jaw, (3,)),
            "eye_pose": full(p.eyes, (6,))}
     with timer("smoothing"):
         smoothed = smooth_tracking(raw, valid, fps, cfg.smoothing, timestamps=timestamps)
+        if fit_cfg.expression_bounds is not None:  # the smoother may overshoot a bound
+            smoothed["expression"] = np.clip(smoothed["expression"], *fit_cfg.expression_bounds)
     with timer("quality"):
         quality, frame_errors = _quality(basis, smoothed, raw, shape, focal, pp, lmk68, lmk_dense, valid, idx, res)
     return FitOutput(
@@ -340,6 +350,22 @@ def fit_landmarks(flame: FLAME, lmk68: np.ndarray, lmk_dense: np.ndarray, valid:
         shape=cal.shape, focal_length=cal.focal_px, principal_point=cal.principal_point, quality=quality,
         calibration=cal.describe(source),
         frame_errors=frame_errors)
+
+
+def calibration_fit_config(fit_cfg: FitConfig) -> FitConfig:
+    """The per-frame settings calibration runs with: those of fitting, but
+    expression weights unbounded. Held at a bound, a weight cannot follow
+    landmark noise downwards, so the noise is rectified into the shared
+    shape and focal: on synthetic ICT heads with 1 px noise the bounded
+    calibration's focal came out 12-20 % long (2 % and 0 % unbounded, same
+    seeds; benchmarks/RESULTS.md, "ICT tracking"). Fitting keeps the bounds."""
+    return replace(fit_cfg, expression_bounds=None)
+
+
+def calibration_config_for(model: HeadModel, ccfg: CalibrationConfig) -> CalibrationConfig:
+    """`ccfg` with the model's identity prior (its sd relative to the
+    calibration's own N(0, sigma_shape^2))."""
+    return replace(ccfg, sigma_shape=ccfg.sigma_shape * model.parameter_blocks()["shape"].sigma)
 
 
 def _params_from(d: Dict[str, np.ndarray], shape: torch.Tensor) -> FrameParams:
@@ -424,6 +450,47 @@ def load_flame(assets_dir: Path) -> FLAME:
     return FLAME(p["model"], p["landmark_embedding"], p["mediapipe_embedding"])
 
 
+# Exports that evaluate FLAME in the consumer's code; mesh, nerface and arkit
+# take any model's result.
+FLAME_ONLY_EXPORTS = ("vhap", "metrical", "lightning")
+
+
+def select_model(cfg: TrackConfig) -> str:
+    """The head model of a run: cfg.model if given; else FLAME where its
+    files are under the assets folder, or where the user named that folder
+    (missing files then stay the error they are); else the built-in ICT."""
+    if cfg.model is not None:
+        if cfg.model not in MODEL_NAMES:
+            raise UsageError(f"--model {cfg.model}: choose from {', '.join(MODEL_NAMES)}")
+        return cfg.model
+    if all(p.exists() for p in _flame_paths(cfg.assets_dir).values()) or cfg.assets_named:
+        return "flame"
+    log.info("no FLAME model under %s: tracking with the built-in ICT-FaceKit head model (MIT licence; "
+             "--model flame with FLAME's files to use FLAME)", cfg.assets_dir)
+    return "ict"
+
+
+def load_model(name: str, assets_dir: Path) -> HeadModel:
+    if name == "flame":
+        return load_flame(assets_dir)
+    from .head_model import load_ict
+
+    return load_ict()
+
+
+def _check_model_options(name: str, cfg: TrackConfig) -> None:
+    """Refuse, before any work, what the chosen model cannot do."""
+    if name != "ict":
+        return
+    if cfg.synthesis:
+        raise UsageError("--synthesis fits FLAME's texture space, which ICT-FaceKit's model has no counterpart "
+                         "for: use --model flame (with FLAME's files) or run without --synthesis")
+    flame_only = [f for f in cfg.export if f in FLAME_ONLY_EXPORTS]
+    if flame_only:
+        raise UsageError(f"--export {','.join(flame_only)}: writes FLAME parameters and this run tracks with ICT; "
+                         f"use mesh, nerface or arkit, or --model flame")
+
+
 def _versions() -> dict:
     import importlib.metadata as md
 
@@ -437,11 +504,12 @@ def _versions() -> dict:
     return out
 
 
-def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: FLAME, emoca_model=None,
+def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: HeadModel, emoca_model=None,
               sources: Optional[dict] = None, calibrate_only: bool = False,
               shared: Optional[dict] = None) -> Path:
-    """Track one video (or one --landmarks file); returns the result folder
-    (with calibrate_only, what calibration found, without EMOCA).
+    """Track one video (or one --landmarks file) with the head model `flame`
+    (FLAME or ICT); returns the result folder (with calibrate_only, what
+    calibration found, without EMOCA).
 
     sources: `run_sources(video, cfg)` when the caller has it already;
     shared: the --shared-camera focal and how it was combined."""
@@ -526,6 +594,8 @@ def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: FLAME, 
         "fps": np.float32(fps),
         **fit.frame_errors,
     }
+    if getattr(flame, "expression_names", None) is not None:
+        tracking["expression_names"] = np.asarray(flame.expression_names)
     synthesis_meta = albedo = None
     if cfg.synthesis:
         synthesis_meta, albedo = _run_synthesis(flame, frames_source, tracking, valid, fps, timestamps, cfg, timer)
@@ -540,10 +610,11 @@ def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: FLAME, 
         "video": video_meta, "frames": {"total": int(T), "valid": int(valid.sum()), "invalid": int((~valid).sum())},
         "landmarks": {"source68": lm.source68, "image_size": [H, W]},
         "emoca": {"used": emoca_result is not None},
-        "flame": {"version": flame.version, "sha256": flame.sha256, "n_shape": flame.n_shape, "n_exp": flame.n_exp,
-                  "n_vertices": flame.n_vertices,
-                  **{f"{k}_path" if k != "model" else "model_path": str(v)
-                     for k, v in _flame_paths(cfg.assets_dir).items()}},
+        "model": flame.model_meta(),
+        **({"flame": {"version": flame.version, "sha256": flame.sha256, "n_shape": flame.n_shape,
+                      "n_exp": flame.n_exp, "n_vertices": flame.n_vertices,
+                      **{f"{k}_path" if k != "model" else "model_path": str(v)
+                         for k, v in _flame_paths(cfg.assets_dir).items()}}} if flame.name == "flame" else {}),
         "camera": {"convention": "OpenCV: x right, y down, z forward; p = R X + t; u = fx x/z + cx; "
                                  "pixel centres at integer coordinates (OpenCV; the crop spans [-0.5, W-0.5])",
                    "focal_length": fit.focal_length, "principal_point": fit.principal_point},
@@ -567,7 +638,7 @@ def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: FLAME, 
     if cfg.export:
         from .export import export
 
-        export(folder, cfg.export, frames=(frames_source.frame if frames_source is not None else None), flame=flame)
+        export(folder, cfg.export, frames=(frames_source.frame if frames_source is not None else None), model=flame)
     return folder
 
 
@@ -674,11 +745,12 @@ class _ChunkedMesh:
         B = sl.stop - sl.start
         f = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
         with torch.no_grad():
-            out = self.flame(shape=f(self.tr["shape"])[None].expand(B, -1), expression=f(self.tr["expression"][sl]),
-                             jaw_pose=f(self.tr["jaw_pose"][sl]), eye_pose=f(self.tr["eye_pose"][sl]))
+            vertices = self.flame.posed_vertices(f(self.tr["shape"])[None].expand(B, -1),
+                                                 f(self.tr["expression"][sl]), jaw_pose=f(self.tr["jaw_pose"][sl]),
+                                                 eye_pose=f(self.tr["eye_pose"][sl]))
             R, tr = f(self.tr["rotation"][sl]), f(self.tr["translation"][sl])
-            lmk = self.flame.landmarks68(out.vertices, head_rotation_flame(R))
-            self.verts = (torch.einsum("tij,tvj->tvi", R, out.vertices) + tr[:, None]).numpy()
+            lmk = self.flame.landmarks68(vertices, head_rotation_flame(R))
+            self.verts = (torch.einsum("tij,tvj->tvi", R, vertices) + tr[:, None]).numpy()
             pc = torch.einsum("tij,tvj->tvi", R, lmk) + tr[:, None]
             self.lmk = (pc[..., :2] / pc[..., 2:3] * f(self.tr["focal_length"]) + f(self.tr["principal_point"])).numpy()
         self.start = s
@@ -806,6 +878,22 @@ class _ReportedOutcomes(list):
             self.append(outcome)
 
 
+def resolve_model(cfg: TrackConfig) -> TrackConfig:
+    """`cfg` with its head model chosen (`select_model`), after the checks
+    that model needs before any work: its options, and FLAME's files."""
+    from .assets import require, tiers_for
+
+    model_name = select_model(cfg)
+    _check_model_options(model_name, cfg)
+    if model_name == "flame":
+        require(cfg.assets_dir, tiers_for(emoca=not cfg.no_emoca, synthesis=cfg.synthesis))
+    elif not cfg.no_emoca:
+        log.info("EMOCA regresses FLAME codes: not used with ICT (each frame starts from a neutral face)")
+        cfg = replace(cfg, no_emoca=True)  # said once, also where workers resolve it again
+    # the result's settings name the model it was tracked with
+    return replace(cfg, model=model_name)
+
+
 def run(cfg: TrackConfig, events=None) -> List[VideoOutcome]:
     """Track every video of the run (or the one --landmarks file).
 
@@ -816,9 +904,8 @@ def run(cfg: TrackConfig, events=None) -> List[VideoOutcome]:
     before a video (a reason to leave it, or None), `started(name, folder)`
     once it holds the video's claim, `finished(outcome)` for every outcome.
     """
-    from .assets import require, tiers_for
-
-    require(cfg.assets_dir, tiers_for(emoca=not cfg.no_emoca, synthesis=cfg.synthesis))
+    cfg = resolve_model(cfg)
+    model_name = cfg.model
     if cfg.synthesis:
         _texture_space_files(cfg.assets_dir)
     if cfg.synthesis and cfg.landmarks_file is not None and cfg.data is None:
@@ -852,9 +939,9 @@ def run(cfg: TrackConfig, events=None) -> List[VideoOutcome]:
         freed = remove_stale_cache_temporaries(cfg.cache_dir or Path(cfg.out_dir) / ".cache")
         if freed:
             log.info("removed %.1f MB of frame cache temporaries left by killed runs", freed / 1e6)
-    flame = load_flame(cfg.assets_dir)
+    flame = load_model(model_name, cfg.assets_dir)
     emoca_model = None
-    if not cfg.no_emoca:
+    if not cfg.no_emoca and model_name == "flame":
         from .emoca import EmocaEncoder
 
         # Inference only: BatchNorm folded into the convolutions, channels_last

@@ -263,7 +263,6 @@ def _read_stream(worker: _Worker, kind: str, stream, events: "queue.Queue") -> N
 def _video_list(cfg) -> List[str]:
     """The names (as `pipeline.run` reports them) of the videos of this
     run, after the checks `run` makes before any work."""
-    from .assets import require, tiers_for
     from .output import check_writable
     from .pipeline import find_videos, select_shard
 
@@ -271,7 +270,6 @@ def _video_list(cfg) -> List[str]:
         raise UsageError("--landmarks tracks one video: run it without --workers or a device list")
     if cfg.data is None:
         raise UsageError("--data is required (a video or a folder of videos)")
-    require(cfg.assets_dir, tiers_for(emoca=not cfg.no_emoca, synthesis=cfg.synthesis))
     # the same list as pipeline.run's (keep the two alike): an --out inside
     # --data holds results, not inputs
     out_resolved = Path(cfg.out_dir).resolve()
@@ -285,8 +283,9 @@ def _video_list(cfg) -> List[str]:
 def run_workers(cfg, devices: List[str], quiet: bool = False):
     """Track the videos of `cfg` with one worker process per entry of
     `devices`; returns one `pipeline.VideoOutcome` per video, in order."""
-    from .pipeline import VideoOutcome
+    from .pipeline import VideoOutcome, resolve_model
 
+    cfg = resolve_model(cfg)  # chosen once, here, for every worker
     names = _video_list(cfg)
     threads = threads_per_worker(len(devices))
     run_dir = Path(tempfile.mkdtemp(prefix="lightning_ft-workers-"))
