@@ -27,7 +27,6 @@ import json
 import sys
 import tempfile
 import time
-import zipfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -40,24 +39,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from lightning_ft import pipeline  # noqa: E402
 from lightning_ft.synthetic import clips  # noqa: E402
-
-SHARED_ZIPS = [REPO.parent / "shared" / "real-assets" / "FLAME_embedding.zip",
-               Path("/work/shared/real-assets/FLAME_embedding.zip")]
-
-
-def make_assets(root: Path) -> str:
-    from lightning_ft.synthetic.flame_files import write_synthetic_flame
-
-    for z in SHARED_ZIPS:
-        if z.exists():
-            with zipfile.ZipFile(z) as f:
-                f.extractall(root / "embedding")
-            emb = next(p.parent for p in (root / "embedding").rglob("head_template_mesh.obj"))
-            write_synthetic_flame(root / "FLAME", template_obj=emb / "head_template_mesh.obj", real_embeddings=emb)
-            return "stand-in: real FLAME topology + real embeddings, synthetic blendshapes"
-    write_synthetic_flame(root / "FLAME", n_vertices=5023)
-    return "stand-in: procedural 5023-vertex head (shared embeddings absent)"
-
+from run import make_assets  # noqa: E402  (benchmarks/run.py: the same stand-in as the speed figures)
 
 def decode(path: Path) -> tuple:
     with av.open(str(path)) as c:
