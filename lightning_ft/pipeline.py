@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import platform
+import socket
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -504,6 +505,42 @@ def _versions() -> dict:
     return out
 
 
+def cached_landmarks(face_video, cfg: TrackConfig, sources: Optional[dict]):
+    """The crops' landmarks, kept beside the frame cache so that a rerun
+    fits the points the first run found. The first run detects on the crops
+    as they are cut, a rerun would detect on the cache's JPEG copies: points
+    a few tenths of a pixel apart, which a flat focal profile turned into a
+    focal 47-80 % apart (benchmarks/RESULTS.md, issue 20). Keyed by the
+    source file, the crops' boxes and the 68-point source asked for."""
+    from . import landmarks as landmarks_stage
+
+    key = hashlib.sha256(json.dumps({
+        "version": __version__, "lmk68": cfg.lmk68, "image_size": list(face_video.image_size),
+        "source": (sources or {}).get("video"), "frame_ids": np.asarray(face_video.frame_ids).tolist(),
+        "crop_boxes": np.round(np.asarray(face_video.crop_boxes, np.float64), 6).tolist(),
+    }, sort_keys=True, default=str).encode()).hexdigest()
+    path = face_video.cache_path.with_name(face_video.cache_path.name + ".landmarks.npz")
+    try:
+        with np.load(path, allow_pickle=False) as d:
+            if str(d["key"]) == key:
+                return landmarks_stage.Landmarks(d["lmk68"], d["lmk_dense"], d["valid"], str(d["source68"]),
+                                                 tuple(int(x) for x in d["image_size"]))
+    except (OSError, KeyError, ValueError):
+        pass  # none yet, or another video's or version's: detect
+    lm = landmarks_stage.detect(face_video, lmk68=cfg.lmk68, device=cfg.device, progress=cfg.progress)
+    # named like the frame cache's temporaries, so a killed run's is cleared alike
+    tmp = path.with_name(f"{face_video.cache_path.name}.tmp-{os.getpid()}-landmarks@{socket.gethostname()}")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, key=key, lmk68=lm.lmk68, lmk_dense=lm.lmk_dense, valid=lm.valid, source68=lm.source68,
+                     image_size=np.asarray(lm.image_size, np.int64))
+        os.replace(tmp, path)
+    except OSError as exc:  # a courtesy for reruns: the result does not need it
+        tmp.unlink(missing_ok=True)
+        log.warning("%s: landmarks not kept for reruns (%s)", path, exc)
+    return lm
+
+
 def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: HeadModel, emoca_model=None,
               sources: Optional[dict] = None, calibrate_only: bool = False,
               shared: Optional[dict] = None) -> Path:
@@ -542,7 +579,7 @@ def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: HeadMod
             face_video = video_stage.prepare(video, cache_dir=cache_dir, image_size=cfg.image_size, fps=cfg.fps,
                                              progress=cfg.progress)
         with timer("landmarks"):
-            lm = landmarks_stage.detect(face_video, lmk68=cfg.lmk68, device=cfg.device, progress=cfg.progress)
+            lm = cached_landmarks(face_video, cfg, sources)
         T = len(face_video)
         frame_ids = face_video.frame_ids
         fps = float(face_video.fps)

@@ -327,6 +327,27 @@ def test_killed_run_rerun_finishes_only_what_is_missing(four_cars, assets_dir, t
     assert len(list(out.glob("*/meta.json"))) == 4 and not list(out.glob(".*.claim")) and _leftovers(out) == []
 
 
+def test_a_rerun_on_the_frame_cache_fits_the_same_landmarks_and_focal(two_clips, assets_dir, tmp_path):
+    """The first run detects on the crops as they are cut, a rerun finds the
+    JPEG frame cache: it must fit the first run's points, so the same video
+    with the same settings gives the same camera."""
+    import numpy as np
+
+    out = tmp_path / "out"
+    args = ["--data", two_clips / "a.mp4", "--assets", assets_dir, "--no-emoca", "--out", out, "--image-size",
+            CROP, "-q", "-d", "cpu"]
+    results = []
+    for extra in ([], ["--overwrite"]):
+        rc, stdout = _track(*args, *extra)
+        assert rc == 0, stdout
+        with np.load(out / "a" / "tracking.npz") as d:
+            results.append({k: d[k] for k in ("lmk68", "lmk_dense", "focal_length")})
+    assert len(list((out / ".cache").glob("*.lmdb"))) == 1, "the rerun read the first run's frame cache"
+    np.testing.assert_array_equal(results[0]["lmk68"], results[1]["lmk68"])
+    np.testing.assert_array_equal(results[0]["lmk_dense"], results[1]["lmk_dense"])
+    np.testing.assert_allclose(results[0]["focal_length"], results[1]["focal_length"], rtol=1e-3)
+
+
 # ----------------------------------------------------------------------------
 # Messages
 
