@@ -915,6 +915,29 @@ class _ReportedOutcomes(list):
             self.append(outcome)
 
 
+def input_videos(cfg: TrackConfig) -> Tuple[List[Optional[Path]], List[str]]:
+    """The videos of a run (this shard's) and their result names; with
+    --landmarks, the one video (or None) it goes with."""
+    if cfg.landmarks_file is not None:
+        if cfg.data is not None and Path(cfg.data).is_dir():
+            raise UsageError("--landmarks goes with a single video (or none), not a folder")
+        video = Path(cfg.data) if cfg.data is not None else None
+        if video is not None and not video.exists():
+            raise UsageError(f"{video}: no such file")
+        return [video], [Path(cfg.landmarks_file).stem if video is None else video.stem]
+    if cfg.data is None:
+        raise UsageError("--data is required (a video or a folder of videos), unless --landmarks is given")
+    all_videos = find_videos(cfg.data)
+    # an --out inside --data: its visualization.mp4 files are results, not inputs
+    out_resolved = Path(cfg.out_dir).resolve()
+    all_videos = [v for v in all_videos if out_resolved not in v.resolve().parents]
+    root = Path(cfg.data) if Path(cfg.data).is_dir() else None
+    # named over the whole folder, before sharding, so every shard names a video alike
+    names = dict(zip(all_videos, result_names(all_videos, root)))
+    videos = select_shard(all_videos, cfg.shard)
+    return videos, [names[v] for v in videos]
+
+
 def resolve_model(cfg: TrackConfig) -> TrackConfig:
     """`cfg` with its head model chosen (`select_model`), after the checks
     that model needs before any work: its options, and FLAME's files."""
@@ -947,25 +970,7 @@ def run(cfg: TrackConfig, events=None) -> List[VideoOutcome]:
         _texture_space_files(cfg.assets_dir)
     if cfg.synthesis and cfg.landmarks_file is not None and cfg.data is None:
         raise UsageError("--synthesis fits the video frames: pass --data with --landmarks")
-    if cfg.landmarks_file is not None:
-        if cfg.data is not None and Path(cfg.data).is_dir():
-            raise UsageError("--landmarks goes with a single video (or none), not a folder")
-        video = Path(cfg.data) if cfg.data is not None else None
-        if video is not None and not video.exists():
-            raise UsageError(f"{video}: no such file")
-        videos, root = [video], None
-        stems = [Path(cfg.landmarks_file).stem if video is None else video.stem]
-    else:
-        if cfg.data is None:
-            raise UsageError("--data is required (a video or a folder of videos), unless --landmarks is given")
-        all_videos = find_videos(cfg.data)
-        # an --out inside --data: its visualization.mp4 files are results, not inputs
-        out_resolved = Path(cfg.out_dir).resolve()
-        all_videos = [v for v in all_videos if out_resolved not in v.resolve().parents]
-        root = Path(cfg.data) if Path(cfg.data).is_dir() else None
-        names = dict(zip(all_videos, result_names(all_videos, root)))
-        videos = select_shard(all_videos, cfg.shard)
-        stems = [names[v] for v in videos]
+    videos, stems = input_videos(cfg)
     if cfg.landmarks_file is not None and videos[0] is not None:
         _check_landmarks_match(cfg.landmarks_file, videos[0], cfg.fps)
     check_writable(cfg.out_dir, "--out")

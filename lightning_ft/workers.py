@@ -264,17 +264,11 @@ def _video_list(cfg) -> List[str]:
     """The names (as `pipeline.run` reports them) of the videos of this
     run, after the checks `run` makes before any work."""
     from .output import check_writable
-    from .pipeline import find_videos, select_shard
+    from .pipeline import input_videos
 
     if cfg.landmarks_file is not None:
         raise UsageError("--landmarks tracks one video: run it without --workers or a device list")
-    if cfg.data is None:
-        raise UsageError("--data is required (a video or a folder of videos)")
-    # the same list as pipeline.run's (keep the two alike): an --out inside
-    # --data holds results, not inputs
-    out_resolved = Path(cfg.out_dir).resolve()
-    videos = [v for v in find_videos(cfg.data) if out_resolved not in v.resolve().parents]
-    videos = select_shard(videos, cfg.shard)
+    videos, _ = input_videos(cfg)
     check_writable(cfg.out_dir, "--out")
     check_writable(cfg.cache_dir or Path(cfg.out_dir) / ".cache", "--cache")
     return [str(v) for v in videos]
