@@ -509,7 +509,9 @@ def _details(e: VideoEntry) -> str:
     items = [("video", video), ("status", e.status + (f": {e.reason}" if e.reason else ""))]
     if e.status in ("done", "incomplete") and meta:
         lm = meta.get("landmarks") or {}
-        items += [("landmarks", lm.get("source68")), ("crop", "x".join(map(str, lm.get("image_size") or [])) or None),
+        model = meta.get("model") or {}
+        items += [("model", model.get("version") or model.get("name") or "FLAME"),
+                  ("landmarks", lm.get("source68")), ("crop", "x".join(map(str, lm.get("image_size") or [])) or None),
                   ("fps", f"{float((meta.get('video') or {}).get('fps') or 0):.2f}" if meta.get("video") else None),
                   ("EMOCA", "used" if (meta.get("emoca") or {}).get("used") else "not used"),
                   ("device", (meta.get("settings") or {}).get("device"))]
@@ -585,7 +587,8 @@ def render_html(entries: List[VideoEntry], out_dir: Path, plots: str = "all") ->
         body.append("<h2>Per video</h2><p class=\"note\">Plots over time: head rotation relative to facing "
                     "the camera (yaw + toward the image's right, pitch + down, roll + top of the head toward the "
                     "image's left), translation of the head in the camera (cm), expression energy (norm of the "
-                    "FLAME expression coefficients, jaw angle), per-frame mean reprojection error of the fit "
+                    "model's expression coefficients: FLAME's, or ICT's ARKit-style weights; FLAME's jaw angle), "
+                    "per-frame mean reprojection error of the fit "
                     "(crop px).</p>")
         body += sections
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
