@@ -164,6 +164,10 @@ def _serialized_landmarks_xy(data: bytes) -> Optional[np.ndarray]:
     return None
 
 
+# Extra FaceMesh passes over a frame where the detector (re)started the track.
+SETTLE_PASSES = 2
+
+
 class MeshTracker:
     """mediapipe FaceMesh (refined, 478 points) over a sequence of images.
 
@@ -396,11 +400,21 @@ def detect_frames(frames: Iterable[np.ndarray], n_frames: int, image_size, *, lm
     with MeshTracker(static=static) as mesh, \
             ThreadPoolExecutor(1, thread_name_prefix="lightning_ft-dlib") as dlib_thread:
         count = 0
+        tracked = False  # whether the previous frame had a face
         for i, image in enumerate(progress_bar(frames, total=n_frames, desc=desc, enabled=progress)):
             if i >= n_frames:
                 raise ValueError(f"more than n_frames={n_frames} frames given")
             count += 1
             points = mesh(image)
+            if points is not None and not tracked and not static:
+                # A frame the detector found is meshed in the detector's box;
+                # its next frames in the box its own points give, which moved
+                # a still head's first frames by up to 1.4 deg (issue 20).
+                # Meshing it again from its own points starts the track settled.
+                for _ in range(SETTLE_PASSES):
+                    again = mesh(image)
+                    points = points if again is None else again
+            tracked = points is not None
             if points is None:
                 continue
             valid[i] = True
