@@ -961,8 +961,10 @@ def run(cfg: TrackConfig, events=None) -> List[VideoOutcome]:
     reported and the run goes on with the next one.
 
     events: a worker's hooks (`workers.WorkerEvents`): `passed_over(name)`
-    before a video (a reason to leave it, or None), `started(name, folder)`
-    once it holds the video's claim, `finished(outcome)` for every outcome.
+    before a video and again once its claim is held (a reason to leave it,
+    or None), `started(name, folder)` once it holds the claim,
+    `failing(name)` when tracking it fails, before the claim is released,
+    `finished(outcome)` for every outcome.
     """
     cfg = resolve_model(cfg)
     model_name = cfg.model
@@ -1021,10 +1023,19 @@ def run(cfg: TrackConfig, events=None) -> List[VideoOutcome]:
                 if skipped is not None:  # finished by the process that held it before
                     outcomes.append(VideoOutcome(name, "skipped", skipped, 0.0))
                     continue
+                passed_over = None if events is None else events.passed_over(name)
+                if passed_over is not None:  # failed by the worker that held it before
+                    outcomes.append(VideoOutcome(name, "skipped", passed_over, 0.0))
+                    continue
                 _remove_stale_partials(folder)
                 if events is not None:
                     events.started(name, folder)
-                folder = track_one(video, stem, cfg, flame, emoca_model, sources=sources, shared=shared)
+                try:
+                    folder = track_one(video, stem, cfg, flame, emoca_model, sources=sources, shared=shared)
+                except Exception:
+                    if events is not None:  # said while the claim is held, so no other worker retries it
+                        events.failing(name)
+                    raise
                 clear_failure(cfg.out_dir, stem)
             outcomes.append(VideoOutcome(name, "done", str(folder), time.perf_counter() - t0))
         except Exception as exc:

@@ -126,10 +126,15 @@ class WorkerEvents:
     def started(self, name: str, folder: Path) -> None:
         self._send(event="start", name=name, folder=str(folder))
 
+    def failing(self, name: str) -> None:
+        """Mark `name` failed for this run's other workers; called while
+        this worker still holds its claim, so none takes it up after."""
+        self.failed_dir.mkdir(parents=True, exist_ok=True)
+        self._marker(name).touch()
+
     def finished(self, outcome) -> None:
         if outcome.status == "failed":
-            self.failed_dir.mkdir(parents=True, exist_ok=True)
-            self._marker(outcome.name).touch()
+            self.failing(outcome.name)
         frames = 0
         if outcome.status == "done":
             try:
