@@ -169,7 +169,6 @@ def _assets(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from .export import export
-
     from .output import check_writable
 
     formats = [x.strip() for x in args.format.split(",") if x.strip()]

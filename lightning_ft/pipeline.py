@@ -220,11 +220,6 @@ def select_shard(videos: List[Path], shard: Optional[Tuple[int, int]]) -> List[P
     return videos[k::n]
 
 
-def output_stem(video: Path, root: Optional[Path]) -> str:
-    """The result folder name of one video taken alone (see `result_names`)."""
-    return result_names([video], root if root is not None and Path(root).is_dir() else None)[0]
-
-
 def result_names(videos: List[Path], root: Optional[Path]) -> List[str]:
     """Result folder of each video, relative to the output folder: the
     video's path below the input folder without its suffix (`a/clip.mp4` ->
