@@ -31,7 +31,8 @@ import torch
 from scipy.spatial import ConvexHull
 
 from lightning_ft import render_jit
-from lightning_ft.render import (DisplayRenderer, antialias, face_adjacency, interpolate, project,
+from lightning_ft.cameras import project_screen  # noqa: E402
+from lightning_ft.render import (DisplayRenderer, antialias, face_adjacency, interpolate,
                                  rasterize, render_shaded)
 
 N_VERTS, N_FACES = 5023, 9976
@@ -116,11 +117,11 @@ def main() -> None:
 
     def forward_only():
         with torch.no_grad():
-            rasterize(project(verts, K), faces, size)
+            rasterize(project_screen(verts, K), faces, size)
 
     def forward_cull():
         with torch.no_grad():
-            rasterize(project(verts, K), faces, size, cull_backfaces=True)
+            rasterize(project_screen(verts, K), faces, size, cull_backfaces=True)
 
     def shaded():
         with torch.no_grad():
@@ -131,7 +132,7 @@ def main() -> None:
     def fwd_bwd(aa: bool):
         def run():
             leaf.grad = None
-            screen = project(leaf, K)
+            screen = project_screen(leaf, K)
             frags = rasterize(screen, faces, size)
             img = interpolate(frags, colors, faces)
             if aa:
@@ -140,18 +141,18 @@ def main() -> None:
         return run
 
     with torch.no_grad():
-        frags = rasterize(project(verts, K), faces, size)
+        frags = rasterize(project_screen(verts, K), faces, size)
     coverage = frags.mask.float().mean().item()
     display_rows = []
     if args.batch == 1:
         backends = (["numba"] if render_jit.available() and device.type == "cpu" else []) + ["torch"]
         for backend in backends:
             renderer = DisplayRenderer(faces, size, device=device, backend=backend)
-            same = (renderer.rasterize(project(verts, K)[0]).face_idx() == frags.face_idx[0]).float().mean()
+            same = (renderer.rasterize(project_screen(verts, K)[0]).face_idx() == frags.face_idx[0]).float().mean()
             print(f"display renderer ({backend}): same face as rasterize at {same:.4%} of the pixels")
             display_rows += [
                 (f"display rasterize ({backend})",
-                 timed(lambda r=renderer: r.rasterize(project(verts, K)[0]), args.repeats, sync)),
+                 timed(lambda r=renderer: r.rasterize(project_screen(verts, K)[0]), args.repeats, sync)),
                 (f"display render_image ({backend}, -v)",
                  timed(lambda r=renderer: r.render_image(verts[0], K), args.repeats, sync)),
             ]

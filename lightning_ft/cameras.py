@@ -1,4 +1,6 @@
-"""Camera conventions and the conversions between them (numpy, batched).
+"""Camera conventions, projection and the conversions between them (numpy and torch, batched).
+
+The one owner of axis flips and pinhole projection: every other module calls these.
 
 LightningFT keeps every camera in the **OpenCV** convention: a point X in
 FLAME model space (meters) maps to camera space by ``x = R @ X + t`` with
@@ -44,13 +46,20 @@ them (Zhou et al. 2019).
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
+import torch
 
 # Axis flips between camera conventions; each is its own inverse.
 OPENCV_TO_OPENGL = np.diag([1.0, -1.0, -1.0])
 OPENCV_TO_PYTORCH3D = np.diag([-1.0, -1.0, 1.0])
+# A head model looks along its +z with y up (FLAME, ICT); an OpenCV camera
+# sees it frontal with R = diag(1, -1, -1), the same flip as OpenCV <-> OpenGL.
+FRONTAL_ROTATION = OPENCV_TO_OPENGL
+# Points closer than this (metres) are projected as if at it: keeps a bad
+# solver step from dividing by zero.
+MIN_DEPTH = 1e-6
 
 
 # ----------------------------------------------------------------------------
@@ -193,6 +202,60 @@ def fov_to_focal(fov_rad: np.ndarray, size_px: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------
 # Projection and rotation representations
+
+
+def frontal_rotation(like: torch.Tensor) -> torch.Tensor:
+    """`FRONTAL_ROTATION` [3,3] as a tensor of like's dtype and device."""
+    return torch.tensor(FRONTAL_ROTATION, dtype=like.dtype, device=like.device)
+
+
+def project_points(points_cam: torch.Tensor, focal: torch.Tensor, principal_point: torch.Tensor) -> torch.Tensor:
+    """Pixels [...,2] of OpenCV camera-space points [...,3] (metres).
+
+    focal: fx = fy in pixels, broadcast against points[..., :1] (e.g. [T,1,1]
+    for [T,N,3]); principal_point: [...,2] broadcast likewise. Depth is
+    clamped at `MIN_DEPTH`.
+    """
+    z = points_cam[..., 2:3].clamp(min=MIN_DEPTH)
+    return points_cam[..., :2] / z * focal + principal_point
+
+
+def project_screen(
+    vertices_cam: torch.Tensor,
+    K: Optional[torch.Tensor] = None,
+    *,
+    focal: Optional[torch.Tensor] = None,
+    principal_point: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Screen coordinates for rasterization: [B,V,3] = (u, v) pixels and camera z.
+
+    vertices_cam: [B,V,3] metres (OpenCV axes). K: [B,3,3] or [3,3] intrinsics
+    in pixels (skew honoured); or `focal` ([B,2] or [2], fx, fy) and
+    `principal_point` ([B,2] or [2]). No depth clamp: the rasterizer culls
+    what lies behind the camera by its z.
+    """
+    if K is not None:
+        K = torch.as_tensor(K, dtype=vertices_cam.dtype, device=vertices_cam.device)
+        if K.dim() == 2:
+            K = K.expand(vertices_cam.shape[0], 3, 3)
+        fx, fy = K[:, 0, 0], K[:, 1, 1]
+        skew = K[:, 0, 1]
+        cx, cy = K[:, 0, 2], K[:, 1, 2]
+    else:
+        if focal is None or principal_point is None:
+            raise ValueError("project_screen: give K or both focal and principal_point")
+        focal = torch.as_tensor(focal, dtype=vertices_cam.dtype, device=vertices_cam.device)
+        principal_point = torch.as_tensor(principal_point, dtype=vertices_cam.dtype, device=vertices_cam.device)
+        focal = focal.expand(vertices_cam.shape[0], 2)
+        principal_point = principal_point.expand(vertices_cam.shape[0], 2)
+        fx, fy = focal[:, 0], focal[:, 1]
+        cx, cy = principal_point[:, 0], principal_point[:, 1]
+        skew = torch.zeros_like(fx)
+    x, y, z = vertices_cam.unbind(-1)
+    xn, yn = x / z, y / z
+    u = fx[:, None] * xn + skew[:, None] * yn + cx[:, None]
+    v = fy[:, None] * yn + cy[:, None]
+    return torch.stack([u, v, z], dim=-1)
 
 
 def project_opencv(points: np.ndarray, R: np.ndarray, t: np.ndarray, K: np.ndarray) -> np.ndarray:

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cameras import FRONTAL_ROTATION, frontal_rotation
 from .errors import AssetError, UsageError
 from .lbs import batch_rodrigues
 from .progress import progress as progress_bar
@@ -746,9 +747,6 @@ def load_emoca_or_none(folder: Union[str, Path], no_emoca: bool,
 # ----------------------------------------------------------------------------
 # Conventions
 
-_FLIP_YZ = np.diag([1.0, -1.0, -1.0])
-
-
 def emoca_pose_to_opencv(global_pose: Union[np.ndarray, torch.Tensor]) -> Union[np.ndarray, torch.Tensor]:
     """EMOCA's global head rotation [T,3] (axis-angle) -> R [T,3,3], FLAME model -> OpenCV camera.
 
@@ -762,10 +760,9 @@ def emoca_pose_to_opencv(global_pose: Union[np.ndarray, torch.Tensor]) -> Union[
     torch -> torch (same dtype/device).
     """
     if isinstance(global_pose, torch.Tensor):
-        flip = torch.tensor(_FLIP_YZ, dtype=global_pose.dtype, device=global_pose.device)
-        return flip @ batch_rodrigues(global_pose.reshape(-1, 3))
+        return frontal_rotation(global_pose) @ batch_rodrigues(global_pose.reshape(-1, 3))
     pose = torch.from_numpy(np.asarray(global_pose, dtype=np.float64).reshape(-1, 3))
-    return _FLIP_YZ @ batch_rodrigues(pose).numpy()
+    return FRONTAL_ROTATION @ batch_rodrigues(pose).numpy()
 
 
 def emoca_camera_to_translation(cam: np.ndarray, crop_to_image: np.ndarray, focal_px: float,

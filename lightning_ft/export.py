@@ -919,7 +919,7 @@ def export_arkit(result: TrackingResult, out_dir: Path, flame_eval: Optional[Fla
     if missing:
         notes.append(f"arkit: {', '.join(missing)} not in the model; written as 0")
     # the head's rotation relative to a frontal face (the camera's y and z flipped)
-    head = _euler_yaw_pitch_roll(np.diag([1.0, -1.0, -1.0]) @ result.rotation.astype(np.float64))
+    head = _euler_yaw_pitch_roll(cam.FRONTAL_ROTATION @ result.rotation.astype(np.float64))
     eyes = [_euler_yaw_pitch_roll(cam.axis_angle_to_matrix(result.eye_pose[:, 3 * k:3 * k + 3])) for k in (0, 1)]
     angles = np.concatenate([head] + eyes, 1)
     fps = float(result.fps)

@@ -27,11 +27,9 @@ import torch
 
 from .flame import contour_rows, rotation_yaw_degrees
 from .head_model import HeadModel
+from .cameras import frontal_rotation, project_points
 from .lbs import batch_rodrigues, rotation_matrix_to_axis_angle
 
-# FLAME's head looks along +z; an OpenCV camera sees a frontal face with the
-# model's y and z axes flipped.
-FLIP_YZ = torch.diag(torch.tensor([1.0, -1.0, -1.0]))
 JAW, LEYE, REYE = 2, 3, 4
 # Eyelid and inner-lip pairs (iBUG indices) whose distances the closure terms fit.
 CLOSURE_PAIRS = ((37, 41), (38, 40), (43, 47), (44, 46), (61, 67), (62, 66), (63, 65))
@@ -452,16 +450,10 @@ def _point_jacobians(a, parts, G: torch.Tensor, jaw_R, eye_R, need) -> Dict[str,
     return out
 
 
-def project(p: torch.Tensor, focal: torch.Tensor, pp: torch.Tensor) -> torch.Tensor:
-    """Camera points [...,3] -> pixels [...,2]."""
-    z = p[..., 2:3].clamp(min=1e-6)
-    return p[..., :2] / z * focal + pp
-
-
 def head_rotation_flame(R_cv: torch.Tensor) -> torch.Tensor:
     """Head rotation relative to a camera looking along FLAME's -z, for the
-    yaw-dependent contour: FLIP_YZ @ R_cv (identity for a frontal face)."""
-    return FLIP_YZ.to(R_cv) @ R_cv
+    yaw-dependent contour: FRONTAL_ROTATION @ R_cv (identity for a frontal face)."""
+    return frontal_rotation(R_cv) @ R_cv
 
 
 # ----------------------------------------------------------------------------
@@ -528,7 +520,7 @@ def point_residuals(basis, arrays, params, targets, focal, pp, cfg, free=(), rob
         X = points
     RX = _times_3x3(X, params.rotation.transpose(1, 2))
     pcam = RX + params.translation[:, None]
-    uv = project(pcam, focal, pp)
+    uv = project_points(pcam, focal, pp)
     scale = 512.0 / cfg.image_size  # residuals in "512-pixel" units
     tgt = _targets_in_layout(basis, targets)
     valid = torch.isfinite(tgt).all(-1)
@@ -881,7 +873,7 @@ def predict_landmarks(basis: LandmarkBasis, params: FrameParams, focal, pp) -> T
     arrays = _point_arrays(basis, rows, params.shape, jacobians=False)
     X, _ = model_points(basis, arrays, params.expression, batch_rodrigues(params.jaw),
                         batch_rodrigues(params.eyes.reshape(-1, 3)).reshape(T, 2, 3, 3))
-    uv = project(_times_3x3(X, params.rotation.transpose(1, 2)) + params.translation[:, None], focal, pp)
+    uv = project_points(_times_3x3(X, params.rotation.transpose(1, 2)) + params.translation[:, None], focal, pp)
     lay = active_point_layout(basis)
     lmk68 = torch.cat([uv[:, lay["contour"]], uv[:, lay["lmk68_inner"]]], 1)
     return lmk68, uv[:, lay["dense"]]
@@ -900,7 +892,7 @@ def initial_params(basis: LandmarkBasis, targets: Targets, focal: torch.Tensor, 
     T = targets.lmk68.shape[0]
     E = basis.n_exp
     shape = torch.zeros(basis.n_shape) if shape is None else shape
-    R0 = FLIP_YZ.expand(T, 3, 3).clone() if rotation is None else rotation.clone()
+    R0 = frontal_rotation(torch.empty(0)).expand(T, 3, 3).clone() if rotation is None else rotation.clone()
     arr = _point_arrays(basis, torch.zeros(1, dtype=torch.long), shape, jacobians=False)
     X = arr["s_M0"][:basis.n_static]  # neutral static landmarks (iBUG 17..67)
     eye_model = (X[36 - 17] - X[45 - 17]).norm()

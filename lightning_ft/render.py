@@ -6,7 +6,7 @@ video (shaded meshes). pytorch3d and nvdiffrast are not installable here.
 Conventions
 -----------
 - Camera space is OpenCV's: meters, x right, y down, z forward (z > 0 in front).
-- Screen space is pixels: `project` maps a point to (u, v) = (fx*x/z + cx,
+- Screen space is pixels: `cameras.project_screen` maps a point to (u, v) = (fx*x/z + cx,
   fy*y/z + cy) and keeps z. Pixel (u, v) is image column u, row v, and the
   *centre* of pixel i lies at coordinate i (not i + 0.5). A pixel is covered by
   a triangle when its centre lies inside it (edges included; on a shared edge
@@ -75,13 +75,13 @@ import torch
 import torch.nn.functional as F
 
 from . import render_jit
+from .cameras import project_screen
 from .errors import LightningFTError
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "Fragments",
-    "project",
     "rasterize",
     "interpolate",
     "antialias",
@@ -147,46 +147,6 @@ class Fragments:
     @property
     def image_size(self) -> Tuple[int, int]:
         return int(self.face_idx.shape[1]), int(self.face_idx.shape[2])
-
-
-def project(
-    vertices_cam: torch.Tensor,
-    K: Optional[torch.Tensor] = None,
-    *,
-    focal: Optional[torch.Tensor] = None,
-    principal_point: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Pinhole projection of OpenCV camera-space points to screen space.
-
-    vertices_cam: [B,V,3] meters (x right, y down, z forward).
-    K: [B,3,3] or [3,3] intrinsics in pixels; or give `focal` ([B,2] or [2],
-        fx, fy in pixels) and `principal_point` ([B,2] or [2], cx, cy).
-    Returns [B,V,3]: (u, v) in pixels (pixel i's centre at coordinate i) and
-    the camera z unchanged (meters).
-    """
-    if K is not None:
-        K = torch.as_tensor(K, dtype=vertices_cam.dtype, device=vertices_cam.device)
-        if K.dim() == 2:
-            K = K.expand(vertices_cam.shape[0], 3, 3)
-        fx, fy = K[:, 0, 0], K[:, 1, 1]
-        skew = K[:, 0, 1]
-        cx, cy = K[:, 0, 2], K[:, 1, 2]
-    else:
-        if focal is None or principal_point is None:
-            raise LightningFTError("project: give K or both focal and principal_point")
-        focal = torch.as_tensor(focal, dtype=vertices_cam.dtype, device=vertices_cam.device)
-        principal_point = torch.as_tensor(
-            principal_point, dtype=vertices_cam.dtype, device=vertices_cam.device)
-        focal = focal.expand(vertices_cam.shape[0], 2)
-        principal_point = principal_point.expand(vertices_cam.shape[0], 2)
-        fx, fy = focal[:, 0], focal[:, 1]
-        cx, cy = principal_point[:, 0], principal_point[:, 1]
-        skew = torch.zeros_like(fx)
-    x, y, z = vertices_cam.unbind(-1)
-    xn, yn = x / z, y / z
-    u = fx[:, None] * xn + skew[:, None] * yn + cx[:, None]
-    v = fy[:, None] * yn + cy[:, None]
-    return torch.stack([u, v, z], dim=-1)
 
 
 def _signed_area(tri: torch.Tensor) -> torch.Tensor:
@@ -390,7 +350,7 @@ def rasterize(
 ) -> Fragments:
     """Rasterize a batch of triangle meshes sharing one topology.
 
-    verts_screen: [B,V,3] (u, v, z) from `project`: pixels (centre of pixel i
+    verts_screen: [B,V,3] (u, v, z) from `cameras.project_screen`: pixels (centre of pixel i
         at i) and camera depth (meters, > `near`). With `perspective_correct`
         the barycentrics and depth are interpolated in 1/z (exact for a
         pinhole camera); pass False for orthographic / weak-perspective
@@ -703,7 +663,7 @@ def render_shaded(
     Returns (rgb [B,H,W,3] float in 0..1 on black, mask [B,H,W] float coverage).
     """
     B = verts_cam.shape[0]
-    screen = project(verts_cam, K)
+    screen = project_screen(verts_cam, K)
     fragments = rasterize(screen, faces, image_size)
     # Shade the covered pixels only; the background stays black.
     sel, normal_px = _pixel_values(fragments, vertex_normals(verts_cam, faces), faces)
@@ -825,7 +785,7 @@ class DisplayRenderer:
     def rasterize(self, verts_screen: torch.Tensor, near: float = 1e-6) -> DisplayFragments:
         """Visible face per pixel of one image.
 
-        verts_screen: [V,3] (u, v, z) from `project` (pixels, pixel i's centre
+        verts_screen: [V,3] (u, v, z) from `cameras.project_screen` (pixels, pixel i's centre
             at i; camera depth in meters). Same coverage and depth test as
             `rasterize` (perspective-correct depth, no back-face culling,
             triangles with a vertex at z <= near dropped).
@@ -935,7 +895,7 @@ class DisplayRenderer:
         pixels `fragments.pixel`.
         """
         verts_cam = verts_cam.detach().float().to(self.device)
-        screen = project(verts_cam[None], K.float().to(self.device))[0]
+        screen = project_screen(verts_cam[None], K.float().to(self.device))[0]
         frags = self.rasterize(screen)
         if frags.pixel.numel() == 0:
             return torch.zeros(0, 3, device=self.device), frags

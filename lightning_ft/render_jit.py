@@ -50,7 +50,7 @@ def kernel(name: str):
 
 
 def _project_with_normals(verts, K, faces, screen, normals):  # pragma: no cover - compiled
-    """screen [V,3] = render.project(verts [V,3], K [3,3]); normals [V,3] =
+    """screen [V,3] = cameras.project_screen(verts [V,3], K [3,3]); normals [V,3] =
     render.vertex_normals (area-weighted, unit length)."""
     fx, skew, cx, fy, cy = K[0, 0], K[0, 1], K[0, 2], K[1, 1], K[1, 2]
     for i in range(verts.shape[0]):

@@ -28,6 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .cameras import FRONTAL_ROTATION
 from .errors import LightningFTError, UsageError
 from .output import is_finished
 
@@ -266,13 +267,12 @@ def head_angles_deg(rotation: np.ndarray) -> np.ndarray:
     the image's left."""
     from scipy.spatial.transform import Rotation
 
-    flip = np.diag([1.0, -1.0, -1.0])  # a head facing the camera has R = flip
     R = np.asarray(rotation, np.float64)
     ok = np.isfinite(R).all(axis=(1, 2))
     out = np.full((len(R), 3), np.nan)
     if ok.any():
         # Project onto SO(3) first: float32 storage leaves ~1e-7 of drift.
-        u, _, vt = np.linalg.svd(flip @ R[ok])
+        u, _, vt = np.linalg.svd(FRONTAL_ROTATION @ R[ok])
         det = np.sign(np.linalg.det(u @ vt))
         u[:, :, -1] *= det[:, None]
         out[ok] = Rotation.from_matrix(u @ vt).as_euler("YXZ", degrees=True)

@@ -77,9 +77,9 @@ from .errors import AssetError, UsageError
 from .flame import FLAME
 from .lbs import batch_rodrigues
 from .optimize import FrameParams, head_rotation_flame
-from .optimize import project as project_points
+from .cameras import project_points, project_screen
 from .progress import progress as progress_bar
-from .render import antialias, face_adjacency, project, rasterize, sh_shading, vertex_normals
+from .render import antialias, face_adjacency, rasterize, sh_shading, vertex_normals
 from .smoothing import SmoothingConfig, smooth_tracking
 
 __all__ = [
@@ -323,7 +323,7 @@ def render_appearance(vertices_cam: torch.Tensor, faces: torch.Tensor, face_uvs:
     """
     B = vertices_cam.shape[0]
     H, W = image_size
-    screen = project(vertices_cam, focal=focal, principal_point=principal_point)
+    screen = project_screen(vertices_cam, focal=focal, principal_point=principal_point)
     fragments = rasterize(screen, faces, (H, W))
     faces = faces.to(device=vertices_cam.device, dtype=torch.long)
     # Shade only the covered pixels (a face crop leaves much of the image to

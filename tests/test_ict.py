@@ -280,7 +280,8 @@ def test_mediapipe_embedding_agrees_with_facemesh_on_a_new_render(shipped):
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
     from lightning_ft.landmarks import MeshTracker
-    from lightning_ft.render import project, render_shaded
+    from lightning_ft.cameras import project_screen
+    from lightning_ft.render import render_shaded
 
     colours, shown = build.paint(shipped)
     shape = torch.as_tensor(np.random.default_rng(123).normal(size=100), dtype=torch.float32)[None]
@@ -296,6 +297,6 @@ def test_mediapipe_embedding_agrees_with_facemesh_on_a_new_render(shipped):
         detected = tracker(image)
     assert detected is not None
     pts = shipped.dense_landmarks(torch.as_tensor(verts, dtype=torch.float32)[None])[0].double().numpy()
-    uv = project(torch.as_tensor(build.camera_vertices(pts, R, nose))[None], K)[0, :, :2].numpy()
+    uv = project_screen(torch.as_tensor(build.camera_vertices(pts, R, nose))[None], K)[0, :, :2].numpy()
     err = np.linalg.norm(uv - detected[shipped.mediapipe_indices.numpy()], axis=1)
     assert np.median(err) < 2.0 and np.percentile(err, 90) < 5.0

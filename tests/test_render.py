@@ -7,9 +7,10 @@ import pytest
 import torch
 from skimage.measure import points_in_poly
 
+from lightning_ft.cameras import project_screen
 from lightning_ft.errors import LightningFTError
 from lightning_ft.render import (DECA_SH_CONSTANTS, antialias, face_adjacency, interpolate,
-                                 project, rasterize, render_shaded, sh_shading,
+                                 rasterize, render_shaded, sh_shading,
                                  vertex_normals)
 
 torch.set_num_threads(1)
@@ -80,7 +81,7 @@ def test_backface_culling_keeps_only_triangles_facing_the_camera():
     # Seen from the camera, a counter-clockwise (from outside) triangle has a
     # negative screen area; that is the one whose normal faces the camera.
     verts_cam, faces, K = sphere_in_front(32)
-    screen = project(verts_cam, K)
+    screen = project_screen(verts_cam, K)
     normals = torch.cross(verts_cam[0, faces[:, 1]] - verts_cam[0, faces[:, 0]],
                           verts_cam[0, faces[:, 2]] - verts_cam[0, faces[:, 0]], dim=-1)
     centres = verts_cam[0, faces].mean(1)
@@ -138,7 +139,7 @@ def test_zbuffer_of_intersecting_tilted_planes_matches_ray_plane_depth():
     b = plane(lambda xy: 1.0 - 0.3 * xy[:, 0] + 0.2 * xy[:, 1])
     verts_cam = torch.cat([a, b])[None]
     faces = torch.tensor([[0, 1, 2], [0, 2, 3], [4, 5, 6], [4, 6, 7]])
-    frags = rasterize(project(verts_cam, K), faces, (H, W))
+    frags = rasterize(project_screen(verts_cam, K), faces, (H, W))
 
     def ray_depth(p0, p1, p2, u, v):
         # the ray through pixel (u, v) is z * ((u-cx)/fx, (v-cy)/fy, 1)
@@ -161,13 +162,13 @@ def test_zbuffer_of_intersecting_tilted_planes_matches_ray_plane_depth():
 
 def test_barycentrics_sum_to_one_and_interpolate_the_surface_point_of_each_pixel():
     verts_cam, faces, K = sphere_in_front(48)
-    frags = rasterize(project(verts_cam, K), faces, 48)
+    frags = rasterize(project_screen(verts_cam, K), faces, 48)
     bary = frags.bary[frags.mask]
     torch.testing.assert_close(bary.sum(-1), torch.ones_like(bary[:, 0]))
     assert (bary >= -1e-9).all()
     # perspective-correct: the interpolated camera point projects to the pixel centre
     points = interpolate(frags, verts_cam, faces)[frags.mask]
-    uv = project(points[None], K)[0, :, :2]
+    uv = project_screen(points[None], K)[0, :, :2]
     ys, xs = torch.nonzero(frags.mask[0], as_tuple=True)
     torch.testing.assert_close(uv, torch.stack([xs, ys], -1).to(uv.dtype))
     torch.testing.assert_close(points[:, 2], frags.zbuf[frags.mask])
@@ -179,7 +180,7 @@ def test_gradients_of_interpolated_image_agree_with_finite_differences():
                         generator=torch.Generator().manual_seed(0))
 
     def image(v):
-        frags = rasterize(project(v, K), faces, 20)
+        frags = rasterize(project_screen(v, K), faces, 20)
         return interpolate(frags, colors, faces)
 
     leaf = verts_cam.clone().requires_grad_(True)
@@ -236,10 +237,10 @@ def test_project_matches_the_intrinsic_matrix_and_focal_principal_point_forms():
                   [[300.0, 0, 60.0], [0, 310.0, 70.0], [0, 0, 1]]])
     homogeneous = np.einsum("bij,bvj->bvi", K, pts)
     expected = homogeneous[..., :2] / homogeneous[..., 2:]
-    out = project(torch.from_numpy(pts), torch.from_numpy(K)).numpy()
+    out = project_screen(torch.from_numpy(pts), torch.from_numpy(K)).numpy()
     np.testing.assert_allclose(out[..., :2], expected)
     np.testing.assert_allclose(out[..., 2], pts[..., 2])
-    out2 = project(torch.from_numpy(pts), focal=torch.tensor([[500.0, 520.0], [300.0, 310.0]],
+    out2 = project_screen(torch.from_numpy(pts), focal=torch.tensor([[500.0, 520.0], [300.0, 310.0]],
                                                               dtype=torch.float64),
                    principal_point=torch.tensor([[100.0, 90.0], [60.0, 70.0]],
                                                 dtype=torch.float64)).numpy()
@@ -304,9 +305,9 @@ def test_batched_rasterization_equals_one_at_a_time():
     verts_cam, faces, K = sphere_in_front(24)
     shifted = verts_cam + torch.tensor([0.03, -0.02, 0.1], dtype=verts_cam.dtype)
     batch = torch.cat([verts_cam, shifted])
-    frags = rasterize(project(batch, K), faces, (24, 30))
+    frags = rasterize(project_screen(batch, K), faces, (24, 30))
     for i in range(2):
-        single = rasterize(project(batch[i:i + 1], K), faces, (24, 30))
+        single = rasterize(project_screen(batch[i:i + 1], K), faces, (24, 30))
         torch.testing.assert_close(frags.face_idx[i], single.face_idx[0])
         torch.testing.assert_close(frags.bary[i], single.bary[0])
     assert not torch.equal(frags.face_idx[0], frags.face_idx[1])
@@ -359,7 +360,7 @@ def test_triangles_behind_the_camera_or_off_screen_are_dropped_without_errors():
 def test_chunked_cpu_rasterization_equals_one_pass(monkeypatch):
     import lightning_ft.render as render
     verts_cam, faces, K = sphere_in_front(64, subdivisions=2)
-    screen = project(torch.cat([verts_cam, verts_cam + 0.02]), K)
+    screen = project_screen(torch.cat([verts_cam, verts_cam + 0.02]), K)
     monkeypatch.setattr(render, "_CPU_CHUNK", 1 << 40)
     whole = rasterize(screen, faces, (64, 70))
     monkeypatch.setattr(render, "_CPU_CHUNK", 97)  # many runs, some single big triangles
@@ -451,7 +452,7 @@ def test_display_renderer_draws_the_picture_of_render_shaded(backend, appearance
         kwargs["face_uvs"] = torch.from_numpy(rng.uniform(0, 1, (len(faces), 3, 2)).astype(np.float32))
         kwargs["texture"] = torch.from_numpy(rng.uniform(0, 1, (1, 3, 16, 24)).astype(np.float32))
     reference_rgb, reference_mask = render_shaded(verts[None], faces, K, size, **kwargs)
-    reference_faces = rasterize(project(verts[None], K), faces, size).face_idx[0]
+    reference_faces = rasterize(project_screen(verts[None], K), faces, size).face_idx[0]
     renderer = DisplayRenderer(faces, size, backend=backend)
     assert renderer.backend == backend
     display_kwargs = dict(kwargs)
@@ -460,7 +461,7 @@ def test_display_renderer_draws_the_picture_of_render_shaded(backend, appearance
     if "sh_coeffs" in kwargs:
         display_kwargs["sh_coeffs"] = kwargs["sh_coeffs"][0]
     image, mask = renderer.render_image(verts, K, background=(7, 8, 9), **display_kwargs)
-    frags = renderer.rasterize(project(verts[None], K)[0])
+    frags = renderer.rasterize(project_screen(verts[None], K)[0])
 
     # the same triangle at (nearly) every pixel; the rest on exact edges
     same_face = frags.face_idx() == reference_faces

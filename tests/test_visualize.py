@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from lightning_ft.errors import LightningFTError
-from lightning_ft.render import project, rasterize
+from lightning_ft.cameras import project_screen
+from lightning_ft.render import rasterize
 from lightning_ft.visualize import write_visualization
 from test_render import icosphere
 
@@ -67,7 +68,7 @@ def test_video_has_three_panels_landmarks_mesh_and_invalid_marks(tmp_path):
         inner = (slice(6, H - 6), slice(6, W - 6))  # away from the invalid border
         assert np.abs(crop[inner] - frames[t][inner]).mean() < 6
         # mesh coverage from an independent rasterization of the same sphere
-        screen = project(torch.from_numpy(vertices[t:t + 1]), torch.from_numpy(K))
+        screen = project_screen(torch.from_numpy(vertices[t:t + 1]), torch.from_numpy(K))
         covered = rasterize(screen, torch.from_numpy(faces), (H, W)).mask[0].numpy()
         covered_inner = covered[inner]
         mesh_inner = mesh[inner].mean(-1)

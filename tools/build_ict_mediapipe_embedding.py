@@ -46,7 +46,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lightning_ft.ict import ICT  # noqa: E402
-from lightning_ft.render import project, rasterize, render_shaded  # noqa: E402
+from lightning_ft.cameras import project_screen  # noqa: E402
+from lightning_ft.render import rasterize, render_shaded  # noqa: E402
 
 IMAGE_SIZE, FOCAL_PX, DISTANCE_M = 512, 1000.0, 0.7
 YAWS, PITCHES = (-25, -12, 0, 12, 25), (-10, 0, 10)
@@ -155,7 +156,7 @@ def detect(model: ICT, save_views: Path | None = None, log=print):
                 log(f"view {k}: no face found")
                 continue
             detections[k] = points
-            screen = project(cam, _intrinsics())
+            screen = project_screen(cam, _intrinsics())
             px = np.clip(np.round(points).astype(int), 0, IMAGE_SIZE - 1)
             raw = rasterize(screen, faces, IMAGE_SIZE).face_idx[0, px[:, 1], px[:, 0]].numpy()
             tri_ids = np.where(raw >= 0, shown[raw], -1)
@@ -253,7 +254,7 @@ def aggregate(model: ICT, detections: np.ndarray, hits, log=print):
                 continue
             verts = model(shape=torch.as_tensor(shape, dtype=torch.float32)[None])[0].double().numpy()
             pts = (verts[faces_all[out["dense_faces"]]] * out["dense_bary"][..., None]).sum(1)
-            uv = project(torch.as_tensor(camera_vertices(pts, R, _head_centre(model)))[None], _intrinsics())
+            uv = project_screen(torch.as_tensor(camera_vertices(pts, R, _head_centre(model)))[None], _intrinsics())
             errors.append(np.linalg.norm(uv[0, :, :2].numpy() - detections[k][out["mediapipe_indices"]], axis=1))
     errors = np.stack(errors)  # [views, M]
     out["reprojection_px"] = errors.mean(0)

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from ..lbs import barycentric_points, batch_rodrigues
-from ..optimize import FLIP_YZ, IRIS_CENTRES, head_rotation_flame
+from ..cameras import frontal_rotation
+from ..optimize import IRIS_CENTRES, head_rotation_flame
 
 
 @dataclass
@@ -73,7 +74,8 @@ def make_ict_sequence(model, T: int = 120, focal: float = 1200.0, image_size: in
     pitch = np.deg2rad(pitch_deg) * np.sin(2 * np.pi * 0.31 * tt + ph[1])
     roll = np.deg2rad(5) * np.sin(2 * np.pi * 0.17 * tt + ph[2])
     t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
-    R_cv = FLIP_YZ @ batch_rodrigues(t(np.stack([pitch, yaw, roll], 1)))
+    R_head = batch_rodrigues(t(np.stack([pitch, yaw, roll], 1)))
+    R_cv = frontal_rotation(R_head) @ R_head
     shape = np.clip(rng.normal(size=model.n_shape), -2.0, 2.0)
     expr = bounded_expression_track(T, model.n_exp, rng, names=getattr(model, "expression_names", None))
     eyes = np.zeros((T, 6))

@@ -10,7 +10,8 @@ import torch
 
 from ..flame import FLAME
 from ..lbs import batch_rodrigues
-from ..optimize import FLIP_YZ, IRIS_CENTRES, build_basis, head_rotation_flame
+from ..cameras import frontal_rotation
+from ..optimize import IRIS_CENTRES, build_basis, head_rotation_flame
 
 
 @dataclass
@@ -60,7 +61,7 @@ def make_sequence(flame: FLAME, T: int = 60, focal: float = 1200.0, image_size: 
     yaw = yaw_track if yaw_track is not None else yaw
     aa = torch.tensor(np.stack([pitch, yaw, roll], 1), dtype=torch.float32)
     R_head = batch_rodrigues(aa)  # rotation in FLAME's frame
-    R_cv = FLIP_YZ @ R_head
+    R_cv = frontal_rotation(R_head) @ R_head
     # Distance such that the face spans ~60 % of the image.
     z0 = focal * 0.16 / (0.6 * image_size) * distance_scale
     trans = np.stack([0.01 * np.sin(2 * np.pi * 0.2 * tt + ph[3]), 0.008 * np.sin(2 * np.pi * 0.23 * tt + ph[4]),

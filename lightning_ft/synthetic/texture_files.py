@@ -130,8 +130,8 @@ def render_textured_sequence(flame, texture_space, T: int = 4, size: int = 64, s
     import torch
 
     from ..lbs import batch_rodrigues
-    from ..optimize import FLIP_YZ, FrameParams, head_rotation_flame
-    from ..optimize import project as project_points
+    from ..cameras import frontal_rotation, project_points
+    from ..optimize import FrameParams, head_rotation_flame
     from ..synthesis import face_region_mask, render_appearance
 
     rng = np.random.default_rng(seed)
@@ -140,7 +140,8 @@ def render_textured_sequence(flame, texture_space, T: int = 4, size: int = 64, s
     pp = np.array([(size - 1) / 2, (size - 1) / 2], np.float32)
     z0 = focal[0] * 0.16 / (0.6 * size)
     f32 = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
-    R = FLIP_YZ @ batch_rodrigues(f32(rng.normal(0, 0.12, (T, 3))))
+    R = batch_rodrigues(f32(rng.normal(0, 0.12, (T, 3))))
+    R = frontal_rotation(R) @ R
     centre = flame.v_template.mean(0)
     t = f32(np.c_[rng.normal(0, 0.005, (T, 2)), np.full(T, z0)]) - torch.einsum("tij,j->ti", R, centre)
     expression = f32(rng.normal(0, 1.0, (T, E)) * (np.arange(E) < n_expression))
