@@ -32,11 +32,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, Tuple
 
-# lightning_ft sets OpenMP's waiting (GOMP_SPINCOUNT), which it reads when torch loads:
-# importing it first measures what the tracker runs.
-from lightning_ft.emoca import CROP_SIZE, EmocaEncoder, crop_for_emoca  # isort: skip
-import numpy as np
-import torch
+# OpenMP's waiting (GOMP_SPINCOUNT) is read when torch loads: set it first, as a run does.
+from lightning_ft.runtime import configure_threads  # isort: skip
+
+configure_threads()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from lightning_ft.emoca import CROP_SIZE, EmocaEncoder, crop_for_emoca  # noqa: E402
 
 from lightning_ft.synthetic.emoca_files import synthetic_state_dict
 

@@ -9,7 +9,8 @@ contour) and the dense mediapipe points; with and without autograd (backward
 of a sum of squares included in the latter).
 """
 
-import lightning_ft  # noqa: F401  (sets OpenMP's waiting before torch loads, as in a run)
+from lightning_ft.runtime import configure_threads  # noqa: I001
+configure_threads()  # before torch loads, as a run does
 import argparse
 import time
 

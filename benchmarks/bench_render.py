@@ -21,7 +21,8 @@ ratio, and the process's wall and CPU seconds:
 
 from __future__ import annotations
 
-import lightning_ft  # noqa: F401, I001  (first: sets OpenMP's waiting before torch loads, as in a run)
+from lightning_ft.runtime import configure_threads, openmp_settings  # noqa: I001
+configure_threads()  # before torch loads, as a run does
 import argparse
 import os
 import time
@@ -94,7 +95,7 @@ def main() -> None:
                         help="time the tracker without and with -v instead (see the module docstring)")
     parser.add_argument("--rounds", type=int, default=3, help="--pipeline: rounds of (without, with -v)")
     args = parser.parse_args()
-    print(lightning_ft.openmp_settings(), flush=True)
+    print(openmp_settings(), flush=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.pipeline:

@@ -17,7 +17,8 @@ on frames lit by one light and on frames whose light turns over the clip.
 
 from __future__ import annotations
 
-import lightning_ft  # first: it sets OpenMP's waiting before torch loads, as in a run
+from lightning_ft.runtime import configure_threads, openmp_settings  # noqa: I001
+configure_threads()  # before torch loads, as a run does
 import argparse
 import sys
 import tempfile
@@ -184,7 +185,7 @@ def main() -> int:
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-lighting", action="store_true")
     args = ap.parse_args()
-    print(lightning_ft.openmp_settings(), flush=True)
+    print(openmp_settings(), flush=True)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), CPU")
     with tempfile.TemporaryDirectory() as d:

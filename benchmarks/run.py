@@ -58,6 +58,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from lightning_ft.runtime import configure_threads  # noqa: E402
+
+configure_threads()  # before torch loads, as a run does
+
 from lightning_ft import pipeline  # noqa: E402
 from lightning_ft import video as video_stage  # noqa: E402
 from lightning_ft.synthetic import clips  # noqa: E402

@@ -63,6 +63,17 @@ TIER_NEEDED_BY = {
 }
 EMOCA_RELEASE = "EMOCA_v2_lr_mse_20"
 
+# Every file name the tracker reads from an assets folder (relative to it),
+# or from another library's model folder: the one place they are spelled.
+FLAME_MODEL = "FLAME/generic_model.pkl"
+FLAME_LANDMARK_EMBEDDING = "FLAME/landmark_embedding.npy"
+FLAME_MEDIAPIPE_EMBEDDING = "FLAME/mediapipe_landmark_embedding.npz"
+FLAME_TEXTURE = "FLAME/FLAME_texture.npz"
+BFM_ALBEDO = "FLAME/FLAME_albedo_from_BFM.npz"
+FLAME_TEMPLATE_OBJ = "FLAME/head_template_mesh.obj"
+FAN_WEIGHTS_FILE = "2DFAN4-11f355bf06.pth.tar"  # in torch.hub's checkpoints folder
+DLIB_PREDICTOR_FILE = "shape_predictor_68_face_landmarks.dat"  # in the face_recognition_models package
+
 # Pickled header of a legacy (pre-zip) torch checkpoint: protocol 2, LONG1 of
 # torch's serialization magic number 0x1950a86a20f9469cfc6c.
 _TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
@@ -111,7 +122,7 @@ DOWNLOADS: Dict[str, Download] = {
         item="flame",
         url="https://download.is.tue.mpg.de/download.php?domain=flame&sfile=FLAME2020.zip&resume=1",
         archive="FLAME2020.zip",
-        installs=(("generic_model.pkl", "FLAME/generic_model.pkl"),),
+        installs=(("generic_model.pkl", FLAME_MODEL),),
         optional=(("Readme.pdf", "FLAME/Readme_FLAME.pdf"),),
         needs_account=True,
         source="xg-chu/LightningFT README.md; yfeng95/DECA fetch_data.sh",
@@ -120,7 +131,7 @@ DOWNLOADS: Dict[str, Download] = {
         item="texture",
         url="https://download.is.tue.mpg.de/download.php?domain=flame&resume=1&sfile=TextureSpace.zip",
         archive="TextureSpace.zip",
-        installs=(("FLAME_texture.npz", "FLAME/FLAME_texture.npz"),),
+        installs=(("FLAME_texture.npz", FLAME_TEXTURE),),
         optional=(("Readme.pdf", "FLAME/Readme_Texture.pdf"),),
         needs_account=True,
         source="xg-chu/LightningFT README.md",
@@ -132,10 +143,10 @@ DOWNLOADS: Dict[str, Download] = {
         url=("https://github.com/xg-chu/LightningFT/raw/197189367a5e6db8777982adeeab5ff1e320f249/"
              "assets/FLAME_embedding.zip"),
         archive="FLAME_embedding.zip",
-        installs=(("landmark_embedding.npy", "FLAME/landmark_embedding.npy"),
-                  ("mediapipe_landmark_embedding.npz", "FLAME/mediapipe_landmark_embedding.npz")),
+        installs=(("landmark_embedding.npy", FLAME_LANDMARK_EMBEDDING),
+                  ("mediapipe_landmark_embedding.npz", FLAME_MEDIAPIPE_EMBEDDING)),
         optional=(("FLAME_masks.pkl", "FLAME/FLAME_masks.pkl"),
-                  ("head_template_mesh.obj", "FLAME/head_template_mesh.obj"),
+                  ("head_template_mesh.obj", FLAME_TEMPLATE_OBJ),
                   ("embedding_readme.txt", "FLAME/embedding_readme.txt")),
         size=219459,
         sha256="916d9b9bf53f52ee191e0610d250a7eea970517195975eb25d8d6e0c2803d605",
@@ -381,20 +392,20 @@ def _validate_emoca_release(folder: Path, deep: bool) -> str:
 
 ASSET_SPECS: Tuple[AssetSpec, ...] = (
     AssetSpec(
-        name="FLAME/generic_model.pkl", kind="FLAME 2020 model", tier="flame", item="flame",
+        name=FLAME_MODEL, kind="FLAME 2020 model", tier="flame", item="flame",
         how_to_get=("register at flame.is.tue.mpg.de and run 'lightning-ft assets fetch' "
                     "(or unzip FLAME2020.zip into assets/FLAME)"),
         validate=_validate_flame_model,
     ),
     AssetSpec(
-        name="FLAME/landmark_embedding.npy", kind="68-point landmark embedding (DECA format)",
+        name=FLAME_LANDMARK_EMBEDDING, kind="68-point landmark embedding (DECA format)",
         tier="flame", item="embedding",
         how_to_get=_fetch_hint("the original tool's FLAME_embedding.zip", "FLAME"),
         validate=_validate_landmark_embedding,
         misplaced=("FLAME/FLAME_embedding/landmark_embedding.npy",),
     ),
     AssetSpec(
-        name="FLAME/mediapipe_landmark_embedding.npz", kind="MediaPipe landmark embedding",
+        name=FLAME_MEDIAPIPE_EMBEDDING, kind="MediaPipe landmark embedding",
         tier="flame", item="embedding",
         how_to_get=_fetch_hint("the original tool's FLAME_embedding.zip", "FLAME"),
         validate=_validate_mediapipe_embedding,
@@ -408,13 +419,40 @@ ASSET_SPECS: Tuple[AssetSpec, ...] = (
         misplaced=(f"EMOCA/models/{EMOCA_RELEASE}",),
     ),
     AssetSpec(
-        name="FLAME/FLAME_texture.npz", kind="FLAME texture space", tier="synthesis", item="texture",
+        name=FLAME_TEXTURE, kind="FLAME texture space", tier="synthesis", item="texture",
         how_to_get=("register at flame.is.tue.mpg.de and run 'lightning-ft assets fetch' "
                     "(or unzip TextureSpace.zip into assets/FLAME); only --synthesis needs it"),
         validate=_validate_texture,
-        alternatives=(("FLAME/FLAME_albedo_from_BFM.npz", "BFM albedo in FLAME's UV space (DECA)"),),
+        alternatives=((BFM_ALBEDO, "BFM albedo in FLAME's UV space (DECA)"),),
     ),
 )
+
+
+def flame_files(assets_dir: Path) -> Dict[str, Path]:
+    """The FLAME model's three files under an assets folder, as `flame.FLAME` takes them."""
+    d = Path(assets_dir)
+    return {"model": d / FLAME_MODEL, "landmark_embedding": d / FLAME_LANDMARK_EMBEDDING,
+            "mediapipe_embedding": d / FLAME_MEDIAPIPE_EMBEDDING}
+
+
+def texture_space_files(assets_dir: Path) -> Tuple[Path, Optional[Path]]:
+    """The texture space --synthesis reads and, for one without UVs, the OBJ
+    they come from. FLAME_texture.npz carries its UVs; DECA's
+    FLAME_albedo_from_BFM.npz, which `check` accepts as well, is laid out in
+    FLAME's UV map and takes the UVs from head_template_mesh.obj (as DECA
+    does). Called before any work, so a missing piece costs no fitting."""
+    d = Path(assets_dir)
+    flame_texture, bfm, obj = d / FLAME_TEXTURE, d / BFM_ALBEDO, d / FLAME_TEMPLATE_OBJ
+    if flame_texture.exists():
+        return flame_texture, None
+    if bfm.exists():
+        if obj.exists():
+            return bfm, obj
+        raise AssetError(f"{bfm}: has no UVs of its own and {obj} is not there to give them (it comes with "
+                         f"FLAME_embedding.zip); add it, or FLAME_texture.npz, or run without --synthesis")
+    raise AssetError(f"{flame_texture}: not found; --synthesis reads FLAME's texture space (unzip TextureSpace.zip "
+                     f"into assets/FLAME or run 'lightning-ft assets fetch --item texture'), or run without "
+                     f"--synthesis")
 
 
 def resolve_assets_dir(cli_value: Optional[Union[str, os.PathLike]]) -> Path:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .errors import LightningFTError, UsageError
+from .runtime import configure_threads
 
 log = logging.getLogger("lightning_ft")
 # Largest --image-size: a crop of 4096x4096 RGB is 48 MB per frame already.
@@ -241,11 +242,13 @@ def _run(func, args) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """`lightning-ft ...`"""
+    configure_threads()
     args = _main_parser().parse_args(argv)
     return _run(args.func, args)
 
 
 def track_main(argv: Optional[List[str]] = None) -> int:
     """`python track_lightning.py ...` (the original tool's command)."""
+    configure_threads()
     args = _track_parser("track_lightning.py").parse_args(argv)
     return _run(_track, args)

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .assets import EMOCA_RELEASE
 from .cameras import FRONTAL_ROTATION, frontal_rotation
 from .errors import AssetError, UsageError
 from .lbs import batch_rodrigues
@@ -48,7 +49,6 @@ from .progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
-RELEASE_NAME = "EMOCA_v2_lr_mse_20"
 CROP_SIZE = 224
 # (name, size) in the order of E_flame's output vector (DECA.decompose_code).
 FLAME_CODE_SPLIT: Tuple[Tuple[str, int], ...] = (
@@ -57,7 +57,7 @@ FLAME_CODE_SPLIT: Tuple[Tuple[str, int], ...] = (
 N_FLAME_CODE = sum(n for _, n in FLAME_CODE_SPLIT)  # 236
 N_EXPRESSION = 50
 KEPT_PREFIXES = ("deca.E_flame.", "deca.E_expression.")
-NO_EMOCA_HINT = ("download EMOCA_v2_lr_mse_20.zip from the EMOCA project site and unzip it "
+NO_EMOCA_HINT = (f"download {EMOCA_RELEASE}.zip from the EMOCA project site and unzip it "
                  "into assets/EMOCA/ (see README), or pass --no-emoca to start every frame "
                  "from a neutral face and let the fitting stage do the rest")
 
@@ -236,7 +236,7 @@ class EmocaEncoder(nn.Module):
                 details.append(f"{len(wrong_shape)} of another shape (e.g. deca.{k}: "
                                f"{tuple(state[k].shape)} instead of {tuple(expected[k].shape)})")
             raise AssetError(f"{checkpoint}: not the EMOCA v2 encoder architecture ("
-                             + "; ".join(details) + f"); use the {RELEASE_NAME} release as unzipped")
+                             + "; ".join(details) + f"); use the {EMOCA_RELEASE} release as unzipped")
         model.load_state_dict(state, strict=True, assign=True)
         model.eval().to(device)
         if fold_batchnorm:
@@ -253,10 +253,10 @@ def find_release(folder: Union[str, Path]) -> Path:
     folder = Path(folder)
     if not folder.is_dir():
         raise AssetError(f"{folder}: EMOCA folder not found; {NO_EMOCA_HINT}")
-    for candidate in (folder / RELEASE_NAME, folder):
+    for candidate in (folder / EMOCA_RELEASE, folder):
         if (candidate / "detail").is_dir() or (candidate / "cfg.yaml").is_file():
             return candidate
-    raise AssetError(f"{folder}: no {RELEASE_NAME}/ release in it; {NO_EMOCA_HINT}")
+    raise AssetError(f"{folder}: no {EMOCA_RELEASE}/ release in it; {NO_EMOCA_HINT}")
 
 
 def find_checkpoint(folder: Union[str, Path]) -> Path:
@@ -346,14 +346,14 @@ def check_release_config(cfg: Dict[str, Any], path: Path) -> None:
     for part, key in names.items():
         if key in model and model[key] != wanted[part]:
             raise AssetError(f"{path}: {key} = {model[key]}, this loader needs {wanted[part]} "
-                             f"(the {RELEASE_NAME} release)")
+                             f"(the {EMOCA_RELEASE} release)")
     backbone = model.get("expression_backbone", "deca_clone")
     if backbone != "deca_clone":
         raise AssetError(f"{path}: expression_backbone '{backbone}' is not supported "
-                         f"(needs 'deca_clone', as in {RELEASE_NAME})")
+                         f"(needs 'deca_clone', as in {EMOCA_RELEASE})")
     if model.get("exp_deca_global_pose") or model.get("exp_deca_jaw_pose"):
         raise AssetError(f"{path}: expression encoder also regresses pose "
-                         f"(exp_deca_*_pose true); not the {RELEASE_NAME} release")
+                         f"(exp_deca_*_pose true); not the {EMOCA_RELEASE} release")
     e_flame = model.get("e_flame_type", "ResnetEncoder")
     if e_flame != "ResnetEncoder":
         raise AssetError(f"{path}: e_flame_type '{e_flame}' is not supported (needs ResnetEncoder)")
@@ -504,7 +504,7 @@ def load_checkpoint_tensors(path: Union[str, Path], keep: Callable[[str], bool])
         raise AssetError(f"{path}: file not found; {NO_EMOCA_HINT}") from None
     except (zipfile.BadZipFile, OSError) as exc:
         raise AssetError(f"{path}: not a PyTorch zip checkpoint ({exc}); the file is corrupt or "
-                         f"truncated, unzip {RELEASE_NAME}.zip again") from None
+                         f"truncated, unzip {EMOCA_RELEASE}.zip again") from None
     with archive:
         names = archive.namelist()
         pickles = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
@@ -520,7 +520,7 @@ def load_checkpoint_tensors(path: Union[str, Path], keep: Callable[[str], bool])
             raise
         except Exception as exc:  # a damaged pickle raises many exception types
             raise AssetError(f"{path}: unreadable checkpoint pickle ({type(exc).__name__}: {exc}); "
-                             f"unzip {RELEASE_NAME}.zip again") from None
+                             f"unzip {EMOCA_RELEASE}.zip again") from None
         state = payload.get("state_dict") if isinstance(payload, dict) else None
         if not isinstance(state, dict):
             raise AssetError(f"{path}: no 'state_dict' in the checkpoint; not a Lightning checkpoint of EMOCA")
@@ -544,10 +544,10 @@ def _materialize(archive: zipfile.ZipFile, prefix: str, record: _LazyTensor, pat
         raw = archive.read(f"{prefix}data/{storage.key}")
     except (KeyError, zipfile.BadZipFile, OSError, EOFError) as exc:
         raise AssetError(f"{path}: storage of '{key}' missing or damaged ({exc}); "
-                         f"unzip {RELEASE_NAME}.zip again") from None
+                         f"unzip {EMOCA_RELEASE}.zip again") from None
     itemsize = torch.empty((), dtype=storage.dtype).element_size()
     if len(raw) < storage.numel * itemsize:
-        raise AssetError(f"{path}: storage of '{key}' is truncated; unzip {RELEASE_NAME}.zip again")
+        raise AssetError(f"{path}: storage of '{key}' is truncated; unzip {EMOCA_RELEASE}.zip again")
     flat = torch.frombuffer(bytearray(raw[: storage.numel * itemsize]), dtype=storage.dtype)
     needed = record.offset + sum((s - 1) * st for s, st in zip(record.size, record.stride)) + 1
     if record.size and min(record.size) > 0 and needed > storage.numel:

@@ -25,14 +25,13 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from .assets import DLIB_PREDICTOR_FILE, FAN_WEIGHTS_FILE
 from .errors import AssetError, NoFaceError, UsageError, VideoError
 from .progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
 N_DENSE = 478
-FAN_WEIGHTS_FILE = "2DFAN4-11f355bf06.pth.tar"
-DLIB_PREDICTOR_FILE = "shape_predictor_68_face_landmarks.dat"
 SOURCES = ("fan", "dlib", "mediapipe")
 
 # iBUG-68 point k = mean of mediapipe mesh points MEDIAPIPE_TO_IBUG68[k, 0] and

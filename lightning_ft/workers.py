@@ -42,6 +42,7 @@ from typing import Dict, List, Optional, TextIO
 
 from .errors import LightningFTError, UsageError
 from .progress import NATIVE_NOISE
+from .runtime import configure_threads
 
 EVENT_PREFIX = "@lightning_ft-worker "
 # Plain (non-terminal) progress: a line per finished video, and at least this often.
@@ -149,6 +150,7 @@ def worker_main(argv: Optional[List[str]] = None) -> int:
     """`python -m lightning_ft.workers RUN_DIR DEVICE THREADS`: the folder
     loop of the run whose config the parent left in RUN_DIR, on DEVICE."""
     run_dir, device, threads = (argv if argv is not None else sys.argv[1:])
+    configure_threads()
     import torch
 
     torch.set_num_threads(int(threads))

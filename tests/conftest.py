@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from lightning_ft.runtime import configure_threads
+
 # Two cores: keep torch from oversubscribing when several tests run torch ops.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+configure_threads()  # as the CLI does, before any test imports torch
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_EMBEDDING_ZIP = REPO.parent / "shared" / "real-assets" / "FLAME_embedding.zip"

@@ -15,6 +15,7 @@ def assert_truncates_to(ours, integers):
     assert (np.abs(fraction) < 1 + 1e-3).all()
     assert (fraction * np.sign(ours) > -1e-3).all()
 
+from lightning_ft.assets import FAN_WEIGHTS_FILE
 from lightning_ft import landmarks as L
 from lightning_ft import video
 from lightning_ft.errors import AssetError, NoFaceError, UsageError, VideoError
@@ -254,7 +255,7 @@ def synthetic_fan_weights(tmp_path, monkeypatch):
     torch.manual_seed(0)
     checkpoints = tmp_path / "torch_home" / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
-    torch.save(FAN(4).state_dict(), checkpoints / L.FAN_WEIGHTS_FILE)
+    torch.save(FAN(4).state_dict(), checkpoints / FAN_WEIGHTS_FILE)
 
     def no_network(*args, **kwargs):
         raise AssertionError("tried to download")
@@ -263,7 +264,7 @@ def synthetic_fan_weights(tmp_path, monkeypatch):
 
     monkeypatch.setattr(face_alignment.utils, "download_url_to_file", no_network)
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    return checkpoints / L.FAN_WEIGHTS_FILE
+    return checkpoints / FAN_WEIGHTS_FILE
 
 
 @pytest.fixture

@@ -33,7 +33,8 @@ from typing import Dict, Iterator
 
 import torch
 
-from ..emoca import N_EXPRESSION, N_FLAME_CODE, RELEASE_NAME, ResnetRegressor
+from ..assets import EMOCA_RELEASE
+from ..emoca import N_EXPRESSION, N_FLAME_CODE, ResnetRegressor
 
 CHECKPOINT_RELATIVE = Path("detail/checkpoints/deca-epoch=10-val_loss/dataloader_idx_0=3.25521111.ckpt")
 
@@ -230,16 +231,16 @@ def write_synthetic_release(root: Path, seed: int = 0, flame_outsize: int = N_FL
     `<root>/EMOCA_v2_lr_mse_20.zip` holding the folder, as downloaded.
     """
     root = Path(root)
-    release = root / RELEASE_NAME
+    release = root / EMOCA_RELEASE
     release.mkdir(parents=True, exist_ok=True)
-    cfg = "".join(_CFG_TEMPLATE.format(stage=stage, release=RELEASE_NAME) for stage in ("coarse", "detail"))
+    cfg = "".join(_CFG_TEMPLATE.format(stage=stage, release=EMOCA_RELEASE) for stage in ("coarse", "detail"))
     tmp = release / "cfg.yaml.tmp"
     tmp.write_text(cfg, encoding="utf-8")
     os.replace(tmp, release / "cfg.yaml")
     write_checkpoint(release / CHECKPOINT_RELATIVE,
                      synthetic_state_dict(seed, flame_outsize, expression_outsize, include_ignored))
     if as_zip:
-        target = root / f"{RELEASE_NAME}.zip"
+        target = root / f"{EMOCA_RELEASE}.zip"
         tmp_zip = target.with_name(target.name + ".tmp")
         with zipfile.ZipFile(tmp_zip, "w", zipfile.ZIP_STORED) as archive:
             for file in _walk(release):
