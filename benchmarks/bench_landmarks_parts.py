@@ -72,8 +72,8 @@ class CropLoad:
 
     def _run(self):
         while not self.stop.is_set():
-            for crop in video._cropped_frames(self.face_video, None):
-                video._encode_image(crop, "jpeg")
+            for crop in video.decode_crops(self.face_video, None):
+                video.encode_crop(crop, "jpeg")
                 if self.stop.is_set():
                     return
 
@@ -99,7 +99,7 @@ def main() -> None:
         source = [image for _, _, image in video.iter_frames(path)]
         n = len(source)
         reference = video.prepare(path, cache_dir=work / "reference", progress=False)
-        crops = list(video._cropped_frames(reference, None))
+        crops = list(video.decode_crops(reference, None))
         np.save(work / "crops.npy", np.stack(crops))
 
         def child_under_load() -> float:

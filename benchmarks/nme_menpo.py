@@ -95,7 +95,7 @@ def main() -> None:
         sources.append("fan")
     skipped = sorted(set(L.SOURCES) - set(sources))
 
-    detector = video._face_detector()
+    detector = video.FaceBoxDetector()
     rows = []
     for name, image, gt in faces:
         # several faces in some images: evaluate the annotated one

@@ -92,6 +92,7 @@ def _track(args: argparse.Namespace) -> int:
 
     from .assets import ENV_ASSETS, resolve_assets_dir
     from .pipeline import TrackConfig, parse_shard, run
+    from .video import MIN_IMAGE_SIZE
 
     if args.data is None and args.landmarks is None:
         raise UsageError("--data PATH is required (a video or a folder), or --landmarks FILE")
@@ -99,8 +100,8 @@ def _track(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.data}: no such file or folder")
     if args.landmarks is not None and not args.landmarks.exists():
         raise UsageError(f"{args.landmarks}: no such file")
-    if not 64 <= args.image_size <= MAX_IMAGE_SIZE:
-        raise UsageError(f"--image-size {args.image_size}: choose 64 to {MAX_IMAGE_SIZE} pixels")
+    if not MIN_IMAGE_SIZE <= args.image_size <= MAX_IMAGE_SIZE:
+        raise UsageError(f"--image-size {args.image_size}: choose {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} pixels")
     if args.fps is not None and not (math.isfinite(args.fps) and args.fps > 0):
         raise UsageError(f"--fps {args.fps}: a positive frame rate, e.g. 25")
     if args.focal is not None and not (math.isfinite(args.focal) and args.focal > 0):
