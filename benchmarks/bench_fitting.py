@@ -24,7 +24,7 @@ import torch
 
 from lightning_ft.flame import FLAME
 from lightning_ft.lbs import batch_rodrigues
-from lightning_ft.optimize import (FitConfig, FrameParams, Targets, build_basis, fit_frames, head_rotation_flame,
+from lightning_ft.fitter import (FitConfig, FrameParams, Targets, build_basis, fit_frames, head_rotation_flame,
                                    initial_params, predict_landmarks)
 from lightning_ft.synthetic.flame_files import write_synthetic_flame
 from lightning_ft.synthetic.sequences import make_sequence

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_ft.calibration import CalibrationConfig, calibrate
+from lightning_ft.fitter import CalibrationConfig, calibrate
 from lightning_ft.cli import track_main
 from lightning_ft.errors import UsageError
 from lightning_ft.export import ARKIT_NAMES, LIVE_LINK_FACE_COLUMNS, arkit_weight_map, export
 from lightning_ft.head_model import HeadModel, ICTHeadModel
-from lightning_ft.optimize import (FitConfig, FrameParams, Targets, _apply_step, build_basis, fit_config_for,
+from lightning_ft.fitter.frames import (FitConfig, FrameParams, Targets, _apply_step, build_basis, fit_config_for,
                                    fit_sequence, predict_landmarks)
 from lightning_ft.output import TRACKING_KEYS, write_result
 from lightning_ft.pipeline import TrackConfig, calibration_config_for, calibration_fit_config, select_model

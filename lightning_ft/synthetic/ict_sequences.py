@@ -11,7 +11,7 @@ import torch
 
 from ..lbs import barycentric_points, batch_rodrigues
 from ..cameras import frontal_rotation
-from ..optimize import IRIS_CENTRES, head_rotation_flame
+from ..fitter import IRIS_CENTRES, head_rotation_flame
 
 
 @dataclass

@@ -28,8 +28,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .errors import NoFaceError
-from .optimize import (ALL_BLOCKS, FitConfig, FrameParams, LandmarkBasis, Targets, _apply_step,
+from ..errors import NoFaceError
+from .frames import (ALL_BLOCKS, FitConfig, FrameParams, LandmarkBasis, Targets, _apply_step,
                        _param_vector_terms, _point_arrays, _vector_cost, fold_shape, head_rotation_flame,
                        held_contour_rows, initial_params, point_residuals)
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_ft.optimize import (ALL_BLOCKS, FitConfig, FrameParams, Targets, _apply_step, _normal_equations,
+from lightning_ft.fitter.frames import (ALL_BLOCKS, FitConfig, FrameParams, Targets, _apply_step, _normal_equations,
                                    _point_arrays, build_basis, contour_rows, fit_frames, fit_sequence,
                                    head_rotation_flame, initial_params, point_residuals, predict_landmarks)
 from lightning_ft.synthetic.sequences import make_sequence

@@ -25,10 +25,10 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from .flame import contour_rows, rotation_yaw_degrees
-from .head_model import HeadModel
-from .cameras import frontal_rotation, project_points
-from .lbs import batch_rodrigues, rotation_matrix_to_axis_angle
+from ..flame import contour_rows, rotation_yaw_degrees
+from ..head_model import HeadModel
+from ..cameras import frontal_rotation, project_points
+from ..lbs import batch_rodrigues, rotation_matrix_to_axis_angle
 
 JAW, LEYE, REYE = 2, 3, 4
 # Eyelid and inner-lip pairs (iBUG indices) whose distances the closure terms fit.
