@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_ft.fitter import calibrate, select_frames, yaw_proxy
-from lightning_ft.fitter import Targets, build_basis
+from lightning_ft.fitter import Targets, build_basis, calibrate, select_frames, yaw_proxy
 from lightning_ft.synthetic.sequences import make_sequence
 
 
