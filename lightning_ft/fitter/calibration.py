@@ -31,7 +31,7 @@ import torch
 from ..errors import NoFaceError
 from .basis import LandmarkBasis, fold_shape, head_rotation_flame, held_contour_rows, point_arrays
 from .frames import initial_params
-from .layout import ALL_BLOCKS, CalibrationLayout, apply_step
+from .layout import ALL_BLOCKS, CalibrationLayout, FrameLayout, apply_step
 from .params import FitConfig, FrameParams, Targets
 from .residuals import point_residuals, prior_terms
 from .solver import Damping, damping_scale, gain_ratio, predicted_decrease, relative_decrease_below
@@ -249,6 +249,9 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
     folded = fold_shape(full, torch.zeros(0))
     shape = params.shape.clone()
     params = params.clone()
+    # Nielsen's rule (`solver.Damping`): mu / 3 per taken step overshot here
+    # and paid for it in rejected trials, each a Schur solve and a residual
+    # evaluation. One mu for the whole joint system, in float64 like its solves.
     damping = Damping("nielsen", torch.tensor(1e-3, dtype=torch.float64))
     n_shared = S if fix_focal else S + 1
     sigma_shape = ccfg.sigma_shape
@@ -270,6 +273,7 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
     # rows is a different cost than the one linearized, and LM then stalls
     # (the focal profile came out jagged, 10-20 % off on noiseless data).
     rows = None
+    depth_column = FrameLayout(E)["trans"].start + 2  # tz
 
     def linearize(params, shape, log_f):
         nonlocal rows
@@ -282,7 +286,7 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
             # fixed depth it is nearly the depth columns' sum, and the Schur
             # complement, the difference of two large numbers, lost it in
             # float32: free-focal LM stalled where it started.
-            B[..., -1] += params.translation[:, None, 2] * A[..., 5]
+            B[..., -1] += params.translation[:, None, 2] * A[..., depth_column]
         return arrays, r, A, B
 
     arrays, r, A, B = linearize(params, shape, log_f)
