@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lightning_ft.calibration import calibrate
+from lightning_ft.fitter import Targets, build_basis, calibrate
 from lightning_ft.flame import FLAME
-from lightning_ft.optimize import Targets, build_basis
 from lightning_ft.synthetic.flame_files import write_synthetic_flame
 from lightning_ft.synthetic.sequences import make_sequence
 

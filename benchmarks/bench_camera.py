@@ -144,9 +144,8 @@ def bench_threads(assets: Path, work: Path, args) -> None:
 
 
 def bench_cost(assets: Path, work: Path, args) -> None:
-    from lightning_ft.calibration import calibrate
     from lightning_ft.flame import FLAME
-    from lightning_ft.optimize import Targets, build_basis
+    from lightning_ft.fitter import Targets, build_basis, calibrate
     from lightning_ft.synthetic.flame_files import write_synthetic_flame
     from lightning_ft.synthetic.sequences import make_sequence
 

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lightning_ft.fitter import (FitConfig, FrameParams, Targets, build_basis, fit_frames, head_rotation_flame,
+                                 initial_params, predict_landmarks)
 from lightning_ft.flame import FLAME
 from lightning_ft.lbs import batch_rodrigues
-from lightning_ft.optimize import (FitConfig, FrameParams, Targets, build_basis, fit_frames, head_rotation_flame,
-                                   initial_params, predict_landmarks)
 from lightning_ft.synthetic.flame_files import write_synthetic_flame
 from lightning_ft.synthetic.sequences import make_sequence
 

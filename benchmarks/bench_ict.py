@@ -33,11 +33,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lightning_ft.calibration import CalibrationConfig, calibrate
 from lightning_ft.head_model import load_ict
 from lightning_ft.pipeline import calibration_config_for, calibration_fit_config
-from lightning_ft.optimize import FitConfig, FrameParams, Targets, build_basis, fit_config_for, fit_sequence, \
-    predict_landmarks
+from lightning_ft.fitter import (CalibrationConfig, FitConfig, FrameParams, Targets, build_basis, calibrate,
+                                 fit_config_for, fit_sequence, predict_landmarks)
 from lightning_ft.smoothing import SmoothingConfig, smooth_tracking
 from lightning_ft.synthetic.ict_sequences import make_ict_sequence
 

@@ -1,7 +1,7 @@
 """What the tracker needs from a head model, and ICT-FaceKit behind it.
 
 Calibration and fitting see a model only through `linear_parts` (vertex-level
-linear pieces from which `optimize.build_basis` takes the landmark rows),
+linear pieces from which `fitter.build_basis` takes the landmark rows),
 the landmark embeddings (same names, shapes and meaning as FLAME's) and
 `parameter_blocks` (priors and bounds). Rendering, output and export see
 `posed_vertices`, `landmarks68`, `faces` and `model_meta`.
@@ -28,7 +28,7 @@ from .lbs import barycentric_points, batch_rodrigues
 
 MODEL_NAMES = ("flame", "ict")
 # mediapipe's refined iris points (468-477): on ICT they lie on the eyeballs,
-# which the fitter moves only through the pupils (optimize.IRIS_CENTRES).
+# which the fitter moves only through the pupils (fitter.IRIS_CENTRES).
 MEDIAPIPE_IRIS = range(468, 478)
 
 

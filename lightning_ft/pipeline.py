@@ -25,13 +25,13 @@ import numpy as np
 import torch
 
 from . import __version__
-from .calibration import CalibrationConfig, SourceView, calibrate, combine_focals, fov_deg_to_focal
 from .claims import claim, clear_stale
 from .errors import (AssetError, DiskFullError, LightningFTError, OutputError, UsageError, VideoError,
                      disk_full_reason)
+from .fitter import (CalibrationConfig, FitConfig, FrameParams, SourceView, Targets, build_basis, calibrate,
+                     combine_focals, fit_config_for, fit_sequence, fov_deg_to_focal, predict_landmarks)
 from .flame import FLAME
 from .head_model import MODEL_NAMES, HeadModel
-from .optimize import FitConfig, FrameParams, Targets, build_basis, fit_config_for, fit_sequence, predict_landmarks
 from .output import (check_writable, clear_failure, is_finished, result_differences, result_dir, source_identity,
                      write_failure, write_result)
 from .smoothing import SmoothingConfig, second_difference_jitter, smooth_tracking
@@ -770,7 +770,7 @@ class _ChunkedMesh:
         self.start, self.verts, self.lmk = -1, None, None
 
     def _load(self, t: int):
-        from .optimize import head_rotation_flame
+        from .fitter import head_rotation_flame
 
         s = (t // self.chunk) * self.chunk
         sl = slice(s, min(len(self.tr["frame_ids"]), s + self.chunk))

@@ -76,7 +76,7 @@ import torch.nn.functional as F
 from .errors import AssetError, UsageError
 from .flame import FLAME
 from .lbs import batch_rodrigues
-from .optimize import FrameParams, head_rotation_flame
+from .fitter import FrameParams, head_rotation_flame
 from .cameras import project_points, project_screen
 from .progress import progress as progress_bar
 from .render import antialias, face_adjacency, rasterize, sh_shading, vertex_normals

@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_ft.calibration import calibrate, select_frames, yaw_proxy
-from lightning_ft.optimize import Targets, build_basis
+from lightning_ft.fitter import Targets, build_basis, calibrate, select_frames, yaw_proxy
 from lightning_ft.synthetic.sequences import make_sequence
 
 
@@ -70,13 +69,13 @@ def test_predicted_focal_uncertainty_follows_the_landmark_noise(basis, flame_mod
 def _source_for(crop_focal: float, fov_deg: float, width: float = 1920.0):
     """A SourceView in which `crop_focal` (crop px) is a lens of `fov_deg`
     horizontal degrees on a `width` px wide source."""
-    from lightning_ft.calibration import SourceView, fov_deg_to_focal
+    from lightning_ft.fitter import SourceView, fov_deg_to_focal
 
     return SourceView(width, crop_focal / fov_deg_to_focal(fov_deg, width))
 
 
 def test_fov_conversions_and_crop_geometry():
-    from lightning_ft.calibration import SourceView, focal_to_fov_deg, fov_deg_to_focal
+    from lightning_ft.fitter import SourceView, focal_to_fov_deg, fov_deg_to_focal
 
     assert fov_deg_to_focal(90.0, 1000.0) == pytest.approx(500.0)
     assert focal_to_fov_deg(fov_deg_to_focal(63.0, 176.0), 176.0) == pytest.approx(63.0)
@@ -139,7 +138,7 @@ def test_fixed_focal_fits_identity_only(basis, flame_model):
 
 
 def test_combine_focals_counts_the_prior_once():
-    from lightning_ft.calibration import combine_focals
+    from lightning_ft.fitter import combine_focals
 
     prior = {"prior_focal_source_px": 1000.0, "prior_sigma_log": 0.5}
     # Two videos whose data alone say 1200 px with std 0.1 in log focal: each
@@ -203,7 +202,7 @@ def test_shared_camera_gives_every_video_one_focal(tmp_path, assets_dir):
     metas = [json.loads((tmp_path / "out" / v / "meta.json").read_text()) for v in ("a", "b")]
     shared = [m["calibration"]["shared_camera"] for m in metas]
     assert shared[0] == shared[1] and len(shared[0]["videos"]) == 2
-    from lightning_ft.calibration import combine_focals
+    from lightning_ft.fitter import combine_focals
 
     # what meta.json lists per video is what was combined (each video's own
     # estimate and the prior it was fitted under)

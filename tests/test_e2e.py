@@ -69,7 +69,7 @@ def _mean_rotation(R: np.ndarray) -> np.ndarray:
 def _fitted_lmk68(result: dict, flame) -> np.ndarray:
     """68 landmarks [T,68,2] (crop px) recomputed from tracking.npz with the
     FLAME model and the README's camera: x = R X + t, u = f x/z + c."""
-    from lightning_ft.optimize import head_rotation_flame
+    from lightning_ft.fitter import head_rotation_flame
 
     t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
     T = len(result["frame_ids"])

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_ft.calibration import CalibrationConfig, calibrate
+from lightning_ft.fitter import CalibrationConfig, calibrate
 from lightning_ft.cli import track_main
 from lightning_ft.errors import UsageError
 from lightning_ft.export import ARKIT_NAMES, LIVE_LINK_FACE_COLUMNS, arkit_weight_map, export
 from lightning_ft.head_model import HeadModel, ICTHeadModel
-from lightning_ft.optimize import (FitConfig, FrameParams, Targets, _apply_step, build_basis, fit_config_for,
-                                   fit_sequence, predict_landmarks)
+from lightning_ft.fitter import (FitConfig, FrameParams, Targets, apply_step, build_basis, fit_config_for,
+                                 fit_sequence, predict_landmarks)
 from lightning_ft.output import TRACKING_KEYS, write_result
 from lightning_ft.pipeline import TrackConfig, calibration_config_for, calibration_fit_config, select_model
 from lightning_ft.synthetic.ict_sequences import make_ict_sequence
@@ -79,9 +79,9 @@ def test_lm_step_is_projected_onto_the_bounds():
                     torch.zeros(1, 6), torch.zeros(2))
     step = torch.zeros(1, 18)
     step[0, 6:9] = torch.tensor([-0.5, 0.5, 0.1])
-    moved = _apply_step(p, step, 3, bounds=(0.0, 1.0))
+    moved = apply_step(p, step, 3, bounds=(0.0, 1.0))
     assert torch.allclose(moved.expression, torch.tensor([[0.0, 1.0, 0.6]]))
-    assert torch.allclose(_apply_step(p, step, 3).expression, torch.tensor([[-0.3, 1.4, 0.6]]))
+    assert torch.allclose(apply_step(p, step, 3).expression, torch.tensor([[-0.3, 1.4, 0.6]]))
 
 
 def test_fit_recovers_bounded_weights_head_motion_and_focal(ict):

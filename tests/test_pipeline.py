@@ -97,7 +97,7 @@ def test_tracking_npz_has_exactly_the_contract_keys(gt_run):
 
 def _project(r, flame_model):
     t = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
-    from lightning_ft.optimize import head_rotation_flame
+    from lightning_ft.fitter import head_rotation_flame
 
     T = r["rotation"].shape[0]
     with torch.no_grad():

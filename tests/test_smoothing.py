@@ -299,7 +299,7 @@ def _fast_motion_errors(flame_model, config, noise_px=1.0):
     only the temporal model."""
     import torch
 
-    from lightning_ft.optimize import FitConfig, Targets, build_basis, fit_sequence
+    from lightning_ft.fitter import FitConfig, Targets, build_basis, fit_sequence
     from lightning_ft.synthetic.sequences import make_sequence
 
     torch.set_num_threads(1)

@@ -11,7 +11,7 @@ import torch
 
 from ..lbs import barycentric_points, batch_rodrigues
 from ..cameras import frontal_rotation
-from ..optimize import IRIS_CENTRES, head_rotation_flame
+from ..fitter import IRIS_CENTRES, head_rotation_flame
 
 
 @dataclass
@@ -92,7 +92,7 @@ def make_ict_sequence(model, T: int = 120, focal: float = 1200.0, image_size: in
         lmk68_model = model.landmarks68(verts, head_rotation_flame(R_cv))
         dense_model = barycentric_points(verts, model.faces, model.dense_faces, model.dense_bary)
         parts = model.linear_parts()
-        pupil_ids = []  # as optimize.build_basis picks them: the most forward eyeball vertex
+        pupil_ids = []  # as fitter.build_basis picks them: the most forward eyeball vertex
         for k in (1, 2):
             ids = torch.nonzero(parts.weights[:, k] > 0.5).flatten()
             pupil_ids.append(ids[torch.argmax(parts.v_template[ids, 2])])

@@ -11,7 +11,7 @@ import torch
 from ..flame import FLAME
 from ..lbs import batch_rodrigues
 from ..cameras import frontal_rotation
-from ..optimize import IRIS_CENTRES, build_basis, head_rotation_flame
+from ..fitter import IRIS_CENTRES, build_basis, head_rotation_flame
 
 
 @dataclass

@@ -131,7 +131,7 @@ def render_textured_sequence(flame, texture_space, T: int = 4, size: int = 64, s
 
     from ..lbs import batch_rodrigues
     from ..cameras import frontal_rotation, project_points
-    from ..optimize import FrameParams, head_rotation_flame
+    from ..fitter import FrameParams, head_rotation_flame
     from ..synthesis import face_region_mask, render_appearance
 
     rng = np.random.default_rng(seed)
@@ -177,7 +177,7 @@ def perturb_params(p, seed: int):
     import torch
 
     from ..lbs import batch_rodrigues
-    from ..optimize import FrameParams
+    from ..fitter import FrameParams
 
     rng = np.random.default_rng(seed)
     T, E = p.expression.shape

@@ -28,10 +28,13 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .errors import NoFaceError
-from .optimize import (ALL_BLOCKS, FitConfig, FrameParams, LandmarkBasis, Targets, _apply_step,
-                       _param_vector_terms, _point_arrays, _vector_cost, fold_shape, head_rotation_flame,
-                       held_contour_rows, initial_params, point_residuals)
+from ..errors import NoFaceError
+from .basis import LandmarkBasis, fold_shape, head_rotation_flame, held_contour_rows, point_arrays
+from .frames import initial_params
+from .layout import ALL_BLOCKS, CalibrationLayout, FrameLayout, apply_step
+from .params import FitConfig, FrameParams, Targets
+from .residuals import point_residuals, prior_terms
+from .solver import Damping, damping_scale, gain_ratio, predicted_decrease, relative_decrease_below
 
 
 @dataclass
@@ -206,9 +209,9 @@ def pose_features(lmk68: np.ndarray) -> np.ndarray:
 def _joint_linearize(full: LandmarkBasis, arrays, S: int, params: FrameParams, shape, log_f, targets, pp, cfg,
                      want_jac: bool, want_focal: bool = True):
     """Point residuals r [T,N]; with want_jac also the per-frame Jacobian
-    A [T,N,15+E] (layout of `_layout(E)`) and the shared one B [T,N,S+1]
-    (shape, log focal). `full` is the basis with shape taken as expression,
-    `arrays` its `_point_arrays` for the current contour rows."""
+    A [T,N,D] (`FrameLayout(E)`) and the shared one B [T,N,S+1] (shape, log
+    focal; `CalibrationLayout`). `full` is the basis with shape taken as
+    expression, `arrays` its `point_arrays` for the current contour rows."""
     T = params.rotation.shape[0]
     f = torch.exp(log_f).reshape(1).expand(2)
     coeffs = torch.cat([shape.expand(T, -1), params.expression], 1)
@@ -216,11 +219,11 @@ def _joint_linearize(full: LandmarkBasis, arrays, S: int, params: FrameParams, s
     if not want_jac:
         return point_residuals(full, arrays, p, targets, f, pp, cfg)[0]
     r, J = point_residuals(full, arrays, p, targets, f, pp, cfg, ALL_BLOCKS + (("focal",) if want_focal else ()))[:2]
-    E = params.expression.shape[1]
+    layout = CalibrationLayout(S, params.expression.shape[1])
     # Slices joined with cat: indexing the last dimension with an index
     # tensor (a strided gather) took 10x as long.
-    A = torch.cat([J[..., :6], J[..., 6 + S:15 + S + E]], -1)
-    B = torch.cat([J[..., 6:6 + S], J[..., 15 + S + E:]], -1)
+    A = torch.cat([J[..., cols] for cols in layout.frame_columns], -1)
+    B = torch.cat([J[..., cols] for cols in layout.shared_columns], -1)
     return r, A, B
 
 
@@ -246,7 +249,10 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
     folded = fold_shape(full, torch.zeros(0))
     shape = params.shape.clone()
     params = params.clone()
-    mu, nu = 1e-3, 2.0
+    # Nielsen's rule (`solver.Damping`): mu / 3 per taken step overshot here
+    # and paid for it in rejected trials, each a Schur solve and a residual
+    # evaluation. One mu for the whole joint system, in float64 like its solves.
+    damping = Damping("nielsen", torch.tensor(1e-3, dtype=torch.float64))
     n_shared = S if fix_focal else S + 1
     sigma_shape = ccfg.sigma_shape
     prior_diag = torch.cat([torch.full((S,), 1 / sigma_shape ** 2, dtype=torch.float64),
@@ -258,7 +264,7 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
     # between two runs of the same file (issue 20). The Jacobians stay float32.
     def total(r, params, shape, log_f):
         return float((r.double() ** 2).sum()
-                     + sum((w.double() * a.double() ** 2).sum() for a, w in _param_vector_terms(params, cfg, None))
+                     + sum((w.double() * a.double() ** 2).sum() for a, w in prior_terms(params, cfg, None))
                      + (shape.double() ** 2).sum() / sigma_shape ** 2
                      + ((float(log_f) - log_f0) / ccfg.focal_prior_sigma_log) ** 2)
 
@@ -267,11 +273,12 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
     # rows is a different cost than the one linearized, and LM then stalls
     # (the focal profile came out jagged, 10-20 % off on noiseless data).
     rows = None
+    depth_column = FrameLayout(E)["trans"].start + 2  # tz
 
     def linearize(params, shape, log_f):
         nonlocal rows
         rows = held_contour_rows(head_rotation_flame(params.rotation), full.n_rows, rows)
-        arrays = _point_arrays(full, rows, folded=folded)
+        arrays = point_arrays(full, rows, folded=folded)
         r, A, B = _joint_linearize(full, arrays, S, params, shape, log_f, targets, pp, cfg, True, not fix_focal)
         if not fix_focal:
             # The focal moves with every depth (a dolly zoom: tz scales with
@@ -279,14 +286,14 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
             # fixed depth it is nearly the depth columns' sum, and the Schur
             # complement, the difference of two large numbers, lost it in
             # float32: free-focal LM stalled where it started.
-            B[..., -1] += params.translation[:, None, 2] * A[..., 5]
+            B[..., -1] += params.translation[:, None, 2] * A[..., depth_column]
         return arrays, r, A, B
 
     arrays, r, A, B = linearize(params, shape, log_f)
     cost = total(r, params, shape, log_f)
     stale = False
     for _ in range(iters):
-        terms = [(a.double(), w.double()) for a, w in _param_vector_terms(params, cfg, None)]  # identity Jacobians
+        terms = [(a.double(), w.double()) for a, w in prior_terms(params, cfg, None)]  # identity Jacobians
         A64, B64, r64 = A.double(), B.double(), r.double()
         Hff, Hfs, Hss = _hessian_blocks(A64, B64, terms, prior_diag)
         gf = (r64[:, None] @ A64)[:, 0]  # row vector times J: 5x faster than J^T r (strided)
@@ -298,12 +305,10 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
              torch.tensor([(float(log_f) - log_f0) / ccfg.focal_prior_sigma_log ** 2], dtype=torch.float64)])[:n_shared]
         Hfs_gf = torch.cat([Hfs, gf], -1)
         Hfs_flat = Hfs.reshape(-1, n_shared)
-        dff = torch.diagonal(Hff, dim1=1, dim2=2) + 1e-6  # LM's scaling of the damping
-        dss = torch.diagonal(Hss) + 1e-6
-        improved, rel = False, 0.0
+        dff, dss = damping_scale(Hff), damping_scale(Hss)
+        improved, converged = False, False
         for _ in range(6):
-            Hff_d = Hff + torch.diag_embed(mu * dff)
-            Hss_d = Hss + mu * torch.diag(dss)
+            Hff_d, Hss_d = damping.damped(Hff, dff), damping.damped(Hss, dss)
             X = _spd_solve(Hff_d, Hfs_gf)
             Hinv_Hfs, Hinv_gf = X[..., :-1], X[..., -1:]
             reduced = Hfs_flat.T @ X.reshape(-1, n_shared + 1)  # [Hfs' Hff^-1 Hfs | Hfs' Hff^-1 gf]
@@ -311,7 +316,7 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
             rhs = gs - reduced[:, -1]
             ds = -torch.linalg.solve(schur, rhs)
             df = -(Hinv_gf[..., 0] + Hinv_Hfs @ ds)
-            trial = _apply_step(params, df.float(), E)
+            trial = apply_step(params, df.float(), E)
             if not fix_focal:
                 trial.translation[:, 2] *= torch.exp(ds[S]).float()
             shape_t = shape + ds[:S].float()
@@ -319,20 +324,14 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
             r_t = _joint_linearize(full, arrays, S, trial, shape_t, log_f_t, targets, pp, cfg, False)
             cost_t = total(r_t, trial, shape_t, log_f_t)
             if cost_t < cost:
-                # Nielsen's damping: mu follows the gain ratio (actual over
-                # predicted decrease) instead of /3 per accepted step, which
-                # overshot and paid for it in rejected trials (each a solve
-                # and a residual evaluation)
-                predicted = float(-(gf[..., 0] * df).sum() - (gs * ds).sum()
-                                  + mu * (dff * df ** 2).sum() + mu * (dss * ds ** 2).sum())
-                rho = (cost - cost_t) / max(predicted, 1e-30)
-                rel = (cost - cost_t) / cost
+                predicted = float(predicted_decrease([(gf[..., 0], df, dff), (gs, ds, dss)], damping.mu))
+                damping.update(True, gain_ratio(cost - cost_t, predicted))
+                converged = relative_decrease_below(cost, cost_t, 1e-6)
                 params, shape, log_f, cost = trial, shape_t, log_f_t, cost_t
-                mu, nu = max(mu * max(1 / 3, 1 - (2 * rho - 1) ** 3), 1e-7), 2.0
                 improved = True
                 break
-            mu, nu = min(mu * nu, 1e7), nu * 2
-        if not improved or rel < 1e-6:
+            damping.update(False)
+        if not improved or converged:
             stale = improved  # a step was taken after the last linearization
             break
         arrays, r, A, B = linearize(params, shape, log_f)
@@ -355,7 +354,7 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
 
 def _hessian_blocks(A: torch.Tensor, B: torch.Tensor, terms, prior_diag: torch.Tensor):
     """Gauss-Newton blocks of the joint fit, in A's dtype: per-frame Hff
-    [T,D,D] with the per-frame prior `terms` (`_param_vector_terms`), Hfs
+    [T,D,D] with the per-frame prior `terms` (`prior_terms`), Hfs
     [T,D,n] and the shared Hss [n,n] with the shape (and focal) prior
     `prior_diag` [n]. Frame and point sums as one matrix product each
     (einsum took 2-17x longer for these shapes)."""
@@ -376,7 +375,7 @@ def _log_focal_std(A: torch.Tensor, B: torch.Tensor, r: torch.Tensor, params: Fr
     in float32 the Schur complement's cancellation left negative variances
     where the priors are weak."""
     A, B, r = A.double(), B.double(), r.double()
-    Hff, Hfs, Hss = _hessian_blocks(A, B, _param_vector_terms(params, cfg, None), prior_diag)
+    Hff, Hfs, Hss = _hessian_blocks(A, B, prior_terms(params, cfg, None), prior_diag)
     schur = Hss - (Hfs.transpose(1, 2) @ _spd_solve(Hff, Hfs)).sum(0)
     n_params = A.shape[0] * A.shape[-1] + B.shape[-1]
     noise_var = float((r ** 2).sum()) / max(1, r.numel() - n_params)
