@@ -36,8 +36,10 @@ import numpy as np
 import torch
 
 from .errors import LightningFTError, UsageError, VideoError
+from .posing import FramePoses
 from .progress import progress as progress_bar
 from .render import DisplayRenderer
+from .track import Camera, Track
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +261,25 @@ def write_visualization(
         raise
     log.debug("wrote %s (%d frames at %.3f fps)", out_path, T, fps)
     return out_path
+
+
+def write_track_visualization(out_path: Path, frames: Iterable[np.ndarray], model, track: Track, camera: Camera,
+                              progress: Optional[bool] = None, albedo=None) -> Path:
+    """The -v video of a track: crop | mesh overlay with detected and fitted
+    landmarks | shaded mesh, the head posed by `posing.FramePoses` (the
+    model is evaluated once per chunk of frames).
+
+    frames: the T crops (RGB uint8 [H,W,3]); model: the head model tracked
+    with; albedo: synthesis's fitted `AlbedoTexture`, the mesh then rendered
+    with it under the track's SH `lighting` ([9,3] or [T,9,3]), as
+    synthesis saw it."""
+    poses = FramePoses(model, track, camera)
+    appearance = {}
+    if albedo is not None:
+        appearance = {"textures": albedo.image, "face_uvs": albedo.face_uvs, "lighting": track.lighting}
+    return write_visualization(out_path, frames, poses.vertices, model.faces.numpy(), camera.intrinsics(),
+                               lmk_detected=track.lmk68, lmk_fitted=poses.landmarks68, fps=float(track.fps),
+                               valid=track.valid, progress=progress, **appearance)
 
 
 class _RenderFailed:
