@@ -972,39 +972,7 @@ def run(cfg: TrackConfig, events=None) -> List[VideoOutcome]:
             outcomes.append(VideoOutcome(name, "skipped", passed_over, 0.0))
             continue
         try:
-            sources = run_sources(video, cfg)
-            skipped = None if cfg.overwrite else _finished_detail(folder, sources, result_settings(cfg), stem,
-                                                                  cfg.out_dir)
-            if skipped is not None:
-                clear_stale(folder)  # left by a run killed between finishing and releasing it
-                outcomes.append(VideoOutcome(name, "skipped", skipped, 0.0))
-                continue
-            # another process on this output folder may be tracking it
-            with claim(folder) as held:
-                if not held:
-                    outcomes.append(VideoOutcome(name, "skipped", f"{folder}: being tracked by "
-                                                 f"{held.describe()}", 0.0))
-                    continue
-                skipped = None if cfg.overwrite else _finished_detail(folder, sources, result_settings(cfg), stem,
-                                                                      cfg.out_dir)
-                if skipped is not None:  # finished by the process that held it before
-                    outcomes.append(VideoOutcome(name, "skipped", skipped, 0.0))
-                    continue
-                passed_over = None if events is None else events.passed_over(name)
-                if passed_over is not None:  # failed by the worker that held it before
-                    outcomes.append(VideoOutcome(name, "skipped", passed_over, 0.0))
-                    continue
-                _remove_stale_partials(folder)
-                if events is not None:
-                    events.started(name, folder)
-                try:
-                    folder = track_one(video, stem, cfg, flame, emoca_model, sources=sources, shared=shared)
-                except Exception:
-                    if events is not None:  # said while the claim is held, so no other worker retries it
-                        events.failing(name)
-                    raise
-                clear_failure(cfg.out_dir, stem)
-            outcomes.append(VideoOutcome(name, "done", str(folder), time.perf_counter() - t0))
+            outcomes.append(_track_unless_done(video, stem, cfg, flame, emoca_model, shared, events, t0))
         except Exception as exc:
             error = exc if isinstance(exc, LightningFTError) else _expected_failure(exc, name, folder)
             if not isinstance(error, DiskFullError):  # a full disk is the batch's failure, said in its summary
@@ -1027,6 +995,42 @@ def run(cfg: TrackConfig, events=None) -> List[VideoOutcome]:
                                 for v in rest)
                 break
     return outcomes
+
+
+def _track_unless_done(video: Optional[Path], stem: str, cfg: TrackConfig, flame: HeadModel, emoca_model,
+                       shared: Optional[dict], events, t0: float) -> VideoOutcome:
+    """One video of `run`: skipped where a finished result of it is there or
+    another process holds its claim, else tracked while holding the claim.
+    t0: when the run turned to it (perf_counter seconds)."""
+    name = str(video or cfg.landmarks_file)
+    folder = result_dir(cfg.out_dir, stem)
+    sources = run_sources(video, cfg)
+    skipped = None if cfg.overwrite else _finished_detail(folder, sources, result_settings(cfg), stem, cfg.out_dir)
+    if skipped is not None:
+        clear_stale(folder)  # left by a run killed between finishing and releasing it
+        return VideoOutcome(name, "skipped", skipped, 0.0)
+    # another process on this output folder may be tracking it
+    with claim(folder) as held:
+        if not held:
+            return VideoOutcome(name, "skipped", f"{folder}: being tracked by {held.describe()}", 0.0)
+        skipped = None if cfg.overwrite else _finished_detail(folder, sources, result_settings(cfg), stem,
+                                                              cfg.out_dir)
+        if skipped is not None:  # finished by the process that held it before
+            return VideoOutcome(name, "skipped", skipped, 0.0)
+        passed_over = None if events is None else events.passed_over(name)
+        if passed_over is not None:  # failed by the worker that held it before
+            return VideoOutcome(name, "skipped", passed_over, 0.0)
+        _remove_stale_partials(folder)
+        if events is not None:
+            events.started(name, folder)
+        try:
+            folder = track_one(video, stem, cfg, flame, emoca_model, sources=sources, shared=shared)
+        except Exception:
+            if events is not None:  # said while the claim is held, so no other worker retries it
+                events.failing(name)
+            raise
+        clear_failure(cfg.out_dir, stem)
+    return VideoOutcome(name, "done", str(folder), time.perf_counter() - t0)
 
 
 def _shared_camera(videos, stems, cfg: TrackConfig, flame: FLAME) -> dict:

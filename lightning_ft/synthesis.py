@@ -67,7 +67,7 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -632,6 +632,57 @@ def _evaluate_errors(scene: _Scene, params: FrameParams, images: torch.Tensor, t
         return _region_error(r, images)
 
 
+def _fit_appearance(scene: _Scene, frames: Frames, idx: np.ndarray, p_all: FrameParams, lmk_all: torch.Tensor,
+                    size: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Stage 1: texture [n_tex] and lighting, jointly with the geometry of a
+    few valid frames (`idx`) spread over the video. lighting: [9,3]; in
+    per-frame mode the appearance frames' average, each frame's start."""
+    cfg, dev = scene.cfg, scene.focal.device
+    n_app = min(cfg.appearance_frames, len(idx))
+    app_idx = idx[np.unique(np.linspace(0, len(idx) - 1, n_app).round().astype(int))]
+    sel = torch.as_tensor(app_idx, device=dev)
+    app_images = _load_batch(frames, app_idx, size, dev)
+    app_init = p_all.select(sel)
+    texture = torch.zeros(scene.tex.n_components, device=dev)
+    per_frame = cfg.lighting == "per_frame"
+    with torch.no_grad():
+        verts, _ = scene.geometry(app_init.rotation, app_init.translation, app_init.expression, app_init.jaw,
+                                  app_init.eyes, app_init.shape)
+        lighting = _initial_lighting(scene, verts, scene.tex.albedo(texture).clamp(0, 1), app_images)
+    _, texture, lighting, _ = _fit_batch(scene, app_init, app_images, lmk_all[sel], texture, lighting,
+                                         cfg.appearance_iterations, fit_appearance=True, per_frame_light=per_frame)
+    if per_frame:
+        lighting = lighting.mean(0)
+    return texture, lighting
+
+
+def _fit_frames(scene: _Scene, frames: Frames, batches: List[np.ndarray], p_all: FrameParams,
+                lmk_all: torch.Tensor, texture: torch.Tensor, lighting: torch.Tensor, size: Tuple[int, int],
+                progress: Optional[bool]) -> Tuple[FrameParams, torch.Tensor, torch.Tensor]:
+    """Stage 2: every valid frame, batch by batch, with the texture fixed:
+    the refined params (all T frames; the others as given), per-frame
+    lighting [T,9,3] (`lighting` everywhere in per-video mode) and the
+    photometric error [T] at the start (NaN on frames not fitted)."""
+    cfg, dev = scene.cfg, scene.focal.device
+    T = p_all.rotation.shape[0]
+    per_frame = cfg.lighting == "per_frame"
+    refined = p_all.clone()
+    light_frames = lighting.expand(T, 9, 3).clone()
+    err_before = torch.full((T,), float("nan"), device=dev)
+    for b in progress_bar(batches, total=len(batches), desc="synthesis", enabled=progress, unit="batch"):
+        bt = torch.as_tensor(b, device=dev)
+        images = _load_batch(frames, b, size, dev)
+        out, _, light_b, before = _fit_batch(scene, p_all.select(bt), images, lmk_all[bt], texture,
+                                             lighting, cfg.iterations, fit_appearance=False,
+                                             per_frame_light=per_frame)
+        for name in ("rotation", "translation", "expression", "jaw"):
+            getattr(refined, name)[bt] = getattr(out, name)
+        if per_frame:
+            light_frames[bt] = light_b
+        err_before[bt] = before
+    return refined, light_frames, err_before
+
+
 def refine(flame: FLAME, texture_space: TextureSpace, frames: Frames, track: Track, camera: Camera,
            cfg: SynthesisConfig = SynthesisConfig(), device: str = "cpu",
            progress: Optional[bool] = None, fps: float = 25.0,
@@ -675,43 +726,11 @@ def refine(flame: FLAME, texture_space: TextureSpace, frames: Frames, track: Tra
     scene = _Scene(flame_dev, tex, focal_t, pp_t, size, scale, cfg)
     p_all = track.to_torch(device=dev)
     lmk_all = scene.to_fit_pixels(torch.as_tensor(np.asarray(track.lmk68, dtype=np.float32), device=dev))
-    n_tex = tex.n_components
-
-    # Stage 1: appearance from a few frames spread over the video.
-    n_app = min(cfg.appearance_frames, len(idx))
-    app_idx = idx[np.unique(np.linspace(0, len(idx) - 1, n_app).round().astype(int))]
-    sel = torch.as_tensor(app_idx, device=dev)
-    app_images = _load_batch(frames, app_idx, size, dev)
-    app_init = p_all.select(sel)
-    texture = torch.zeros(n_tex, device=dev)
     per_frame = cfg.lighting == "per_frame"
-    with torch.no_grad():
-        verts, _ = scene.geometry(app_init.rotation, app_init.translation, app_init.expression, app_init.jaw,
-                                  app_init.eyes, app_init.shape)
-        lighting = _initial_lighting(scene, verts, tex.albedo(texture).clamp(0, 1), app_images)
-    _, texture, lighting, _ = _fit_batch(scene, app_init, app_images, lmk_all[sel], texture, lighting,
-                                         cfg.appearance_iterations, fit_appearance=True, per_frame_light=per_frame)
-    if per_frame:
-        # each frame's light starts from the appearance frames' average
-        lighting = lighting.mean(0)
-
-    # Stage 2: all valid frames in batches, texture fixed.
-    refined = p_all.clone()
-    light_frames = lighting.expand(T, 9, 3).clone()
-    err_before = torch.full((T,), float("nan"), device=dev)
-    npix = torch.zeros(T, device=dev)
+    texture, lighting = _fit_appearance(scene, frames, idx, p_all, lmk_all, size)
     batches = [idx[i:i + cfg.batch_size] for i in range(0, len(idx), cfg.batch_size)]
-    for b in progress_bar(batches, total=len(batches), desc="synthesis", enabled=progress, unit="batch"):
-        bt = torch.as_tensor(b, device=dev)
-        images = _load_batch(frames, b, size, dev)
-        out, _, light_b, before = _fit_batch(scene, p_all.select(bt), images, lmk_all[bt], texture,
-                                                    lighting, cfg.iterations, fit_appearance=False,
-                                                    per_frame_light=per_frame)
-        for name in ("rotation", "translation", "expression", "jaw"):
-            getattr(refined, name)[bt] = getattr(out, name)
-        if per_frame:
-            light_frames[bt] = light_b
-        err_before[bt] = before
+    refined, light_frames, err_before = _fit_frames(scene, frames, batches, p_all, lmk_all, texture, lighting, size,
+                                                    progress)
 
     # Smoothing, then the final error of what is returned.
     if cfg.smoothing is not None:
@@ -721,6 +740,7 @@ def refine(flame: FLAME, texture_space: TextureSpace, frames: Frames, track: Tra
         sm = smoothed.to_torch(device=dev)
         refined = FrameParams(sm.rotation, sm.translation, sm.expression, sm.jaw, refined.eyes, refined.shape)
     err_after = torch.full((T,), float("nan"), device=dev)
+    npix = torch.zeros(T, device=dev)
     for b in batches:
         bt = torch.as_tensor(b, device=dev)
         images = _load_batch(frames, b, size, dev)
