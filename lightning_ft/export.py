@@ -707,7 +707,6 @@ def export_mesh(result: LoadedResult, out_dir: Path, evaluation: ModelEvaluation
     out_dir = Path(out_dir)
     idx = _valid_indices(result, notes, "mesh")
     faces = evaluation.faces
-    _record_dropped(result.track.neck_pose[idx], "neck rotation in its posed meshes", "mesh", notes)
     written = [_atomic_write(out_dir / "identity.obj", _obj_text(evaluation.neutral_vertices, faces).encode())]
     # posed 128 frames at a time: [T,V,3] of a long video would take gigabytes
     posed = ((i, verts) for chunk in posed_frames(evaluation.model, result.track, frames=idx, chunk=128,

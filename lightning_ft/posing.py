@@ -19,18 +19,19 @@ from .track import Camera, Track
 
 
 def pose_in_camera(model, params: FrameParams, focal: Optional[torch.Tensor] = None,
-                   principal_point: Optional[torch.Tensor] = None
+                   principal_point: Optional[torch.Tensor] = None, neck_pose: Optional[torch.Tensor] = None
                    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Camera-space vertices [B,V,3] (meters, OpenCV axes) of `params`'
     B frames and, with `focal` [2] and `principal_point` [2] (pixels), their
     projected 68 landmarks [B,68,2] (else None). Differentiable. The model
     is evaluated in the dtype of params.expression and shape (the model's
     own), the rigid transform and projection in that of params.rotation.
-    The neck stays at rest (the tracker fits none)."""
+    neck_pose [B,3] axis-angle radians, or None: the neck at rest (the
+    fitter has none; a track read from disk may)."""
     R, t = params.rotation, params.translation
     B = R.shape[0]
     vertices = model.posed_vertices(params.shape.expand(B, -1), params.expression, jaw_pose=params.jaw,
-                                    eye_pose=params.eyes)
+                                    eye_pose=params.eyes, neck_pose=neck_pose)
     vertices_cam = torch.einsum("bij,bvj->bvi", R, vertices.to(R.dtype)) + t[:, None]
     if focal is None:
         return vertices_cam, None
@@ -71,7 +72,7 @@ def posed_frames(model, track: Track, camera: Optional[Camera] = None, chunk: in
             params = FrameParams(as_rigid(track.rotation[sel]), as_rigid(track.translation[sel]),
                                  as_model(track.expression[sel]), as_model(track.jaw_pose[sel]),
                                  as_model(track.eye_pose[sel]), as_model(track.shape))
-            vertices, landmarks = pose_in_camera(model, params, focal, pp)
+            vertices, landmarks = pose_in_camera(model, params, focal, pp, neck_pose=as_model(track.neck_pose[sel]))
         yield PosedFrames(sel, vertices.numpy(), None if landmarks is None else landmarks.numpy())
 
 

@@ -542,3 +542,21 @@ def test_export_to_an_unwritable_folder_is_one_line(tracked_clip, tmp_path, caps
     rc = main(["export", str(result), "--format", "mesh", "--out", str(blocker / "exp")])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "--out" in err and "Traceback" not in err
+
+
+def test_mesh_with_a_neck_rotation_is_flames_own_neck(tmp_path, flame):
+    """A result with a neck rotation gives the meshes FLAME poses with it:
+    their landmarks land on the native projection, where the neck at rest
+    would be pixels away."""
+    result_dir, _ = make_result(tmp_path / "res", flame, neck=True)
+    ex.export(result_dir, ["mesh"], tmp_path / "out", flame=flame)
+    npz, native = native_projection(flame, result_dir)
+    faces_idx = torch.cat([flame.static_faces, flame.dense_faces]).numpy()
+    bary = torch.cat([flame.static_bary, flame.dense_bary]).numpy()
+    v, f = read_obj(tmp_path / "out" / "mesh" / "meshes" / f"{int(npz['frame_ids'][0]):05d}.obj")
+    lmk = np.einsum("lk,lkc->lc", bary, v[f[faces_idx]])
+    px = npz["focal_length"] * lmk[:, :2] / lmk[:, 2:] + npz["principal_point"]
+    assert np.abs(px - native[0]).max() < TOL_PX
+    at_rest = tracked_landmarks(flame, npz, neck=np.zeros_like(npz["neck_pose"]))[0]
+    x = at_rest @ npz["rotation"][0].astype(np.float64).T + npz["translation"][0]
+    assert np.abs(npz["focal_length"] * x[:, :2] / x[:, 2:] + npz["principal_point"] - native[0]).max() > 3.0
