@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lightning_ft.output import write_result
+from lightning_ft.results import track_from_arrays, write_result
 from lightning_ft.report import write_report
 
 
@@ -41,7 +41,7 @@ def write_folder(out: Path, n: int, T: int, seed: int = 0) -> None:
                 "quality": {"mean_error_68_px": float(err.mean()), "mean_error_dense_px": float(err.mean() * 0.7),
                             "jitter_68_fitted_px": 0.3, "jitter_68_detected_px": 1.2},
                 "stage_seconds": {"total": T * 0.02}}
-        write_result(out / f"clip_{i:04d}", tracking, meta)
+        write_result(out / f"clip_{i:04d}", *track_from_arrays(tracking, out), meta)
 
 
 def main():

@@ -171,7 +171,7 @@ def _assets(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from .export import export
-    from .output import check_writable
+    from .results import check_writable
 
     formats = [x.strip() for x in args.format.split(",") if x.strip()]
     check_writable(args.out if args.out is not None else args.result_dir / "export", "--out", keep=False)

@@ -42,15 +42,13 @@ import numpy as np
 
 from . import cameras as cam
 from .errors import UsageError
+from .posing import posed_frames
 from .progress import progress
+from .results import LoadedResult, ResultFileError, load_tracking, same_source, source_identity
 
 log = logging.getLogger(__name__)
 
 FrameSource = Union[Callable[[int], np.ndarray], Sequence[np.ndarray], Iterable[np.ndarray]]
-
-
-class ResultFileError(UsageError):
-    """A tracking result folder is missing files or they are unreadable."""
 
 
 # ----------------------------------------------------------------------------
@@ -111,123 +109,32 @@ def detect_flame_version(model_data: Any, path: Optional[Path] = None) -> str:
 
 
 # ----------------------------------------------------------------------------
-# Reading a result folder
+# The head model a result needs
 
 
-TRACKING_KEYS = ("frame_ids", "valid", "shape", "expression", "jaw_pose", "neck_pose", "eye_pose",
-                 "rotation", "translation", "focal_length", "principal_point", "image_size",
-                 "crop_boxes", "lmk68", "lmk_dense", "fps")
-
-
-@dataclass
-class TrackingResult:
-    """A loaded tracking.npz + meta.json.
-
-    frame_ids [T] source frame index; valid [T] bool; shape [n_shape];
-    expression [T,n_exp]; jaw_pose, neck_pose [T,3] and eye_pose [T,6]
-    axis-angle radians; rotation [T,3,3], translation [T,3] (meters): FLAME
-    model space to OpenCV camera; focal_length [2] (fx, fy) and
-    principal_point [2] (cx, cy) in pixels of the crop of image_size [2]
-    (H, W); crop_boxes [T,4] source pixels; lmk68 [T,68,2], lmk_dense
-    [T,478,2] detected crop pixels; fps; texture [n_tex] and lighting
-    [T,9,3] or [9,3] when synthesis ran. meta: meta.json as a dict.
-    """
-
-    path: Path
-    arrays: Dict[str, np.ndarray]
-    meta: Dict[str, Any]
-
-    def __getattr__(self, name: str) -> Any:
-        arrays = self.__dict__.get("arrays", {})
-        if name in arrays:
-            return arrays[name]
-        raise AttributeError(name)
-
-    @property
-    def n_frames(self) -> int:
-        return int(self.arrays["frame_ids"].shape[0])
-
-    @property
-    def height(self) -> int:
-        return int(self.arrays["image_size"][0])
-
-    @property
-    def width(self) -> int:
-        return int(self.arrays["image_size"][1])
-
-    @property
-    def flame_info(self) -> Dict[str, Any]:
-        return dict(self.meta.get("flame", {}))
-
-    @property
-    def model_name(self) -> str:
-        """'flame' or 'ict' (results written before the 'model' entry are FLAME's)."""
-        return str(self.meta.get("model", {}).get("name", "flame"))
-
-    @property
-    def flame_version(self) -> str:
-        return normalize_flame_version(self.flame_info.get("version"))
-
-    @property
-    def video_name(self) -> str:
-        video = self.meta.get("video", {})
-        return Path(video.get("path", "video")).stem or "video"
-
-
-def load_tracking(result_dir: Path) -> TrackingResult:
-    """Read RESULT_DIR/tracking.npz and RESULT_DIR/meta.json, checking keys and shapes."""
-    result_dir = Path(result_dir)
-    npz_path, meta_path = result_dir / "tracking.npz", result_dir / "meta.json"
-    if not npz_path.is_file():
-        raise ResultFileError(f"{npz_path}: not found; pass the folder that `lightning-ft track` wrote")
-    try:
-        with np.load(npz_path, allow_pickle=False) as d:
-            arrays = {k: d[k] for k in d.files}
-    except Exception as exc:  # zipfile/ValueError/OSError for truncated or foreign files
-        raise ResultFileError(f"{npz_path}: unreadable ({type(exc).__name__}: {exc}); re-run tracking") from None
-    missing = [k for k in TRACKING_KEYS if k not in arrays]
-    if missing:
-        raise ResultFileError(f"{npz_path}: missing keys {', '.join(missing)}; re-run tracking")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except FileNotFoundError:
-        raise ResultFileError(f"{meta_path}: not found; it is written beside tracking.npz by tracking") from None
-    except (OSError, ValueError) as exc:
-        raise ResultFileError(f"{meta_path}: not valid JSON ({exc}); re-run tracking") from None
-    T = arrays["frame_ids"].shape[0]
-    expected = {"valid": (T,), "jaw_pose": (T, 3), "neck_pose": (T, 3), "eye_pose": (T, 6),
-                "rotation": (T, 3, 3), "translation": (T, 3), "focal_length": (2,),
-                "principal_point": (2,), "image_size": (2,), "crop_boxes": (T, 4)}
-    for key, shp in expected.items():
-        if tuple(arrays[key].shape) != shp:
-            raise ResultFileError(f"{npz_path}: '{key}' has shape {arrays[key].shape}, expected {shp}")
-    if arrays["expression"].ndim != 2 or arrays["expression"].shape[0] != T or arrays["shape"].ndim != 1:
-        raise ResultFileError(f"{npz_path}: 'expression' must be [T,n_exp] and 'shape' [n_shape]")
-    arrays["valid"] = arrays["valid"].astype(bool)
-    return TrackingResult(path=result_dir, arrays=arrays, meta=meta)
-
-
-# ----------------------------------------------------------------------------
-# FLAME evaluation needed by the exporters
+def flame_version_of(result: LoadedResult) -> str:
+    """The FLAME release a result was tracked with, one of FLAME_VERSIONS."""
+    return normalize_flame_version(result.flame_info.get("version"))
 
 
 @dataclass
-class FlameEvaluation:
-    """FLAME evaluated with zero global rotation, per tracking frame.
+class ModelEvaluation:
+    """What the exporters take from the head model, per tracking frame.
 
-    vertices [T,V,3] and landmarks in model space (meters); root [T,3] and
-    neck [T,3] joint positions at rest (they depend on shape and expression);
-    faces [F,3].
-    """
+    model: the head model (posing through `posing.posed_frames`); root
+    [T,3] and neck [T,3] joint positions at rest, model space (meters; they
+    depend on shape and expression; zero for a model without joints, ICT);
+    faces [F,3]; neutral_vertices [V,3]: the identity with zero expression
+    and pose."""
 
-    vertices: np.ndarray
+    model: Any
     root: np.ndarray
     neck: np.ndarray
     faces: np.ndarray
     neutral_vertices: np.ndarray
 
 
-def load_flame_for(result: TrackingResult):
+def load_flame_for(result: LoadedResult):
     """Build `flame.FLAME` from the paths recorded in meta.json ('flame' entry)."""
     from .flame import FLAME
 
@@ -238,8 +145,8 @@ def load_flame_for(result: TrackingResult):
     folder = Path(model_path).parent
     lmk = Path(info.get("landmark_embedding_path", folder / "landmark_embedding.npy"))
     mp = Path(info.get("mediapipe_embedding_path", folder / "mediapipe_landmark_embedding.npz"))
-    return FLAME(Path(model_path), lmk, mp, n_shape=int(info.get("n_shape", result.shape.shape[0])),
-                 n_exp=int(info.get("n_exp", result.expression.shape[1])), dtype=_torch().float64)
+    return FLAME(Path(model_path), lmk, mp, n_shape=int(info.get("n_shape", result.track.shape.shape[0])),
+                 n_exp=int(info.get("n_exp", result.track.expression.shape[1])), dtype=_torch().float64)
 
 
 def _torch():
@@ -248,7 +155,7 @@ def _torch():
     return torch
 
 
-def load_model_for(result: TrackingResult):
+def load_model_for(result: LoadedResult):
     """The head model a result was tracked with (FLAME from the paths in
     meta.json; ICT, built in, checked against the recorded sha256)."""
     if result.model_name == "flame":
@@ -263,61 +170,40 @@ def load_model_for(result: TrackingResult):
     return model
 
 
-def evaluate_model(result: TrackingResult, model, need_vertices: bool = True, chunk: int = 128) -> FlameEvaluation:
-    """`evaluate_flame` for FLAME; for a model without root and neck joints
-    (ICT) the vertices of `HeadModel.posed_vertices`, joints at the origin."""
-    if getattr(model, "name", "flame") == "flame":
-        return evaluate_flame(result, model, need_vertices, chunk)
+def evaluate_model(result: LoadedResult, model, chunk: int = 128) -> ModelEvaluation:
+    """The joints (FLAME's root and neck, in chunks of frames; zero for a
+    model without joints) and the neutral identity of `result` under
+    `model`, refusing a FLAME file other than the one tracked with."""
     torch = _torch()
+    track = result.track
     dtype = model.v_template.dtype
     t = lambda a: torch.as_tensor(np.asarray(a), dtype=dtype)  # noqa: E731
-    vertices = []
+    root = neck = np.zeros((track.n_frames, 3))
+    if getattr(model, "name", "flame") == "flame":
+        _check_flame_file(result, model)
+        root, neck = [], []
+        with torch.no_grad():
+            for s in range(0, track.n_frames, chunk):
+                e = min(s + chunk, track.n_frames)
+                out = model(shape=t(track.shape)[None].expand(e - s, -1), expression=t(track.expression[s:e]),
+                            jaw_pose=t(track.jaw_pose[s:e]), neck_pose=t(track.neck_pose[s:e]),
+                            eye_pose=t(track.eye_pose[s:e]))
+                root.append(out.joints[:, 0].double().numpy())
+                neck.append(out.joints[:, 1].double().numpy())
+        root, neck = np.concatenate(root), np.concatenate(neck)
     with torch.no_grad():
-        if need_vertices:
-            for s in range(0, result.n_frames, chunk):
-                e = min(s + chunk, result.n_frames)
-                vertices.append(model.posed_vertices(t(result.shape)[None].expand(e - s, -1),
-                                                     t(result.expression[s:e]), eye_pose=t(result.eye_pose[s:e]))
-                                .double().numpy())
-        neutral = model.posed_vertices(t(result.shape)[None], torch.zeros(1, model.n_exp, dtype=dtype))
-    zeros = np.zeros((result.n_frames, 3))
-    return FlameEvaluation(vertices=np.concatenate(vertices) if need_vertices else np.zeros((0, 0, 3)),
-                           root=zeros, neck=zeros, faces=model.faces.numpy().astype(np.int64),
+        neutral = model.posed_vertices(t(track.shape)[None], torch.zeros(1, model.n_exp, dtype=dtype))
+    return ModelEvaluation(model=model, root=root, neck=neck, faces=model.faces.numpy().astype(np.int64),
                            neutral_vertices=neutral[0].double().numpy())
 
 
-def evaluate_flame(result: TrackingResult, flame, need_vertices: bool = True, chunk: int = 128) -> FlameEvaluation:
-    """Evaluate `flame` on every frame with zero global rotation, in chunks of frames.
-
-    need_vertices=False keeps only the joints (vertices [T,V,3] of a long
-    video take gigabytes; only the mesh export needs them).
-    """
-    torch = _torch()
+def _check_flame_file(result: LoadedResult, flame) -> None:
     info = result.flame_info
     if info.get("sha256") and getattr(flame, "sha256", None) and flame.sha256 != info["sha256"]:
         raise UsageError(
             f"{result.path / 'meta.json'}: tracked with FLAME sha256 {info['sha256'][:12]}..., but the model "
             f"given for export ({getattr(flame.data, 'path', '?')}) has {flame.sha256[:12]}...; use the same file"
         )
-    dtype = flame.v_template.dtype
-    t = lambda a: torch.as_tensor(np.asarray(a), dtype=dtype)  # noqa: E731
-    vertices, root, neck = [], [], []
-    with torch.no_grad():
-        for s in range(0, result.n_frames, chunk):
-            e = min(s + chunk, result.n_frames)
-            out = flame(shape=t(result.shape)[None].expand(e - s, -1), expression=t(result.expression[s:e]),
-                        jaw_pose=t(result.jaw_pose[s:e]), neck_pose=t(result.neck_pose[s:e]),
-                        eye_pose=t(result.eye_pose[s:e]))
-            root.append(out.joints[:, 0].double().numpy())
-            neck.append(out.joints[:, 1].double().numpy())
-            if need_vertices:
-                vertices.append(out.vertices.double().numpy())
-        neutral = flame(shape=t(result.shape)[None])
-    return FlameEvaluation(
-        vertices=np.concatenate(vertices) if need_vertices else np.zeros((0, 0, 3)),
-        root=np.concatenate(root), neck=np.concatenate(neck),
-        faces=flame.faces.numpy().astype(np.int64), neutral_vertices=neutral.vertices[0].double().numpy(),
-    )
 
 
 # ----------------------------------------------------------------------------
@@ -423,15 +309,13 @@ class SourceFrames:
 IMAGE_FORMATS = ("vhap", "metrical", "lightning", "nerface")
 
 
-def source_frames(result: TrackingResult, video: Optional[Path] = None, required: bool = True
+def source_frames(result: LoadedResult, video: Optional[Path] = None, required: bool = True
                   ) -> Optional[SourceFrames]:
     """The crops of `result` from `video`, else from the source recorded in
     meta.json. A recorded source that is gone or changed (size and content
     hash) is refused: ResultFileError naming it when `required`, else a
     warning and None. An explicit `video` whose content differs from the
     recorded one is used with a warning."""
-    from .output import same_source, source_identity
-
     recorded = (result.meta.get("sources") or {}).get("video")
     path = Path(video) if video is not None else Path(
         (recorded or {}).get("path") or (result.meta.get("video") or {}).get("path") or "")
@@ -452,7 +336,7 @@ def source_frames(result: TrackingResult, video: Optional[Path] = None, required
             raise ResultFileError(f"{result.path}: {problem}")
         log.warning("%s: %s; image files are not written", result.path, problem)
         return None
-    return SourceFrames(path, result.frame_ids, result.crop_boxes, result.height)
+    return SourceFrames(path, result.track.frame_ids, result.track.crop_boxes, result.camera.height)
 
 
 # ----------------------------------------------------------------------------
@@ -467,19 +351,19 @@ def _pad(a: np.ndarray, n: int, what: str, fmt: str) -> np.ndarray:
     return np.concatenate([a, np.zeros(a.shape[:-1] + (n - a.shape[-1],), a.dtype)], axis=-1)
 
 
-def _fold_neck(result: TrackingResult, flame_eval: FlameEvaluation, notes: List[str], fmt: str):
+def _fold_neck(result: LoadedResult, evaluation: ModelEvaluation, notes: List[str], fmt: str):
     """Extrinsics (R [T,3,3], t [T,3]) with the neck rotation folded in, for formats without a neck.
 
     The head turns about the neck joint: x = R (R_n (X - J_n) + J_n) + t.
     Exact for vertices skinned only to the neck's subtree; the neck's
     pose-corrective offsets are lost, so a non-zero neck is recorded.
     """
-    R, t = result.rotation.astype(np.float64), result.translation.astype(np.float64)
-    neck_angle = np.linalg.norm(result.neck_pose, axis=-1)
+    R, t = result.track.rotation.astype(np.float64), result.track.translation.astype(np.float64)
+    neck_angle = np.linalg.norm(result.track.neck_pose, axis=-1)
     if not np.any(neck_angle > 1e-8):
         return R, t
-    Rn = cam.axis_angle_to_matrix(result.neck_pose)
-    J = flame_eval.neck
+    Rn = cam.axis_angle_to_matrix(result.track.neck_pose)
+    J = evaluation.neck
     R_new = R @ Rn
     t_new = t + np.einsum("tij,tj->ti", R, J - np.einsum("tij,tj->ti", Rn, J))
     msg = (f"{fmt}: the format has no neck joint; neck rotation (up to {np.degrees(neck_angle.max()):.2f} deg) "
@@ -504,10 +388,10 @@ def _require_images_note(frames: _Frames, fmt: str, notes: List[str]) -> None:
         notes.append(msg)
 
 
-def _valid_indices(result: TrackingResult, notes: List[str], fmt: str) -> np.ndarray:
-    idx = np.flatnonzero(result.valid)
-    if len(idx) < result.n_frames:
-        notes.append(f"{fmt}: {result.n_frames - len(idx)} frames without a valid fit were left out")
+def _valid_indices(result: LoadedResult, notes: List[str], fmt: str) -> np.ndarray:
+    idx = np.flatnonzero(result.track.valid)
+    if len(idx) < result.track.n_frames:
+        notes.append(f"{fmt}: {result.track.n_frames - len(idx)} frames without a valid fit were left out")
     if len(idx) == 0:
         raise UsageError(f"{result.path / 'tracking.npz'}: no valid frames to export")
     return idx
@@ -520,21 +404,21 @@ def _valid_indices(result: TrackingResult, notes: List[str], fmt: str) -> np.nda
 VHAP_N_SHAPE, VHAP_N_EXPR = 300, 100
 
 
-def _vhap_crop(result: TrackingResult):
+def _vhap_crop(result: LoadedResult):
     """((x0, W'), (y0, H')): the image crop that centres the principal point; refuses
     cameras a field-of-view camera cannot hold."""
-    fx, fy = (float(v) for v in result.focal_length)
+    fx, fy = (float(v) for v in result.camera.focal_length)
     if abs(fx - fy) > 1e-3:
         raise UsageError(f"export vhap: GaussianAvatars derives fy from fx (one field of view); the tracking has "
                          f"fx={fx:.3f}, fy={fy:.3f}; track with a single focal length")
-    return (_centred_span(float(result.principal_point[0]), result.width, "x"),
-            _centred_span(float(result.principal_point[1]), result.height, "y"))
+    return (_centred_span(float(result.camera.principal_point[0]), result.camera.width, "x"),
+            _centred_span(float(result.camera.principal_point[1]), result.camera.height, "y"))
 
 
-def _lightning_precheck(result: TrackingResult) -> None:
-    if result.height != result.width:
+def _lightning_precheck(result: LoadedResult) -> None:
+    if result.camera.height != result.camera.width:
         raise UsageError(f"export lightning: LightningTrack uses square 512x512 frames; the crop is "
-                         f"{result.width}x{result.height}")
+                         f"{result.camera.width}x{result.camera.height}")
 
 
 def _centred_span(c: float, size: int, axis: str):
@@ -552,7 +436,7 @@ def _centred_span(c: float, size: int, axis: str):
     return start, int(round(2 * half))
 
 
-def export_vhap(result: TrackingResult, out_dir: Path, flame_eval: FlameEvaluation, frames: _Frames,
+def export_vhap(result: LoadedResult, out_dir: Path, evaluation: ModelEvaluation, frames: _Frames,
                 notes: List[str]) -> List[Path]:
     """VHAP's tracked_flame_params.npz and the NeRF dataset of export_as_nerf_dataset.py.
 
@@ -563,34 +447,34 @@ def export_vhap(result: TrackingResult, out_dir: Path, flame_eval: FlameEvaluati
     """
     out_dir = Path(out_dir)
     idx = _valid_indices(result, notes, "vhap")
-    fx, fy = (float(v) for v in result.focal_length)
+    fx, fy = (float(v) for v in result.camera.focal_length)
     (x0, W), (y0, H) = _vhap_crop(result)
-    if (x0, y0, W, H) != (0, 0, result.width, result.height):
-        notes.append(f"vhap: images cropped to [{x0}:{x0 + W}, {y0}:{y0 + H}] of the {result.width}x{result.height} "
+    if (x0, y0, W, H) != (0, 0, result.camera.width, result.camera.height):
+        notes.append(f"vhap: images cropped to [{x0}:{x0 + W}, {y0}:{y0 + H}] of the {result.camera.width}x{result.camera.height} "
                      "crop so the principal point is centred, as GaussianAvatars' field-of-view camera assumes")
     # VHAP's own cx, cy feed nvdiffrast, whose pixel centres sit at +0.5 from the
     # corner (vhap/util/render_nvdiffrast.py projection_from_intrinsics): the
     # centred principal point ((W-1)/2, (H-1)/2) of the crop is (W/2, H/2) there.
     # GaussianAvatars ignores cx, cy and centres its field of view itself.
     cx, cy = (float(v) for v in cam.opencv_to_corner_pixels(cam.centred_principal_point([H, W])))
-    R_gl = cam.OPENCV_TO_OPENGL @ result.rotation[idx].astype(np.float64)
-    t_gl = result.translation[idx].astype(np.float64) @ cam.OPENCV_TO_OPENGL
-    J0 = flame_eval.root[idx]
+    R_gl = cam.OPENCV_TO_OPENGL @ result.track.rotation[idx].astype(np.float64)
+    t_gl = result.track.translation[idx].astype(np.float64) @ cam.OPENCV_TO_OPENGL
+    J0 = evaluation.root[idx]
     trans = t_gl + np.einsum("tij,tj->ti", R_gl, J0) - J0
     mean = trans.mean(axis=0)
     trans = trans - mean
     rotation = cam.matrix_to_axis_angle(R_gl)
-    shape = _pad(result.shape.astype(np.float32), VHAP_N_SHAPE, "shape", "vhap")
-    expr = _pad(result.expression[idx].astype(np.float32), VHAP_N_EXPR, "expression", "vhap")
+    shape = _pad(result.track.shape.astype(np.float32), VHAP_N_SHAPE, "shape", "vhap")
+    expr = _pad(result.track.expression[idx].astype(np.float32), VHAP_N_EXPR, "expression", "vhap")
     params = {
         "rotation": rotation.astype(np.float32), "translation": trans.astype(np.float32),
-        "neck_pose": result.neck_pose[idx].astype(np.float32), "jaw_pose": result.jaw_pose[idx].astype(np.float32),
-        "eyes_pose": result.eye_pose[idx].astype(np.float32), "shape": shape, "expr": expr,
+        "neck_pose": result.track.neck_pose[idx].astype(np.float32), "jaw_pose": result.track.jaw_pose[idx].astype(np.float32),
+        "eyes_pose": result.track.eye_pose[idx].astype(np.float32), "shape": shape, "expr": expr,
         # GaussianAvatars reads static_offset [1,V,3] (it pads the teeth vertices itself).
-        "static_offset": np.zeros((1, flame_eval.neutral_vertices.shape[0], 3), np.float32),
+        "static_offset": np.zeros((1, evaluation.neutral_vertices.shape[0], 3), np.float32),
     }
     written = [_write_npz(out_dir / "tracked_flame_params_30.npz", **params,
-                          timestep_id=np.array([f"{int(f):05d}" for f in result.frame_ids[idx]]),
+                          timestep_id=np.array([f"{int(f):05d}" for f in result.track.frame_ids[idx]]),
                           n_processed_frames=np.array(len(idx)),
                           # VHAP stores focal length divided by max(H, W).
                           focal_length=np.array([fx / max(H, W)], dtype=np.float32))]
@@ -602,7 +486,7 @@ def export_vhap(result: TrackingResult, out_dir: Path, flame_eval: FlameEvaluati
     frame_items = []
     for ti, i in progress(enumerate(idx), total=len(idx), desc="export vhap"):
         item = {"timestep_index": ti, "timestep_index_original": int(i),
-                "timestep_id": f"{int(result.frame_ids[i]):05d}", "camera_index": 0, "camera_id": "0",
+                "timestep_id": f"{int(result.track.frame_ids[i]):05d}", "camera_index": 0, "camera_id": "0",
                 **intr, "transform_matrix": c2w.tolist(),
                 "file_path": f"images/{ti:05d}_00.png", "flame_param_path": f"flame_param/{ti:05d}.npz"}
         frame_items.append(item)
@@ -638,7 +522,7 @@ def export_vhap(result: TrackingResult, out_dir: Path, flame_eval: FlameEvaluati
 METRICAL_N_SHAPE, METRICAL_N_EXP, METRICAL_N_TEX = 300, 100, 140
 
 
-def export_metrical(result: TrackingResult, out_dir: Path, flame_eval: FlameEvaluation, frames: _Frames,
+def export_metrical(result: LoadedResult, out_dir: Path, evaluation: ModelEvaluation, frames: _Frames,
                     notes: List[str]) -> List[Path]:
     """checkpoint/<00000>.frame files (torch.save of a dict of numpy arrays) and input/<00000>.png.
 
@@ -650,26 +534,26 @@ def export_metrical(result: TrackingResult, out_dir: Path, flame_eval: FlameEval
     torch = _torch()
     out_dir = Path(out_dir)
     idx = _valid_indices(result, notes, "metrical")
-    R, t = _fold_neck(result, flame_eval, notes, "metrical")
-    H, W = result.height, result.width
-    focal_ndc, pp_ndc = cam.pixel_to_ndc_intrinsics(result.focal_length, result.principal_point, [H, W])
+    R, t = _fold_neck(result, evaluation, notes, "metrical")
+    H, W = result.camera.height, result.camera.width
+    focal_ndc, pp_ndc = cam.pixel_to_ndc_intrinsics(result.camera.focal_length, result.camera.principal_point, [H, W])
     fl = focal_ndc[:1] if np.isclose(focal_ndc[0], focal_ndc[1], rtol=0, atol=1e-12) else focal_ndc
     # metrical-tracker writes 'opencv' with PyTorch3D's opencv_from_cameras_projection,
     # which puts K's principal point in PyTorch3D screen (corner-origin) pixels; INSTA
     # hands that cx, cy to instant-ngp, which also measures from the corner.
-    K = cam.intrinsic_matrix(result.focal_length, cam.opencv_to_corner_pixels(result.principal_point))
-    shape = _pad(result.shape.astype(np.float32)[None], METRICAL_N_SHAPE, "shape", "metrical")
-    exp = _pad(result.expression.astype(np.float32), METRICAL_N_EXP, "expression", "metrical")
-    tex_src = result.arrays.get("texture")
+    K = cam.intrinsic_matrix(result.camera.focal_length, cam.opencv_to_corner_pixels(result.camera.principal_point))
+    shape = _pad(result.track.shape.astype(np.float32)[None], METRICAL_N_SHAPE, "shape", "metrical")
+    exp = _pad(result.track.expression.astype(np.float32), METRICAL_N_EXP, "expression", "metrical")
+    tex_src = result.track.texture
     tex = np.zeros((1, METRICAL_N_TEX), np.float32)
     if tex_src is not None:
         notes.append("metrical: texture coefficients are LightningFT's texture space, not metrical-tracker's BFM albedo")
         tex[0, :min(METRICAL_N_TEX, tex_src.shape[-1])] = tex_src[:METRICAL_N_TEX]
-    light = result.arrays.get("lighting")
-    eye6 = cam.matrix_to_rotation_6d(cam.axis_angle_to_matrix(result.eye_pose.reshape(-1, 2, 3))).reshape(-1, 12)
-    jaw6 = cam.matrix_to_rotation_6d(cam.axis_angle_to_matrix(result.jaw_pose))
+    light = result.track.lighting
+    eye6 = cam.matrix_to_rotation_6d(cam.axis_angle_to_matrix(result.track.eye_pose.reshape(-1, 2, 3))).reshape(-1, 12)
+    jaw6 = cam.matrix_to_rotation_6d(cam.axis_angle_to_matrix(result.track.jaw_pose))
     R_p3d, T_p3d = cam.opencv_to_pytorch3d(R, t)
-    offset = np.asarray(result.principal_point, np.float64) - cam.centred_principal_point([H, W])
+    offset = np.asarray(result.camera.principal_point, np.float64) - cam.centred_principal_point([H, W])
     if np.abs(offset).max() > 1e-3:
         notes.append(f"metrical: principal point is ({offset[0]:+.2f}, {offset[1]:+.2f}) px from the image centre; "
                      "metrical-tracker and INSTA use it, FlashAvatar's field-of-view camera ignores it")
@@ -710,7 +594,7 @@ LIGHTNING_VERTS_SCALE = 5.0
 LIGHTNING_N_SHAPE, LIGHTNING_N_EXP = 100, 50
 
 
-def export_lightning(result: TrackingResult, out_dir: Path, flame_eval: FlameEvaluation, frames: _Frames,
+def export_lightning(result: LoadedResult, out_dir: Path, evaluation: ModelEvaluation, frames: _Frames,
                      notes: List[str]) -> List[Path]:
     """lightning.pkl: {'<video>_<index>': {...}} as LightningTrack writes, plus calibration.json.
 
@@ -720,22 +604,22 @@ def export_lightning(result: TrackingResult, out_dir: Path, flame_eval: FlameEva
     vertices scaled by 5. Images: images/<name>.png at 512x512.
     """
     _lightning_precheck(result)
-    H, W = result.height, result.width
+    H, W = result.camera.height, result.camera.width
     out_dir = Path(out_dir)
     idx = _valid_indices(result, notes, "lightning")
-    R, t = _fold_neck(result, flame_eval, notes, "lightning")
-    _record_dropped(result.eye_pose[idx], "eye rotation", "lightning", notes)
+    R, t = _fold_neck(result, evaluation, notes, "lightning")
+    _record_dropped(result.track.eye_pose[idx], "eye rotation", "lightning", notes)
     R_p3d, T_p3d = cam.opencv_to_pytorch3d(R, t * LIGHTNING_VERTS_SCALE)
     transform = np.concatenate([R_p3d, T_p3d[..., None]], axis=-1).astype(np.float32)
     # NDC intrinsics are unchanged by resizing the square crop to 512.
-    focal_ndc, pp_ndc = cam.pixel_to_ndc_intrinsics(result.focal_length, result.principal_point, [H, W])
-    shape = _pad(result.shape.astype(np.float32), LIGHTNING_N_SHAPE, "shape", "lightning")
-    expr = _pad(result.expression.astype(np.float32), LIGHTNING_N_EXP, "expression", "lightning")
+    focal_ndc, pp_ndc = cam.pixel_to_ndc_intrinsics(result.camera.focal_length, result.camera.principal_point, [H, W])
+    shape = _pad(result.track.shape.astype(np.float32), LIGHTNING_N_SHAPE, "shape", "lightning")
+    expr = _pad(result.track.expression.astype(np.float32), LIGHTNING_N_EXP, "expression", "lightning")
     _require_images_note(frames, "lightning", notes)
-    lmk = result.lmk68.astype(np.float64)
+    lmk = result.track.lmk68.astype(np.float64)
     records, written = {}, []
     for i in progress(idx, total=len(idx), desc="export lightning"):
-        name = f"{result.video_name}_{int(result.frame_ids[i])}"
+        name = f"{result.video_name}_{int(result.track.frame_ids[i])}"
         # Fractions of the image measured from its corner, as LightningTrack divides
         # mediapipe's corner-origin pixels by the image size.
         lo, hi = cam.opencv_to_corner_pixels(lmk[i].min(axis=0)), cam.opencv_to_corner_pixels(lmk[i].max(axis=0))
@@ -743,7 +627,7 @@ def export_lightning(result: TrackingResult, out_dir: Path, flame_eval: FlameEva
         records[name] = {
             "bbox": bbox, "mica_shape": shape.copy(), "emoca_shape": shape.copy(),
             "emoca_expression": expr[i], "emoca_pose": np.concatenate([np.zeros(3, np.float32),
-                                                                       result.jaw_pose[i].astype(np.float32)]),
+                                                                       result.track.jaw_pose[i].astype(np.float32)]),
             "transform_matrix": transform[i],
         }
         if frames.available:
@@ -770,7 +654,7 @@ def _nerface_splits(n: int) -> Dict[str, np.ndarray]:
     return {"train": order[: n - n_test] if n_test else order, "val": test, "test": test}
 
 
-def export_nerface(result: TrackingResult, out_dir: Path, flame_eval: FlameEvaluation, frames: _Frames,
+def export_nerface(result: LoadedResult, out_dir: Path, evaluation: ModelEvaluation, frames: _Frames,
                    notes: List[str]) -> List[Path]:
     """transforms_{train,val,test}.json: OpenGL camera-to-world per frame (head fixed at the
     FLAME origin), expression = FLAME expression followed by jaw pose, global
@@ -778,18 +662,18 @@ def export_nerface(result: TrackingResult, out_dir: Path, flame_eval: FlameEvalu
     of the image size, as nerface's loader reads it); images <split>/f_<0000>.png."""
     out_dir = Path(out_dir)
     idx = _valid_indices(result, notes, "nerface")
-    R, t = _fold_neck(result, flame_eval, notes, "nerface")
-    _record_dropped(result.eye_pose[idx], "eye rotation", "nerface", notes)
+    R, t = _fold_neck(result, evaluation, notes, "nerface")
+    _record_dropped(result.track.eye_pose[idx], "eye rotation", "nerface", notes)
     c2w = cam.opencv_to_opengl_c2w(R, t)
-    fx, fy = (float(v) for v in result.focal_length)
+    fx, fy = (float(v) for v in result.camera.focal_length)
     # nerface's get_ray_bundle casts the ray of pixel (i, j) through
     # ((i - W*cx_frac)/fx, -(j - H*cy_frac)/fy, -1): pixel centres on integers, as
     # ours, and the principal point stored as a fraction of the image size.
-    cx_frac = float(result.principal_point[0]) / result.width
-    cy_frac = float(result.principal_point[1]) / result.height
+    cx_frac = float(result.camera.principal_point[0]) / result.camera.width
+    cy_frac = float(result.camera.principal_point[1]) / result.camera.height
     # ICT's jaw is among its expression weights; FLAME's jaw pose is appended
     with_jaw = result.model_name == "flame"
-    expression = np.concatenate([result.expression] + ([result.jaw_pose] if with_jaw else []),
+    expression = np.concatenate([result.track.expression] + ([result.track.jaw_pose] if with_jaw else []),
                                 axis=1).astype(np.float64)
     _require_images_note(frames, "nerface", notes)
     written = []
@@ -797,16 +681,16 @@ def export_nerface(result: TrackingResult, out_dir: Path, flame_eval: FlameEvalu
         items = []
         for k in members:
             i = int(idx[k])
-            file_path = f"./{split}/f_{int(result.frame_ids[i]):04d}"
+            file_path = f"./{split}/f_{int(result.track.frame_ids[i]):04d}"
             items.append({"file_path": file_path, "transform_matrix": c2w[i].tolist(),
                           "expression": expression[i].tolist()})
             if frames.available:
                 written.append(_write_image(out_dir / f"{file_path}.png", frames(i)))
-        meta = {"camera_angle_x": float(cam.focal_to_fov(fx, result.width)),
+        meta = {"camera_angle_x": float(cam.focal_to_fov(fx, result.camera.width)),
                 "intrinsics": [fx, fy, cx_frac, cy_frac], "frames": items}
         written.append(_write_json(out_dir / f"transforms_{split}.json", meta))
-    what = (f"{result.expression.shape[1]} FLAME expression + 3 jaw" if with_jaw
-            else f"{result.expression.shape[1]} {result.model_name.upper()} expression weights")
+    what = (f"{result.track.expression.shape[1]} FLAME expression + 3 jaw" if with_jaw
+            else f"{result.track.expression.shape[1]} {result.model_name.upper()} expression weights")
     notes.append(f"nerface: expression vectors have {expression.shape[1]} values ({what}); "
                  f"set the network's expression size")
     return written
@@ -816,18 +700,20 @@ def export_nerface(result: TrackingResult, out_dir: Path, flame_eval: FlameEvalu
 # mesh
 
 
-def export_mesh(result: TrackingResult, out_dir: Path, flame_eval: FlameEvaluation, frames: _Frames,
+def export_mesh(result: LoadedResult, out_dir: Path, evaluation: ModelEvaluation, frames: _Frames,
                 notes: List[str]) -> List[Path]:
     """meshes/<00000>.obj per frame in OpenCV camera space (meters) and identity.obj,
     the neutral identity mesh (shape only, zero expression and pose) in model space."""
     out_dir = Path(out_dir)
     idx = _valid_indices(result, notes, "mesh")
-    faces = flame_eval.faces
-    written = [_atomic_write(out_dir / "identity.obj", _obj_text(flame_eval.neutral_vertices, faces).encode())]
-    R, t = result.rotation.astype(np.float64), result.translation.astype(np.float64)
-    for i in progress(idx, total=len(idx), desc="export mesh"):
-        verts = flame_eval.vertices[i] @ R[i].T + t[i]
-        written.append(_atomic_write(out_dir / "meshes" / f"{int(result.frame_ids[i]):05d}.obj",
+    faces = evaluation.faces
+    written = [_atomic_write(out_dir / "identity.obj", _obj_text(evaluation.neutral_vertices, faces).encode())]
+    # posed 128 frames at a time: [T,V,3] of a long video would take gigabytes
+    posed = ((i, verts) for chunk in posed_frames(evaluation.model, result.track, frames=idx, chunk=128,
+                                                  dtype=_torch().float64)
+             for i, verts in zip(chunk.frames, chunk.vertices))
+    for i, verts in progress(posed, total=len(idx), desc="export mesh"):
+        written.append(_atomic_write(out_dir / "meshes" / f"{int(result.track.frame_ids[i]):05d}.obj",
                                      _obj_text(verts, faces).encode()))
     return written
 
@@ -897,36 +783,36 @@ def _timecode(seconds: float, fps: float) -> str:
     return f"{h:02d}:{m:02d}:{s:02d}:{int(frame):02d}.{int(round((frame - int(frame)) * 1000)) % 1000:03d}"
 
 
-def _arkit_precheck(result: TrackingResult) -> None:
-    if "expression_names" not in result.arrays:
+def _arkit_precheck(result: LoadedResult) -> None:
+    if result.track.expression_names is None:
         raise UsageError(f"{result.path / 'tracking.npz'}: arkit writes ARKit blendshape weights, and this result "
                          f"was tracked with {result.model_name.upper()}, which has none; track with --model ict")
 
 
-def export_arkit(result: TrackingResult, out_dir: Path, flame_eval: Optional[FlameEvaluation], frames: _Frames,
+def export_arkit(result: LoadedResult, out_dir: Path, evaluation: Optional[ModelEvaluation], frames: _Frames,
                  notes: List[str]) -> List[Path]:
     """arkit.csv: one row per valid frame in Live Link Face's layout:
     Timecode, BlendShapeCount (61), the 52 ARKit weights in [0, 1], then
     head yaw, pitch, roll and each eye's yaw, pitch, roll in radians."""
     _arkit_precheck(result)
     idx = _valid_indices(result, notes, "arkit")
-    names = [str(n) for n in result.expression_names]
+    names = [str(n) for n in result.track.expression_names]
     M, unused = arkit_weight_map(names)
-    weights = np.clip(result.expression.astype(np.float64) @ M.T, 0.0, 1.0)
+    weights = np.clip(result.track.expression.astype(np.float64) @ M.T, 0.0, 1.0)
     if unused:
         notes.append(f"arkit: {', '.join(unused)} have no ARKit counterpart and are not written")
     missing = [ARKIT_NAMES[i] for i in np.flatnonzero(M.sum(1) == 0)]
     if missing:
         notes.append(f"arkit: {', '.join(missing)} not in the model; written as 0")
     # the head's rotation relative to a frontal face (the camera's y and z flipped)
-    head = _euler_yaw_pitch_roll(cam.FRONTAL_ROTATION @ result.rotation.astype(np.float64))
-    eyes = [_euler_yaw_pitch_roll(cam.axis_angle_to_matrix(result.eye_pose[:, 3 * k:3 * k + 3])) for k in (0, 1)]
+    head = _euler_yaw_pitch_roll(cam.FRONTAL_ROTATION @ result.track.rotation.astype(np.float64))
+    eyes = [_euler_yaw_pitch_roll(cam.axis_angle_to_matrix(result.track.eye_pose[:, 3 * k:3 * k + 3])) for k in (0, 1)]
     angles = np.concatenate([head] + eyes, 1)
-    fps = float(result.fps)
+    fps = float(result.track.fps)
     rows = [",".join(LIVE_LINK_FACE_COLUMNS)]
     for i in idx:
         values = np.concatenate([weights[i], angles[i]])
-        rows.append(",".join([_timecode(float(result.frame_ids[i]) / fps, fps), str(len(values))]
+        rows.append(",".join([_timecode(float(result.track.frame_ids[i]) / fps, fps), str(len(values))]
                              + [f"{v:.6f}" for v in values]))
     return [_atomic_write(Path(out_dir) / "arkit.csv", ("\n".join(rows) + "\n").encode())]
 
@@ -937,7 +823,7 @@ def export_arkit(result: TrackingResult, out_dir: Path, flame_eval: Optional[Fla
 
 @dataclass(frozen=True)
 class ExportFormat:
-    """An export target: `writer(result, out_dir, flame_eval, frames, notes) -> files`.
+    """An export target: `writer(result, out_dir, evaluation, frames, notes) -> files`.
 
     expected_flame: the FLAME release the consumer's own FLAME code loads by
     default, or None when the consumer never evaluates FLAME itself.
@@ -949,7 +835,7 @@ class ExportFormat:
     consumers: str
     expected_flame: Optional[str]
     pixel_convention: str
-    precheck: Optional[Callable[[TrackingResult], Any]] = None
+    precheck: Optional[Callable[[LoadedResult], Any]] = None
 
 
 SOURCE_PIXEL_CONVENTION = ("OpenCV: pixel (i, j) has its centre at (i, j); the image spans "
@@ -978,12 +864,12 @@ FORMATS: Dict[str, ExportFormat] = {
 }
 
 
-def check_flame_version(result: TrackingResult, fmt: ExportFormat, allow_mismatch: bool,
+def check_flame_version(result: LoadedResult, fmt: ExportFormat, allow_mismatch: bool,
                         notes: List[str]) -> None:
     """Refuse (UsageError) when the consumer evaluates a different FLAME release than the tracking used."""
     if fmt.expected_flame is None:
         return
-    have = result.flame_version
+    have = flame_version_of(result)
     if have == "unknown":
         msg = (f"{fmt.name}: the FLAME version of the tracking is not recorded; {fmt.consumers} expects "
                f"FLAME {fmt.expected_flame}; check that you train with the same model file")
@@ -1031,25 +917,25 @@ def export(result_dir: Path, formats: List[str], out_dir: Optional[Path] = None,
             FORMATS[name].precheck(result)
     if frames is None and any(name in IMAGE_FORMATS for name in formats):
         frames = source_frames(result, video, required=require_images)
-    frame_source = _Frames(frames, result.n_frames)
+    frame_source = _Frames(frames, result.track.n_frames)
     model = model if model is not None else flame
-    flame_eval = None
+    evaluation = None
     if set(formats) - {"arkit"}:  # arkit needs no mesh
         if model is None:
             model = load_model_for(result)
-        flame_eval = evaluate_model(result, model, need_vertices="mesh" in formats)
+        evaluation = evaluate_model(result, model)
     written: List[Path] = []
     for name in formats:
         fmt = FORMATS[name]
         notes: List[str] = list(version_notes[name])  # checked (and said) once, above
         target = out_dir / name
-        files = fmt.writer(result, target, flame_eval, frame_source, notes)
+        files = fmt.writer(result, target, evaluation, frame_source, notes)
         info = {"format": name, "consumers": fmt.consumers, "source": str(result.path),
                 "pixel_convention": {"source": SOURCE_PIXEL_CONVENTION, "written": fmt.pixel_convention},
                 "model": result.meta.get("model", {"name": "flame"}),
                 "flame": {"version": result.flame_info.get("version"), "sha256": result.flame_info.get("sha256"),
                           "consumer_expects": fmt.expected_flame},
-                "n_frames": int(result.valid.sum()), "notes": notes}
+                "n_frames": int(result.track.valid.sum()), "notes": notes}
         files.append(_write_json(target / "export_info.json", info))
         written.extend(files)
     return written

@@ -460,9 +460,10 @@ class FLAME(nn.Module):
                            weights=self.weights.cpu().to(d)[:, ks], joints=self.joints_template.cpu().to(d)[ks],
                            joint_dirs=self.joint_dirs.cpu().to(d)[ks])
 
-    def posed_vertices(self, shape, expression, jaw_pose=None, eye_pose=None) -> torch.Tensor:
-        """Vertices [B,V,3] with the root and neck at rest."""
-        return self(shape=shape, expression=expression, jaw_pose=jaw_pose, eye_pose=eye_pose).vertices
+    def posed_vertices(self, shape, expression, jaw_pose=None, eye_pose=None, neck_pose=None) -> torch.Tensor:
+        """Vertices [B,V,3] with the root at rest (and the neck, without neck_pose)."""
+        return self(shape=shape, expression=expression, jaw_pose=jaw_pose, eye_pose=eye_pose,
+                    neck_pose=neck_pose).vertices
 
     def model_meta(self) -> dict:
         return {"name": "flame", "version": self.version, "licence": "FLAME licence (non-commercial research use; "

@@ -102,7 +102,8 @@ class HeadModel(Protocol):
     def linear_parts(self) -> LinearParts: ...
 
     def posed_vertices(self, shape: torch.Tensor, expression: torch.Tensor, jaw_pose: Optional[torch.Tensor] = None,
-                       eye_pose: Optional[torch.Tensor] = None) -> torch.Tensor: ...
+                       eye_pose: Optional[torch.Tensor] = None,
+                       neck_pose: Optional[torch.Tensor] = None) -> torch.Tensor: ...
 
     def landmarks68(self, vertices: torch.Tensor, head_rotation: torch.Tensor) -> torch.Tensor: ...
 
@@ -219,13 +220,16 @@ class ICTHeadModel(nn.Module):
                            joint_dirs=joint_dirs)
 
     def posed_vertices(self, shape: torch.Tensor, expression: torch.Tensor, jaw_pose: Optional[torch.Tensor] = None,
-                       eye_pose: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       eye_pose: Optional[torch.Tensor] = None,
+                       neck_pose: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Vertices [B,V,3], model space (meters): v_template + shapedirs
         shape + expdirs expression, then each eyeball rotated by eye_pose
-        about its centre. jaw_pose must be None or zero (ICT's jaw is a
-        blendshape)."""
+        about its centre. jaw_pose and neck_pose must be None or zero (ICT's
+        jaw is a blendshape; it has no neck joint)."""
         if jaw_pose is not None and bool(jaw_pose.abs().max() > 1e-6):
             raise ValueError("ICT has no jaw joint: open the jaw through the jawOpen expression weight")
+        if neck_pose is not None and bool(neck_pose.abs().max() > 1e-6):
+            raise ValueError("ICT has no neck joint: a neck rotation cannot be posed")
         verts = self.ict.v_template + torch.einsum("vcs,bs->bvc", self.ict.shapedirs, shape) \
             + torch.einsum("vce,be->bvc", self.ict.expdirs, expression)
         if eye_pose is None:

@@ -1,6 +1,7 @@
 """The tracker: calls the stages in order, per video, with resume and timing.
 
-    video -> landmarks -> (EMOCA) -> calibration -> fitting -> smoothing -> output
+    video -> landmarks -> (EMOCA) -> calibration -> fitting -> smoothing -> (synthesis) -> results
+    -> (visualisation, export)
 
 Each stage is a function over data; this module passes results along and
 records what happened (settings, versions, seconds per stage, quality) in
@@ -32,10 +33,11 @@ from .fitter import (CalibrationConfig, FitConfig, FrameParams, SourceView, Targ
                      combine_focals, fit_config_for, fit_sequence, fov_deg_to_focal, predict_landmarks)
 from .flame import FLAME
 from .head_model import MODEL_NAMES, HeadModel
-from .output import (check_writable, clear_failure, is_finished, result_differences, result_dir, source_identity,
-                     write_failure, write_result)
-from .smoothing import SmoothingConfig, second_difference_jitter, smooth_tracking
-from .synthesis import SynthesisConfig
+from .results import (check_writable, clear_failure, is_finished, result_differences, result_dir, source_identity,
+                      write_failure, write_result)
+from .smoothing import SmoothingConfig, second_difference_jitter, smooth_track
+from .synthesis import AlbedoTexture, SynthesisConfig
+from .track import Camera, Track
 
 log = logging.getLogger("lightning_ft")
 # Predicted relative std of the calibrated focal above which a run warns:
@@ -120,7 +122,7 @@ def settings_fingerprint(settings: dict) -> str:
 
 
 def run_sources(video: Optional[Path], cfg: TrackConfig) -> dict:
-    """The files a result of `video` is made from (`output.source_identity`);
+    """The files a result of `video` is made from (`results.source_identity`);
     VideoError naming the file when one cannot be read."""
     def identity(path):
         if path is None:
@@ -246,58 +248,111 @@ def legacy_result_name(name: str) -> str:
 
 
 # ----------------------------------------------------------------------------
+# Inputs of one video
+
+
+@dataclass
+class VideoInputs:
+    """What one video (or one --landmarks file) gives the fit.
+
+    landmarks: `landmarks.Landmarks` (lmk68 [T,68,2], lmk_dense [T,478,2]
+    crop pixels, valid [T]); frame_ids [T] source frame index; fps;
+    timestamps [T] seconds, or None (--landmarks alone); crop_boxes [T,4]
+    xyxy source pixels; image_size (H, W) of the crops; source_width:
+    the source video's width (pixels); frames: the face video (the crops),
+    None with --landmarks alone; video_meta: meta.json's "video" entry."""
+
+    landmarks: object
+    frame_ids: np.ndarray
+    fps: float
+    timestamps: Optional[np.ndarray]
+    crop_boxes: np.ndarray
+    image_size: Tuple[int, int]
+    source_width: int
+    frames: object
+    video_meta: dict
+
+    @property
+    def valid(self) -> np.ndarray:
+        return np.asarray(self.landmarks.valid, bool)
+
+
+def read_inputs(video: Optional[Path], cfg: TrackConfig, sources: dict, timer: StageTimer) -> VideoInputs:
+    """The landmarks of `video` (decoded, cropped around the face and
+    detected, or read from --landmarks) and the crops' geometry."""
+    if cfg.landmarks_file is not None:
+        from .landmarks import load_landmarks_file
+
+        with timer("landmarks"):
+            lm = load_landmarks_file(cfg.landmarks_file)
+        T = lm.lmk68.shape[0]
+        H, W = lm.image_size
+        return VideoInputs(landmarks=lm, frame_ids=np.arange(T), fps=float(cfg.fps or 25.0), timestamps=None,
+                           crop_boxes=np.tile(np.array([0.0, 0.0, W, H]), (T, 1)), image_size=(H, W),
+                           source_width=W, frames=None,
+                           video_meta={"path": str(video) if video else None,
+                                       "landmarks_file": str(cfg.landmarks_file)})
+    from . import video as video_stage
+
+    cache_dir = cfg.cache_dir or (Path(cfg.out_dir) / ".cache")
+    # without a frame cache, "decode_crop" times the face-box pass and the
+    # crops are made during "landmarks", which reads them as they are cropped
+    with timer("decode_crop"):
+        face_video = video_stage.prepare(video, cache_dir=cache_dir, image_size=cfg.image_size, fps=cfg.fps,
+                                         progress=cfg.progress)
+    with timer("landmarks"):
+        lm = cached_landmarks(face_video, cfg, sources)
+    fps = float(face_video.fps)
+    video_meta = {"path": str(video), "fps": fps, "frames": int(len(face_video)),
+                  "cache": str(face_video.cache_path)}
+    if cfg.fps is not None and cfg.fps > fps * 1.001:
+        # frames are never duplicated: the source rate is the most there is
+        log.warning("%s: --fps %g is above the video's %.3f fps; every frame is tracked, at %.3f fps", video,
+                    cfg.fps, fps, fps)
+        video_meta["fps_requested"] = float(cfg.fps)
+    return VideoInputs(landmarks=lm, frame_ids=face_video.frame_ids, fps=fps, timestamps=face_video.timestamps,
+                       crop_boxes=face_video.crop_boxes, image_size=tuple(face_video.image_size),
+                       source_width=face_video.source_size[1], frames=face_video, video_meta=video_meta)
+
+
+# ----------------------------------------------------------------------------
 # Fitting
 
 
 @dataclass
-class FitOutput:
-    """Per-frame results for all T frames (invalid ones interpolated).
+class LandmarkFit:
+    """The landmark fit of one video.
 
-    rotation [T,3,3], translation [T,3] (FLAME -> OpenCV camera, meters),
-    expression [T,E], jaw_pose [T,3], neck_pose [T,3], eye_pose [T,6],
-    shape [S], focal_length [2], principal_point [2] (crop pixels),
-    quality: figures for meta.json; calibration: what calibration did."""
+    track: all T frames (invalid ones interpolated), smoothed, in
+    tracking.npz's dtypes, with the per-frame reprojection errors; camera:
+    the calibrated camera as calibration returns it (float64; `stored()`
+    for tracking.npz); quality: figures for meta.json; calibration: what
+    calibration did."""
 
-    rotation: np.ndarray
-    translation: np.ndarray
-    expression: np.ndarray
-    jaw_pose: np.ndarray
-    neck_pose: np.ndarray
-    eye_pose: np.ndarray
-    shape: np.ndarray
-    focal_length: np.ndarray
-    principal_point: np.ndarray
+    track: Track
+    camera: Camera
     quality: dict
     calibration: dict
-    frame_errors: Dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def fit_landmarks(model: HeadModel, lmk68: np.ndarray, lmk_dense: np.ndarray, valid: np.ndarray, image_size,
-                  fps: float, cfg: TrackConfig, timer: StageTimer, emoca=None,
-                  timestamps: Optional[np.ndarray] = None, label: str = "", source: Optional[SourceView] = None,
-                  calibrate_only: bool = False) -> FitOutput:
+def fit_landmarks(model: HeadModel, inputs: VideoInputs, cfg: TrackConfig, timer: StageTimer, emoca=None,
+                  label: str = "", calibrate_only: bool = False) -> LandmarkFit:
     """Calibrate, fit every valid frame, interpolate invalid ones, smooth.
-    label: the video's name, for messages; source: the crops' place in the
-    source video (the focal's field-of-view prior, --focal / --fov);
-    calibrate_only: return the calibration's `describe` dict after
-    calibrating."""
+    label: the video's name, for messages; calibrate_only: return the
+    calibration's `describe` dict after calibrating."""
     from .progress import elapsed_bar
 
-    H, W = image_size
+    H, W = inputs.image_size
+    lm, valid = inputs.landmarks, inputs.valid
     fit_cfg = fit_config_for(model, replace(cfg.fit, image_size=max(H, W)))
-    cal_cfg = calibration_config_for(model, cfg.calibration)
-    source = source or SourceView(float(W), 1.0)
-    fixed = None
-    if cfg.focal_px is not None:
-        fixed = source.crop_focal(cfg.focal_px)
-    elif cfg.fov_deg is not None:
-        fixed = source.crop_focal(fov_deg_to_focal(cfg.fov_deg, source.width_px))
+    source = SourceView.from_crop_boxes(inputs.crop_boxes, (H, W), inputs.source_width, valid)
     with timer("calibration"), elapsed_bar(f"{Path(label).name}: calibration", cfg.progress):
         basis = build_basis(model)
-        targets = Targets.from_landmarks(lmk68, lmk_dense, basis)
+        targets = Targets.from_landmarks(lm.lmk68, lm.lmk_dense, basis)
         init_shape = None if emoca is None else emoca.identity
-        cal = calibrate(basis, targets, valid, (H, W), calibration_fit_config(fit_cfg), cal_cfg,
-                        init_shape=init_shape, source=source, fixed_focal_px=fixed)
+        cal = calibrate(basis, targets, valid, (H, W), calibration_fit_config(fit_cfg),
+                        calibration_config_for(model, cfg.calibration), init_shape=init_shape, source=source,
+                        fixed_focal_px=_fixed_focal(cfg, source))
     if calibrate_only:
         return cal.describe(source)
     if not cal.focal_rel_std <= WEAK_FOCAL_REL_STD:  # NaN too: no curvature along the focal at all
@@ -309,43 +364,68 @@ def fit_landmarks(model: HeadModel, lmk68: np.ndarray, lmk_dense: np.ndarray, va
     pp = torch.tensor(cal.principal_point, dtype=torch.float32)
     shape = torch.tensor(cal.shape, dtype=torch.float32)
     idx = np.flatnonzero(valid)
-    T = len(valid)
     with timer("fitting"), elapsed_bar(f"{Path(label).name}: fitting", cfg.progress):
-        sub = targets.select(torch.as_tensor(idx))
-        rot0 = exp0 = jaw0 = None
-        if emoca is not None:
-            from .emoca import emoca_pose_to_opencv
+        res = _fit_valid_frames(model, basis, targets, idx, focal, pp, shape, fit_cfg, emoca)
+    raw = _raw_track(model, inputs, res.params, idx, cal.shape)
+    with timer("smoothing"):
+        smoothed = smooth_track(raw, inputs.fps, cfg.smoothing, timestamps=inputs.timestamps)
+        if fit_cfg.expression_bounds is not None:  # the smoother may overshoot a bound
+            smoothed.expression = np.clip(smoothed.expression, *fit_cfg.expression_bounds)
+    with timer("quality"):
+        quality, frame_errors = _quality(basis, smoothed, focal, pp, lm.lmk68, lm.lmk_dense, valid, idx, res)
+    return LandmarkFit(track=replace(smoothed, **frame_errors).stored(),
+                       camera=Camera(focal_length=cal.focal_px, principal_point=cal.principal_point,
+                                     image_size=np.array([H, W], np.int64)),
+                       quality=quality, calibration=cal.describe(source))
 
-            ok = emoca.valid[idx]
-            if ok.all():
-                rot0 = torch.as_tensor(emoca_pose_to_opencv(emoca.global_pose[idx]), dtype=torch.float32)
-                exp0 = torch.as_tensor(emoca.expression[idx][:, :model.n_exp], dtype=torch.float32)
-                jaw0 = torch.as_tensor(emoca.jaw_pose[idx], dtype=torch.float32)
-        contiguous = torch.as_tensor(np.concatenate([[False], np.diff(idx) == 1]))
-        res = fit_sequence(basis, sub, focal, pp, shape, fit_cfg, contiguous=contiguous, rotation=rot0,
-                           expression=exp0, jaw=jaw0)
-    p = res.params
+
+def _fixed_focal(cfg: TrackConfig, source: SourceView) -> Optional[float]:
+    """The crops' focal (pixels) from --focal or --fov, None to calibrate it."""
+    if cfg.focal_px is not None:
+        return source.crop_focal(cfg.focal_px)
+    if cfg.fov_deg is not None:
+        return source.crop_focal(fov_deg_to_focal(cfg.fov_deg, source.width_px))
+    return None
+
+
+def _fit_valid_frames(model: HeadModel, basis, targets, idx: np.ndarray, focal, pp, shape, fit_cfg: FitConfig,
+                      emoca=None):
+    """`fit_sequence` over the valid frames `idx`, started from EMOCA's
+    pose, expression and jaw where it has them for every one."""
+    sub = targets.select(torch.as_tensor(idx))
+    rot0 = exp0 = jaw0 = None
+    if emoca is not None:
+        from .emoca import emoca_pose_to_opencv
+
+        ok = emoca.valid[idx]
+        if ok.all():
+            rot0 = torch.as_tensor(emoca_pose_to_opencv(emoca.global_pose[idx]), dtype=torch.float32)
+            exp0 = torch.as_tensor(emoca.expression[idx][:, :model.n_exp], dtype=torch.float32)
+            jaw0 = torch.as_tensor(emoca.jaw_pose[idx], dtype=torch.float32)
+    contiguous = torch.as_tensor(np.concatenate([[False], np.diff(idx) == 1]))
+    return fit_sequence(basis, sub, focal, pp, shape, fit_cfg, contiguous=contiguous, rotation=rot0,
+                        expression=exp0, jaw=jaw0)
+
+
+def _raw_track(model: HeadModel, inputs: VideoInputs, params: FrameParams, idx: np.ndarray,
+               shape: np.ndarray) -> Track:
+    """The fitted frames `idx` as a Track of all T frames (float64, NaN on
+    the others, neck at rest), before smoothing."""
+    T = len(inputs.frame_ids)
 
     def full(a, fill_shape):
         out = np.full((T,) + fill_shape, np.nan, np.float64)
         out[idx] = a.detach().numpy()
         return out
 
-    raw = {"rotation": full(p.rotation, (3, 3)), "translation": full(p.translation, (3,)),
-           "expression": full(p.expression, (model.n_exp,)), "jaw_pose": full(p.jaw, (3,)),
-           "eye_pose": full(p.eyes, (6,))}
-    with timer("smoothing"):
-        smoothed = smooth_tracking(raw, valid, fps, cfg.smoothing, timestamps=timestamps)
-        if fit_cfg.expression_bounds is not None:  # the smoother may overshoot a bound
-            smoothed["expression"] = np.clip(smoothed["expression"], *fit_cfg.expression_bounds)
-    with timer("quality"):
-        quality, frame_errors = _quality(basis, smoothed, raw, shape, focal, pp, lmk68, lmk_dense, valid, idx, res)
-    return FitOutput(
-        rotation=smoothed["rotation"], translation=smoothed["translation"], expression=smoothed["expression"],
-        jaw_pose=smoothed["jaw_pose"], neck_pose=np.zeros((T, 3)), eye_pose=smoothed["eye_pose"],
-        shape=cal.shape, focal_length=cal.focal_px, principal_point=cal.principal_point, quality=quality,
-        calibration=cal.describe(source),
-        frame_errors=frame_errors)
+    names = getattr(model, "expression_names", None)
+    lm = inputs.landmarks
+    return Track(frame_ids=inputs.frame_ids, valid=inputs.valid, shape=shape,
+                 expression=full(params.expression, (model.n_exp,)), jaw_pose=full(params.jaw, (3,)),
+                 neck_pose=np.zeros((T, 3)), eye_pose=full(params.eyes, (6,)),
+                 rotation=full(params.rotation, (3, 3)), translation=full(params.translation, (3,)),
+                 crop_boxes=inputs.crop_boxes, lmk68=lm.lmk68, lmk_dense=lm.lmk_dense, fps=inputs.fps,
+                 expression_names=None if names is None else np.asarray(names))
 
 
 def calibration_fit_config(fit_cfg: FitConfig) -> FitConfig:
@@ -364,19 +444,12 @@ def calibration_config_for(model: HeadModel, ccfg: CalibrationConfig) -> Calibra
     return replace(ccfg, sigma_shape=ccfg.sigma_shape * model.parameter_blocks()["shape"].sigma)
 
 
-def _params_from(d: Dict[str, np.ndarray], shape: torch.Tensor) -> FrameParams:
-    t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
-    return FrameParams(t(d["rotation"]), t(d["translation"]), t(d["expression"]), t(d["jaw_pose"]),
-                       t(d["eye_pose"]), shape)
-
-
-def _quality(basis, smoothed, raw, shape, focal, pp, lmk68, lmk_dense, valid, idx, res) -> Tuple[dict, dict]:
+def _quality(basis, smoothed: Track, focal, pp, lmk68, lmk_dense, valid, idx, res) -> Tuple[dict, dict]:
     """Reprojection errors (px) and jitter of the smoothed track on valid
     frames; also the per-frame mean errors, tracking.npz's optional
     `reprojection_error_68_px` / `reprojection_error_dense_px` [T] (crop px,
     NaN on invalid frames), which the dataset report plots over time."""
-    pred68, pred_dense = predict_landmarks(basis, _params_from({k: v[idx] for k, v in smoothed.items()}, shape),
-                                           focal, pp)
+    pred68, pred_dense = predict_landmarks(basis, smoothed.to_torch().select(idx), focal, pp)
     pred68, pred_dense = pred68.numpy(), pred_dense.numpy()
     det68 = lmk68[idx]
     err68 = np.linalg.norm(pred68 - det68, axis=-1)
@@ -543,135 +616,109 @@ def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: HeadMod
     (FLAME or ICT); returns the result folder (with calibrate_only, what
     calibration found, without EMOCA).
 
+    inputs -> landmarks -> calibration and fit -> smoothing -> [synthesis]
+    -> write -> [visualisation, export].
+
     sources: `run_sources(video, cfg)` when the caller has it already;
     shared: the --shared-camera focal and how it was combined."""
     timer = StageTimer()
     if sources is None:
         sources = run_sources(video, cfg)
     t_start = time.perf_counter()
-    frames_source = None
-    if cfg.landmarks_file is not None:
-        from .landmarks import load_landmarks_file
-
-        with timer("landmarks"):
-            lm = load_landmarks_file(cfg.landmarks_file)
-        T = lm.lmk68.shape[0]
-        frame_ids = np.arange(T)
-        fps = float(cfg.fps or 25.0)
-        timestamps = None
-        H, W = lm.image_size
-        source_width = W
-        crop_boxes = np.tile(np.array([0.0, 0.0, W, H]), (T, 1))
-        video_meta = {"path": str(video) if video else None, "landmarks_file": str(cfg.landmarks_file)}
-    else:
-        from . import landmarks as landmarks_stage
-        from . import video as video_stage
-
-        cache_dir = cfg.cache_dir or (Path(cfg.out_dir) / ".cache")
-        # without a frame cache, "decode_crop" times the face-box pass and the
-        # crops are made during "landmarks", which reads them as they are cropped
-        with timer("decode_crop"):
-            face_video = video_stage.prepare(video, cache_dir=cache_dir, image_size=cfg.image_size, fps=cfg.fps,
-                                             progress=cfg.progress)
-        with timer("landmarks"):
-            lm = cached_landmarks(face_video, cfg, sources)
-        T = len(face_video)
-        frame_ids = face_video.frame_ids
-        fps = float(face_video.fps)
-        timestamps = face_video.timestamps
-        crop_boxes = face_video.crop_boxes
-        H, W = face_video.image_size
-        source_width = face_video.source_size[1]
-        frames_source = face_video
-        video_meta = {"path": str(video), "fps": fps, "frames": int(T), "cache": str(face_video.cache_path)}
-        if cfg.fps is not None and cfg.fps > fps * 1.001:
-            # frames are never duplicated: the source rate is the most there is
-            log.warning("%s: --fps %g is above the video's %.3f fps; every frame is tracked, at %.3f fps", video,
-                        cfg.fps, fps, fps)
-            video_meta["fps_requested"] = float(cfg.fps)
-    valid = np.asarray(lm.valid, bool)
-    if not valid.any():
+    inputs = read_inputs(video, cfg, sources, timer)
+    label = str(video or cfg.landmarks_file)
+    if not inputs.valid.any():
         from .errors import NoFaceError
 
-        raise NoFaceError(f"{video or cfg.landmarks_file}: no valid landmarks in any frame")
-    source = SourceView.from_crop_boxes(crop_boxes, (H, W), source_width, valid)
+        raise NoFaceError(f"{label}: no valid landmarks in any frame")
     if calibrate_only:
-        return fit_landmarks(flame, lm.lmk68, lm.lmk_dense, valid, (H, W), fps, cfg, timer, source=source,
-                             calibrate_only=True)
+        return fit_landmarks(flame, inputs, cfg, timer, calibrate_only=True)
     if shared is not None:
         cfg = replace(cfg, focal_px=shared["focal_source_px"], fov_deg=None)
-    emoca_result = None
-    if emoca_model is not None:
-        if frames_source is None:
-            raise UsageError("EMOCA needs the video frames: pass --data with --landmarks, or --no-emoca")
-        from .emoca import regress
-
-        with timer("emoca"):
-            emoca_result = regress(frames_source.frames(), lm.lmk_dense if np.isfinite(lm.lmk_dense).any() else lm.lmk68,
-                                   valid, emoca_model, progress=cfg.progress)
-    label = str(video or cfg.landmarks_file)
-    fit = fit_landmarks(flame, lm.lmk68, lm.lmk_dense, valid, (H, W), fps, cfg, timer, emoca=emoca_result,
-                        timestamps=timestamps, label=label, source=source)
+    emoca_result = _regress_emoca(emoca_model, inputs, cfg, timer)
+    fit = fit_landmarks(flame, inputs, cfg, timer, emoca=emoca_result, label=label)
     if shared is not None:
         fit.calibration["shared_camera"] = shared
-    _check_fit_quality(fit.quality, (H, W), label)
-    tracking = {
-        "frame_ids": np.asarray(frame_ids, np.int64), "valid": valid, "shape": fit.shape.astype(np.float32),
-        "expression": fit.expression.astype(np.float32), "jaw_pose": fit.jaw_pose.astype(np.float32),
-        "neck_pose": fit.neck_pose.astype(np.float32), "eye_pose": fit.eye_pose.astype(np.float32),
-        "rotation": fit.rotation.astype(np.float32), "translation": fit.translation.astype(np.float32),
-        "focal_length": fit.focal_length.astype(np.float32), "principal_point": fit.principal_point.astype(np.float32),
-        "image_size": np.array([H, W], np.int64), "crop_boxes": np.asarray(crop_boxes, np.float32),
-        "lmk68": np.asarray(lm.lmk68, np.float32), "lmk_dense": np.asarray(lm.lmk_dense, np.float32),
-        "fps": np.float32(fps),
-        **fit.frame_errors,
-    }
-    if getattr(flame, "expression_names", None) is not None:
-        tracking["expression_names"] = np.asarray(flame.expression_names)
+    _check_fit_quality(fit.quality, inputs.image_size, label)
+    track, camera = fit.track, fit.camera.stored()
     synthesis_meta = albedo = None
     if cfg.synthesis:
-        synthesis_meta, albedo = _run_synthesis(flame, frames_source, tracking, valid, fps, timestamps, cfg, timer)
-    folder = result_dir(cfg.out_dir, stem)
-    extra = None
-    if cfg.visualize:
-        if frames_source is None:
-            log.warning("-v needs video frames; with --landmarks alone no visualization is written")
-        else:
-            extra = _visualization_writer(frames_source, tracking, flame, cfg, timer, albedo)
-    meta = {
-        "video": video_meta, "frames": {"total": int(T), "valid": int(valid.sum()), "invalid": int((~valid).sum())},
-        "landmarks": {"source68": lm.source68, "image_size": [H, W]},
-        "emoca": {"used": emoca_result is not None},
-        "model": flame.model_meta(),
-        **({"flame": {"version": flame.version, "sha256": flame.sha256, "n_shape": flame.n_shape,
-                      "n_exp": flame.n_exp, "n_vertices": flame.n_vertices,
-                      **{f"{k}_path" if k != "model" else "model_path": str(v)
-                         for k, v in _flame_paths(cfg.assets_dir).items()}}} if flame.name == "flame" else {}),
-        "camera": {"convention": "OpenCV: x right, y down, z forward; p = R X + t; u = fx x/z + cx; "
-                                 "pixel centres at integer coordinates (OpenCV; the crop spans [-0.5, W-0.5])",
-                   "focal_length": fit.focal_length, "principal_point": fit.principal_point},
-        "calibration": fit.calibration,
-        "quality": fit.quality,
-        "synthesis": synthesis_meta,
-        "settings": {"device": cfg.device, "image_size": cfg.image_size, "fps": cfg.fps, "lmk68": cfg.lmk68,
-                     "no_emoca": cfg.no_emoca, "synthesis": cfg.synthesis, "visualize": cfg.visualize,
-                     "fit": asdict(cfg.fit), "calibration": asdict(cfg.calibration),
-                     "focal_px": cfg.focal_px, "fov_deg": cfg.fov_deg, "shared_camera": cfg.shared_camera},
-        "sources": sources,
-        "result_settings": result_settings(cfg),
-        "settings_fingerprint": settings_fingerprint(result_settings(cfg)),
-        "versions": _versions(),
-        "stage_seconds": timer.seconds,
-    }
+        track, synthesis_meta, albedo = _run_synthesis(flame, inputs, track, camera, cfg, timer)
+    extra = _visualization_writer(inputs.frames, track, camera, flame, cfg, timer, albedo)
+    meta = {**_inputs_meta(inputs, emoca_result is not None), **_model_meta(flame, cfg),
+            **_fit_meta(fit, synthesis_meta), **_run_meta(cfg, sources, timer)}
     meta["stage_seconds"]["total"] = time.perf_counter() - t_start
-    write_result(folder, tracking, meta, extra=extra)
-    if cfg.visualize and extra is not None:
+    folder = write_result(result_dir(cfg.out_dir, stem), track, camera, meta, extra=extra)
+    if extra is not None:
         log.info("%s: wrote %s", label, folder / "visualization.mp4")
     if cfg.export:
         from .export import export
 
-        export(folder, cfg.export, frames=(frames_source.frame if frames_source is not None else None), model=flame)
+        export(folder, cfg.export, frames=(inputs.frames.frame if inputs.frames is not None else None), model=flame)
     return folder
+
+
+def _regress_emoca(emoca_model, inputs: VideoInputs, cfg: TrackConfig, timer: StageTimer):
+    """EMOCA's per-frame codes (the fit's start), or None without EMOCA."""
+    if emoca_model is None:
+        return None
+    if inputs.frames is None:
+        raise UsageError("EMOCA needs the video frames: pass --data with --landmarks, or --no-emoca")
+    from .emoca import regress
+
+    lm = inputs.landmarks
+    with timer("emoca"):
+        return regress(inputs.frames.frames(), lm.lmk_dense if np.isfinite(lm.lmk_dense).any() else lm.lmk68,
+                       inputs.valid, emoca_model, progress=cfg.progress)
+
+
+# meta.json's "camera.convention": what tracking.npz's camera means.
+CAMERA_CONVENTION = ("OpenCV: x right, y down, z forward; p = R X + t; u = fx x/z + cx; "
+                     "pixel centres at integer coordinates (OpenCV; the crop spans [-0.5, W-0.5])")
+
+
+def _inputs_meta(inputs: VideoInputs, emoca_used: bool) -> dict:
+    """meta.json's "video", "frames", "landmarks" and "emoca" entries."""
+    valid = inputs.valid
+    H, W = inputs.image_size
+    return {"video": inputs.video_meta,
+            "frames": {"total": int(len(valid)), "valid": int(valid.sum()), "invalid": int((~valid).sum())},
+            "landmarks": {"source68": inputs.landmarks.source68, "image_size": [H, W]},
+            "emoca": {"used": emoca_used}}
+
+
+def _model_meta(model: HeadModel, cfg: TrackConfig) -> dict:
+    """meta.json's "model" entry and, for FLAME, "flame" with its files
+    (the exports load the model from them)."""
+    out = {"model": model.model_meta()}
+    if model.name == "flame":
+        out["flame"] = {"version": model.version, "sha256": model.sha256, "n_shape": model.n_shape,
+                        "n_exp": model.n_exp, "n_vertices": model.n_vertices,
+                        **{f"{k}_path" if k != "model" else "model_path": str(v)
+                           for k, v in _flame_paths(cfg.assets_dir).items()}}
+    return out
+
+
+def _fit_meta(fit: LandmarkFit, synthesis_meta: Optional[dict]) -> dict:
+    """meta.json's "camera", "calibration", "quality" and "synthesis" entries."""
+    return {"camera": {"convention": CAMERA_CONVENTION, "focal_length": fit.camera.focal_length,
+                       "principal_point": fit.camera.principal_point},
+            "calibration": fit.calibration, "quality": fit.quality, "synthesis": synthesis_meta}
+
+
+def _run_meta(cfg: TrackConfig, sources: dict, timer: StageTimer) -> dict:
+    """meta.json's settings, sources, versions and seconds per stage (the
+    timer's own dict: stages timed while writing, the -v video, still land
+    in it)."""
+    return {"settings": {"device": cfg.device, "image_size": cfg.image_size, "fps": cfg.fps, "lmk68": cfg.lmk68,
+                         "no_emoca": cfg.no_emoca, "synthesis": cfg.synthesis, "visualize": cfg.visualize,
+                         "fit": asdict(cfg.fit), "calibration": asdict(cfg.calibration),
+                         "focal_px": cfg.focal_px, "fov_deg": cfg.fov_deg, "shared_camera": cfg.shared_camera},
+            "sources": sources,
+            "result_settings": result_settings(cfg),
+            "settings_fingerprint": settings_fingerprint(result_settings(cfg)),
+            "versions": _versions(),
+            "stage_seconds": timer.seconds}
 
 
 def _check_fit_quality(quality: dict, image_size, label: str) -> None:
@@ -685,18 +732,6 @@ def _check_fit_quality(quality: dict, image_size, label: str) -> None:
         log.warning("%s: poor fit, mean landmark error %.1f px (a good fit stays under %.1f px at this crop "
                     "size): check that the video shows one upright face (a wrong rotation tag turns it) and that "
                     "--landmarks belong to it", label, error, limit)
-
-
-@dataclass
-class AlbedoTexture:
-    """Synthesis's fitted albedo, for the -v video.
-
-    image: [Ht,Wt,3] float32 RGB in 0..1 in FLAME's UV layout (row 0 at v = 1),
-    at the texture space's own resolution; face_uvs: [F,3,2] UVs of every
-    face corner, FLAME's face order."""
-
-    image: np.ndarray
-    face_uvs: np.ndarray
 
 
 def _texture_space_files(assets_dir: Path) -> Tuple[Path, Optional[Path]]:
@@ -719,113 +754,50 @@ def _texture_space_files(assets_dir: Path) -> Tuple[Path, Optional[Path]]:
                      f"--synthesis")
 
 
-def _run_synthesis(flame: FLAME, frames_source, tracking: dict, valid, fps, timestamps, cfg: TrackConfig,
-                   timer: StageTimer) -> Tuple[dict, AlbedoTexture]:
-    """Photometric refinement of the smoothed landmark track, in place in
-    `tracking` (adds `texture` and `lighting`); returns the meta.json entry
-    and the fitted albedo (computed here, so the texture space, ~600 MB for
-    FLAME's, is not kept for the -v video)."""
+def _run_synthesis(flame: FLAME, inputs: VideoInputs, track: Track, camera: Camera, cfg: TrackConfig,
+                   timer: StageTimer) -> Tuple[Track, dict, AlbedoTexture]:
+    """Photometric refinement of the smoothed landmark track: the refined
+    track (with `texture` and `lighting`), the meta.json entry and the
+    fitted albedo (computed here, so the texture space, ~600 MB for FLAME's,
+    is not kept for the -v video)."""
     from .synthesis import load_texture_space, refine
 
-    if frames_source is None:
+    if inputs.frames is None:
         raise UsageError("--synthesis needs the video frames (--data)")
     with timer("synthesis"):
         scfg = replace(cfg.synthesis_config, smoothing=cfg.smoothing)
         texture_path, uv_obj = _texture_space_files(cfg.assets_dir)
         space = load_texture_space(texture_path, n_components=scfg.n_texture, uv_obj=uv_obj)
-        params = _params_from(tracking, torch.as_tensor(tracking["shape"], dtype=torch.float32))
-        res = refine(flame, space, frames_source.frame, params, tracking["focal_length"],
-                     tracking["principal_point"], tracking["lmk68"], valid, scfg, device=cfg.device,
-                     progress=cfg.progress, fps=fps, timestamps=timestamps)
-    p = res.params
-    tracking.update(rotation=p.rotation.numpy().astype(np.float32),
-                    translation=p.translation.numpy().astype(np.float32),
-                    expression=p.expression.numpy().astype(np.float32), jaw_pose=p.jaw.numpy().astype(np.float32),
-                    eye_pose=p.eyes.numpy().astype(np.float32),
-                    texture=np.asarray(res.texture, np.float32), lighting=np.asarray(res.lighting, np.float32))
+        res = refine(flame, space, inputs.frames.frame, track, camera, scfg, device=cfg.device,
+                     progress=cfg.progress, fps=inputs.fps, timestamps=inputs.timestamps)
+    track = replace(res.track, texture=np.asarray(res.texture, np.float32),
+                    lighting=np.asarray(res.lighting, np.float32))
     with torch.no_grad():
-        image = space.albedo(torch.as_tensor(tracking["texture"])).clamp(0.0, 1.0)[0].permute(1, 2, 0)
+        image = space.albedo(torch.as_tensor(track.texture)).clamp(0.0, 1.0)[0].permute(1, 2, 0)
     albedo = AlbedoTexture(image=image.numpy(), face_uvs=space.face_uvs().numpy())
     meta = {"photometric_error_before": res.photometric_error_before,
             "photometric_error_after": res.photometric_error_after, "lighting_mode": res.lighting_mode,
             "image_size": res.image_size, "seconds": res.seconds, "texture_space": space.source,
             "settings": asdict(scfg)}
-    return meta, albedo
+    return track, meta, albedo
 
 
-def _visualization_writer(face_video, tracking, flame, cfg, timer, albedo: Optional[AlbedoTexture]):
+def _visualization_writer(face_video, track: Track, camera: Camera, model: HeadModel, cfg: TrackConfig,
+                          timer: StageTimer, albedo: Optional[AlbedoTexture]):
+    """With -v, a function that writes the -v video into the result's
+    temporary folder; else None."""
+    if not cfg.visualize:
+        return None
+    if face_video is None:
+        log.warning("-v needs video frames; with --landmarks alone no visualization is written")
+        return None
+    from .visualize import write_track_visualization
+
     def write(tmp_folder: Path):
         with timer("visualization"):
-            write_visualization_from_tracking(tmp_folder / "visualization.mp4", face_video, tracking, flame,
-                                              cfg.progress, albedo=albedo)
+            write_track_visualization(tmp_folder / "visualization.mp4", face_video.frames(), model, track, camera,
+                                      cfg.progress, albedo=albedo)
     return write
-
-
-class _ChunkedMesh:
-    """Camera-space vertices of frame t, evaluated 64 frames at a time so a
-    long video never holds [T,V,3] in memory."""
-
-    def __init__(self, tracking, flame: FLAME, chunk: int = 64):
-        self.tr, self.flame, self.chunk = tracking, flame, chunk
-        self.start, self.verts, self.lmk = -1, None, None
-
-    def _load(self, t: int):
-        from .fitter import head_rotation_flame
-
-        s = (t // self.chunk) * self.chunk
-        sl = slice(s, min(len(self.tr["frame_ids"]), s + self.chunk))
-        B = sl.stop - sl.start
-        f = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
-        with torch.no_grad():
-            vertices = self.flame.posed_vertices(f(self.tr["shape"])[None].expand(B, -1),
-                                                 f(self.tr["expression"][sl]), jaw_pose=f(self.tr["jaw_pose"][sl]),
-                                                 eye_pose=f(self.tr["eye_pose"][sl]))
-            R, tr = f(self.tr["rotation"][sl]), f(self.tr["translation"][sl])
-            lmk = self.flame.landmarks68(vertices, head_rotation_flame(R))
-            self.verts = (torch.einsum("tij,tvj->tvi", R, vertices) + tr[:, None]).numpy()
-            pc = torch.einsum("tij,tvj->tvi", R, lmk) + tr[:, None]
-            self.lmk = (pc[..., :2] / pc[..., 2:3] * f(self.tr["focal_length"]) + f(self.tr["principal_point"])).numpy()
-        self.start = s
-
-    def __call__(self, t: int) -> np.ndarray:
-        if not (self.start <= t < self.start + self.chunk) or self.verts is None:
-            self._load(t)
-        return self.verts[t - self.start]
-
-    def landmarks_at(self, t: int) -> np.ndarray:
-        """Fitted 68 landmarks [68,2] (crop pixels) of frame t, from the chunk `self(t)` loads."""
-        self(t)
-        return self.lmk[t - self.start]
-
-    def landmarks(self) -> np.ndarray:
-        out = []
-        for s in range(0, len(self.tr["frame_ids"]), self.chunk):
-            self._load(s)
-            out.append(self.lmk)
-        return np.concatenate(out)
-
-
-def write_visualization_from_tracking(out_path: Path, face_video, tracking, flame: FLAME, progress=None,
-                                      albedo: Optional[AlbedoTexture] = None) -> Path:
-    """The -v video: crop | mesh overlay with detected and fitted landmarks | shaded mesh.
-
-    albedo: synthesis's fitted texture; the mesh is then rendered with it
-    under the track's SH `lighting` ([9,3] or [T,9,3]), as synthesis saw it.
-    """
-    from .visualize import write_visualization
-
-    mesh = _ChunkedMesh(tracking, flame)
-    # per frame, from the chunk that gives the mesh: FLAME is evaluated once
-    lmk_fitted = mesh.landmarks_at
-    fx, fy = (float(v) for v in tracking["focal_length"])
-    cx, cy = (float(v) for v in tracking["principal_point"])
-    K = np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1.0]])
-    appearance = {}
-    if albedo is not None:
-        appearance = {"textures": albedo.image, "face_uvs": albedo.face_uvs, "lighting": tracking["lighting"]}
-    return write_visualization(out_path, face_video.frames(), mesh, flame.faces.numpy(), K,
-                               lmk_detected=tracking["lmk68"], lmk_fitted=lmk_fitted, fps=float(tracking["fps"]),
-                               valid=tracking["valid"], progress=progress, **appearance)
 
 
 # ----------------------------------------------------------------------------
@@ -1000,39 +972,7 @@ def run(cfg: TrackConfig, events=None) -> List[VideoOutcome]:
             outcomes.append(VideoOutcome(name, "skipped", passed_over, 0.0))
             continue
         try:
-            sources = run_sources(video, cfg)
-            skipped = None if cfg.overwrite else _finished_detail(folder, sources, result_settings(cfg), stem,
-                                                                  cfg.out_dir)
-            if skipped is not None:
-                clear_stale(folder)  # left by a run killed between finishing and releasing it
-                outcomes.append(VideoOutcome(name, "skipped", skipped, 0.0))
-                continue
-            # another process on this output folder may be tracking it
-            with claim(folder) as held:
-                if not held:
-                    outcomes.append(VideoOutcome(name, "skipped", f"{folder}: being tracked by "
-                                                 f"{held.describe()}", 0.0))
-                    continue
-                skipped = None if cfg.overwrite else _finished_detail(folder, sources, result_settings(cfg), stem,
-                                                                      cfg.out_dir)
-                if skipped is not None:  # finished by the process that held it before
-                    outcomes.append(VideoOutcome(name, "skipped", skipped, 0.0))
-                    continue
-                passed_over = None if events is None else events.passed_over(name)
-                if passed_over is not None:  # failed by the worker that held it before
-                    outcomes.append(VideoOutcome(name, "skipped", passed_over, 0.0))
-                    continue
-                _remove_stale_partials(folder)
-                if events is not None:
-                    events.started(name, folder)
-                try:
-                    folder = track_one(video, stem, cfg, flame, emoca_model, sources=sources, shared=shared)
-                except Exception:
-                    if events is not None:  # said while the claim is held, so no other worker retries it
-                        events.failing(name)
-                    raise
-                clear_failure(cfg.out_dir, stem)
-            outcomes.append(VideoOutcome(name, "done", str(folder), time.perf_counter() - t0))
+            outcomes.append(_track_unless_done(video, stem, cfg, flame, emoca_model, shared, events, t0))
         except Exception as exc:
             error = exc if isinstance(exc, LightningFTError) else _expected_failure(exc, name, folder)
             if not isinstance(error, DiskFullError):  # a full disk is the batch's failure, said in its summary
@@ -1055,6 +995,42 @@ def run(cfg: TrackConfig, events=None) -> List[VideoOutcome]:
                                 for v in rest)
                 break
     return outcomes
+
+
+def _track_unless_done(video: Optional[Path], stem: str, cfg: TrackConfig, flame: HeadModel, emoca_model,
+                       shared: Optional[dict], events, t0: float) -> VideoOutcome:
+    """One video of `run`: skipped where a finished result of it is there or
+    another process holds its claim, else tracked while holding the claim.
+    t0: when the run turned to it (perf_counter seconds)."""
+    name = str(video or cfg.landmarks_file)
+    folder = result_dir(cfg.out_dir, stem)
+    sources = run_sources(video, cfg)
+    skipped = None if cfg.overwrite else _finished_detail(folder, sources, result_settings(cfg), stem, cfg.out_dir)
+    if skipped is not None:
+        clear_stale(folder)  # left by a run killed between finishing and releasing it
+        return VideoOutcome(name, "skipped", skipped, 0.0)
+    # another process on this output folder may be tracking it
+    with claim(folder) as held:
+        if not held:
+            return VideoOutcome(name, "skipped", f"{folder}: being tracked by {held.describe()}", 0.0)
+        skipped = None if cfg.overwrite else _finished_detail(folder, sources, result_settings(cfg), stem,
+                                                              cfg.out_dir)
+        if skipped is not None:  # finished by the process that held it before
+            return VideoOutcome(name, "skipped", skipped, 0.0)
+        passed_over = None if events is None else events.passed_over(name)
+        if passed_over is not None:  # failed by the worker that held it before
+            return VideoOutcome(name, "skipped", passed_over, 0.0)
+        _remove_stale_partials(folder)
+        if events is not None:
+            events.started(name, folder)
+        try:
+            folder = track_one(video, stem, cfg, flame, emoca_model, sources=sources, shared=shared)
+        except Exception:
+            if events is not None:  # said while the claim is held, so no other worker retries it
+                events.failing(name)
+            raise
+        clear_failure(cfg.out_dir, stem)
+    return VideoOutcome(name, "done", str(folder), time.perf_counter() - t0)
 
 
 def _shared_camera(videos, stems, cfg: TrackConfig, flame: FLAME) -> dict:

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import uuid
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -30,7 +29,8 @@ import numpy as np
 
 from .cameras import FRONTAL_ROTATION
 from .errors import LightningFTError, UsageError
-from .output import is_finished
+from .results import ResultFileError, is_finished, load_tracking
+from .track import Track
 
 log = logging.getLogger("lightning_ft")
 
@@ -292,43 +292,42 @@ def _runs(mask: np.ndarray) -> List[Tuple[int, int]]:
     return list(zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1)))
 
 
-def plot_tracks(tracking: Dict[str, np.ndarray]) -> Tuple[str, List[str]]:
+def plot_tracks(track: Track) -> Tuple[str, List[str]]:
     """PNG data URI of head rotation, translation, expression energy and
     per-frame reprojection error over time; and notes on what was not
     plotted (older results have no per-frame error arrays)."""
     from matplotlib.figure import Figure
 
-    T = len(tracking["rotation"])
-    fps = float(tracking.get("fps", 0) or 0)
+    T = len(track.rotation)
+    fps = float(track.fps or 0)
     t = np.arange(T) / fps if fps > 0 else np.arange(T, dtype=np.float64)
-    valid = np.asarray(tracking.get("valid", np.ones(T, bool)), bool)
+    valid = np.asarray(track.valid, bool)
     notes = []
     fig = Figure(figsize=(7.2, 5.8), dpi=80)
     # Fixed margins: matplotlib's constrained layout doubled the cost of a plot.
     fig.subplots_adjust(left=0.09, right=0.91, top=0.96, bottom=0.08, hspace=0.12)
     axes = fig.subplots(4, 1, sharex=True)
-    ang = head_angles_deg(tracking["rotation"])
+    ang = head_angles_deg(track.rotation)
     for i, (label, colour) in enumerate((("yaw", "C0"), ("pitch", "C1"), ("roll", "C2"))):
         axes[0].plot(t, ang[:, i], colour, lw=1, label=label)
     axes[0].set_ylabel("rotation (deg)")
-    tr = np.asarray(tracking["translation"], np.float64)
+    tr = np.asarray(track.translation, np.float64)
     axes[1].plot(t, tr[:, 0] * 100, "C0", lw=1, label="x")
     axes[1].plot(t, tr[:, 1] * 100, "C1", lw=1, label="y")
     axes[1].set_ylabel("x, y (cm)")
     depth = axes[1].twinx()
     depth.plot(t, tr[:, 2] * 100, "C3", lw=1, label="z (right axis)")
     depth.set_ylabel("z (cm)", color="C3")
-    expr = np.asarray(tracking["expression"], np.float64)
+    expr = np.asarray(track.expression, np.float64)
     axes[2].plot(t, np.linalg.norm(expr, axis=1), "C4", lw=1, label="|expression|")
-    if "jaw_pose" in tracking:
-        axes[2].plot(t, np.linalg.norm(np.asarray(tracking["jaw_pose"], np.float64), axis=1) * 10, "C5", lw=1,
-                     label="jaw (0.1 rad)")
+    axes[2].plot(t, np.linalg.norm(np.asarray(track.jaw_pose, np.float64), axis=1) * 10, "C5", lw=1,
+                 label="jaw (0.1 rad)")
     axes[2].set_ylabel("energy")
     have_error = False
     for key, label, colour in (("reprojection_error_68_px", "68-point", "C0"),
                                ("reprojection_error_dense_px", "dense", "C1")):
-        if key in tracking:
-            axes[3].plot(t, tracking[key], colour, lw=1, label=label)
+        if getattr(track, key) is not None:
+            axes[3].plot(t, getattr(track, key), colour, lw=1, label=label)
             have_error = True
     if not have_error:
         notes.append("per-frame reprojection error not stored in this tracking.npz (a result written before "
@@ -390,15 +389,6 @@ def thumbnail(video_path: Path, height: int = 170) -> Optional[Tuple[str, int]]:
     buf = io.BytesIO()
     image.convert("RGB").save(buf, format="JPEG", quality=82)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), index
-
-
-_PLOT_KEYS = ("rotation", "translation", "expression", "jaw_pose", "valid", "fps", "reprojection_error_68_px",
-              "reprojection_error_dense_px")
-
-
-def _load_for_plots(folder: Path) -> Dict[str, np.ndarray]:
-    with np.load(folder / "tracking.npz") as d:
-        return {k: d[k] for k in _PLOT_KEYS if k in d.files}
 
 
 # ----------------------------------------------------------------------------
@@ -538,10 +528,10 @@ def _video_section(i: int, e: VideoEntry) -> str:
         else:
             parts.append('<p class="note">no visualization.mp4 (run with -v for a thumbnail)</p>')
         try:
-            uri, notes = plot_tracks(_load_for_plots(e.folder))
+            uri, notes = plot_tracks(load_tracking(e.folder).track)
             figure = f'<img alt="tracks over time of {_e(e.name)}" src="{uri}">'
             parts += [f'<p class="note">{_e(n)}</p>' for n in notes]
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        except ResultFileError as exc:
             parts.append(f'<p class="note">tracking.npz unreadable: {_e(exc)}</p>')
     parts.append(f"</div>{figure}</section>")
     return "".join(parts)

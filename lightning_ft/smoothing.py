@@ -33,12 +33,13 @@ residual noise level, which is what the Bayesian model implies.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy.spatial.transform import Rotation
 
 from lightning_ft.errors import NoFaceError
+from lightning_ft.track import Track
 
 MODELS = ("constant_velocity", "random_walk")
 
@@ -590,6 +591,30 @@ def smooth_tracking(
             part = (reference * Rotation.from_rotvec(part)).as_matrix()
         smoothed[key] = part
     return smoothed
+
+
+# The Track fields the landmark fit smooths (the neck is not fitted).
+SMOOTHED_FIELDS = ("rotation", "translation", "expression", "jaw_pose", "eye_pose")
+
+
+def smooth_track(
+    track: Track,
+    fps: float,
+    config: SmoothingConfig | None = None,
+    timestamps: np.ndarray | None = None,
+    fields: tuple[str, ...] = SMOOTHED_FIELDS,
+) -> Track:
+    """`track` with `fields` smoothed by `smooth_tracking` (float64, all T
+    frames). The values of frames not in `track.valid` are not measurements:
+    the smoother interpolates them. fps is used when `timestamps` [T]
+    (seconds) is None."""
+    valid = np.asarray(track.valid, dtype=bool)
+    measured = {}
+    for name in fields:
+        values = np.array(getattr(track, name), dtype=np.float64)
+        values[~valid] = np.nan
+        measured[name] = values
+    return replace(track, **smooth_tracking(measured, valid, fps, config, timestamps=timestamps))
 
 
 def second_difference_jitter(x: np.ndarray, valid: np.ndarray | None = None) -> float:

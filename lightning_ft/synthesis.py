@@ -22,7 +22,7 @@ Appearance model
 
 Fitting
 -------
-Camera as in `optimize`: p = R X + t (OpenCV), u = fx x/z + cx, pixel centres
+Camera as in `cameras`: p = R X + t (OpenCV), u = fx x/z + cx, pixel centres
 at integer coordinates; crops are downscaled to `SynthesisConfig.image_size`
 (focal and principal point follow). The rendered face is composited over the
 frame, ``pred = colour * a + (1 - a) * frame`` with `a` the antialiased
@@ -38,7 +38,7 @@ Two stages, both with Adam:
    from stage 1's average) with the texture fixed; photometric + landmark
    terms + small priors. Frames are independent given the texture (Adam's
    statistics are per element), so batching does not change the result.
-The refined track is then smoothed (`smoothing.smooth_tracking`).
+The refined track is then smoothed (`smoothing.smooth_track`).
 
 Lighting per frame is the default: on synthetic renders
 (`benchmarks/bench_synthesis.py`, 64 px, landmark term off) with one light
@@ -67,7 +67,7 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -76,11 +76,13 @@ import torch.nn.functional as F
 from .errors import AssetError, UsageError
 from .flame import FLAME
 from .lbs import batch_rodrigues
-from .fitter import FrameParams, head_rotation_flame
-from .cameras import project_points, project_screen
+from .fitter import FrameParams
+from .cameras import project_screen
+from .posing import pose_in_camera
 from .progress import progress as progress_bar
 from .render import antialias, face_adjacency, rasterize, sh_shading, vertex_normals
-from .smoothing import SmoothingConfig, smooth_tracking
+from .smoothing import SmoothingConfig, smooth_track
+from .track import Camera, Track
 
 __all__ = [
     "TextureSpace",
@@ -89,6 +91,7 @@ __all__ = [
     "face_region_mask",
     "SynthesisConfig",
     "SynthesisResult",
+    "AlbedoTexture",
     "Rendering",
     "render_appearance",
     "refine",
@@ -395,7 +398,7 @@ class SynthesisConfig:
         'per_video' (one [9,3]); see the module docstring for the measurement.
     n_texture: texture components used; texture_size: side the texture is
         resampled to (DECA renders at 256).
-    smoothing: noise models for the final `smooth_tracking`; None skips it.
+    smoothing: noise models for the final `smooth_track`; None skips it.
     """
 
     image_size: int = 256
@@ -424,9 +427,22 @@ class SynthesisConfig:
 
 
 @dataclass
+class AlbedoTexture:
+    """Synthesis's fitted albedo, for the -v video.
+
+    image: [Ht,Wt,3] float32 RGB in 0..1 in FLAME's UV layout (row 0 at v = 1),
+    at the texture space's own resolution; face_uvs: [F,3,2] UVs of every
+    face corner, FLAME's face order."""
+
+    image: np.ndarray
+    face_uvs: np.ndarray
+
+
+@dataclass
 class SynthesisResult:
-    """params: refined (and smoothed) FrameParams for all T frames (invalid
-    frames interpolated by the smoother, or unchanged without smoothing).
+    """track: the input track with its pose, expression and jaw refined (and
+    smoothed) for all T frames (invalid frames interpolated by the smoother,
+    or unchanged without smoothing).
     texture: [n_tex] per-video albedo coefficients. lighting: [T,9,3]
     ('per_frame') or [9,3] ('per_video') SH coefficients (DECA convention,
     RGB albedo 0..1). photometric_error_before / _after: mean absolute RGB
@@ -435,7 +451,7 @@ class SynthesisResult:
     and lighting). photometric_error_per_frame: [T] after, NaN on invalid
     frames. seconds: wall time."""
 
-    params: FrameParams
+    track: Track
     texture: np.ndarray
     lighting: np.ndarray
     photometric_error_before: float
@@ -499,12 +515,7 @@ class _Scene:
     def geometry(self, R: torch.Tensor, t: torch.Tensor, expression: torch.Tensor, jaw: torch.Tensor,
                  eyes: torch.Tensor, shape: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Camera-space vertices [B,V,3] and projected 68 landmarks [B,68,2] (fit pixels)."""
-        B = R.shape[0]
-        out = self.flame(shape=shape.expand(B, -1), expression=expression, jaw_pose=jaw, eye_pose=eyes)
-        verts = torch.einsum("bij,bvj->bvi", R, out.vertices) + t[:, None]
-        lmk = self.flame.landmarks68(out.vertices, head_rotation_flame(R))
-        lmk_cam = torch.einsum("bij,bvj->bvi", R, lmk) + t[:, None]
-        return verts, project_points(lmk_cam, self.focal, self.pp)
+        return pose_in_camera(self.flame, FrameParams(R, t, expression, jaw, eyes, shape), self.focal, self.pp)
 
     def losses(self, verts, lmk_px, albedo_texture, sh, images, lmk_target):
         """Per-frame photometric (composited L1) and landmark losses [B], and the rendering."""
@@ -621,8 +632,59 @@ def _evaluate_errors(scene: _Scene, params: FrameParams, images: torch.Tensor, t
         return _region_error(r, images)
 
 
-def refine(flame: FLAME, texture_space: TextureSpace, frames: Frames, params: FrameParams, focal, pp,
-           lmk68, valid, cfg: SynthesisConfig = SynthesisConfig(), device: str = "cpu",
+def _fit_appearance(scene: _Scene, frames: Frames, idx: np.ndarray, p_all: FrameParams, lmk_all: torch.Tensor,
+                    size: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Stage 1: texture [n_tex] and lighting, jointly with the geometry of a
+    few valid frames (`idx`) spread over the video. lighting: [9,3]; in
+    per-frame mode the appearance frames' average, each frame's start."""
+    cfg, dev = scene.cfg, scene.focal.device
+    n_app = min(cfg.appearance_frames, len(idx))
+    app_idx = idx[np.unique(np.linspace(0, len(idx) - 1, n_app).round().astype(int))]
+    sel = torch.as_tensor(app_idx, device=dev)
+    app_images = _load_batch(frames, app_idx, size, dev)
+    app_init = p_all.select(sel)
+    texture = torch.zeros(scene.tex.n_components, device=dev)
+    per_frame = cfg.lighting == "per_frame"
+    with torch.no_grad():
+        verts, _ = scene.geometry(app_init.rotation, app_init.translation, app_init.expression, app_init.jaw,
+                                  app_init.eyes, app_init.shape)
+        lighting = _initial_lighting(scene, verts, scene.tex.albedo(texture).clamp(0, 1), app_images)
+    _, texture, lighting, _ = _fit_batch(scene, app_init, app_images, lmk_all[sel], texture, lighting,
+                                         cfg.appearance_iterations, fit_appearance=True, per_frame_light=per_frame)
+    if per_frame:
+        lighting = lighting.mean(0)
+    return texture, lighting
+
+
+def _fit_frames(scene: _Scene, frames: Frames, batches: List[np.ndarray], p_all: FrameParams,
+                lmk_all: torch.Tensor, texture: torch.Tensor, lighting: torch.Tensor, size: Tuple[int, int],
+                progress: Optional[bool]) -> Tuple[FrameParams, torch.Tensor, torch.Tensor]:
+    """Stage 2: every valid frame, batch by batch, with the texture fixed:
+    the refined params (all T frames; the others as given), per-frame
+    lighting [T,9,3] (`lighting` everywhere in per-video mode) and the
+    photometric error [T] at the start (NaN on frames not fitted)."""
+    cfg, dev = scene.cfg, scene.focal.device
+    T = p_all.rotation.shape[0]
+    per_frame = cfg.lighting == "per_frame"
+    refined = p_all.clone()
+    light_frames = lighting.expand(T, 9, 3).clone()
+    err_before = torch.full((T,), float("nan"), device=dev)
+    for b in progress_bar(batches, total=len(batches), desc="synthesis", enabled=progress, unit="batch"):
+        bt = torch.as_tensor(b, device=dev)
+        images = _load_batch(frames, b, size, dev)
+        out, _, light_b, before = _fit_batch(scene, p_all.select(bt), images, lmk_all[bt], texture,
+                                             lighting, cfg.iterations, fit_appearance=False,
+                                             per_frame_light=per_frame)
+        for name in ("rotation", "translation", "expression", "jaw"):
+            getattr(refined, name)[bt] = getattr(out, name)
+        if per_frame:
+            light_frames[bt] = light_b
+        err_before[bt] = before
+    return refined, light_frames, err_before
+
+
+def refine(flame: FLAME, texture_space: TextureSpace, frames: Frames, track: Track, camera: Camera,
+           cfg: SynthesisConfig = SynthesisConfig(), device: str = "cpu",
            progress: Optional[bool] = None, fps: float = 25.0,
            timestamps: Optional[np.ndarray] = None) -> SynthesisResult:
     """Refine a landmark track photometrically.
@@ -630,17 +692,17 @@ def refine(flame: FLAME, texture_space: TextureSpace, frames: Frames, params: Fr
     flame: the FLAME model used for the landmark fit. texture_space: from
     `load_texture_space` (its ft must follow FLAME's face order).
     frames: T RGB uint8 crops [H,W,3] (a sequence, or a callable i -> crop).
-    params: the landmark fit for all T frames (FrameParams; camera p = R X + t).
-    focal [2], pp [2]: crop pixels (pixel centres at integers).
-    lmk68 [T,68,2]: detected landmarks in crop pixels (NaN where missing).
-    valid [T] bool: frames to fit; the others are left to the smoother.
+    track: the landmark fit for all T frames; its `valid` frames are fitted,
+    the others left to the smoother; its detected `lmk68` (crop pixels, NaN
+    where missing) are the landmark term's targets.
+    camera: the crops' camera (pixel centres at integers).
     fps / timestamps: for the final smoothing. progress: show a bar (None:
     when stderr is a terminal).
     """
     t_start = time.perf_counter()
     if cfg.lighting not in ("per_video", "per_frame"):
         raise UsageError(f"synthesis: lighting must be 'per_video' or 'per_frame', got {cfg.lighting!r}")
-    valid = np.asarray(valid, dtype=bool)
+    valid = np.asarray(track.valid, dtype=bool)
     T = valid.shape[0]
     idx = np.flatnonzero(valid)
     if len(idx) == 0:
@@ -659,66 +721,26 @@ def refine(flame: FLAME, texture_space: TextureSpace, frames: Frames, params: Fr
     s = min(1.0, cfg.image_size / max(H0, W0))
     size = (max(1, round(H0 * s)), max(1, round(W0 * s)))
     scale = (size[1] / W0, size[0] / H0)
-    focal_t = torch.as_tensor(np.asarray(focal, dtype=np.float32), device=dev)
-    pp_t = torch.as_tensor(np.asarray(pp, dtype=np.float32), device=dev)
+    focal_t = torch.as_tensor(np.asarray(camera.focal_length, dtype=np.float32), device=dev)
+    pp_t = torch.as_tensor(np.asarray(camera.principal_point, dtype=np.float32), device=dev)
     scene = _Scene(flame_dev, tex, focal_t, pp_t, size, scale, cfg)
-    p_all = FrameParams(*(torch.as_tensor(getattr(params, k), dtype=torch.float32, device=dev) for k in
-                          ("rotation", "translation", "expression", "jaw", "eyes", "shape")))
-    lmk_all = scene.to_fit_pixels(torch.as_tensor(np.asarray(lmk68, dtype=np.float32), device=dev))
-    n_tex = tex.n_components
-
-    # Stage 1: appearance from a few frames spread over the video.
-    n_app = min(cfg.appearance_frames, len(idx))
-    app_idx = idx[np.unique(np.linspace(0, len(idx) - 1, n_app).round().astype(int))]
-    sel = torch.as_tensor(app_idx, device=dev)
-    app_images = _load_batch(frames, app_idx, size, dev)
-    app_init = p_all.select(sel)
-    texture = torch.zeros(n_tex, device=dev)
+    p_all = track.to_torch(device=dev)
+    lmk_all = scene.to_fit_pixels(torch.as_tensor(np.asarray(track.lmk68, dtype=np.float32), device=dev))
     per_frame = cfg.lighting == "per_frame"
-    with torch.no_grad():
-        verts, _ = scene.geometry(app_init.rotation, app_init.translation, app_init.expression, app_init.jaw,
-                                  app_init.eyes, app_init.shape)
-        lighting = _initial_lighting(scene, verts, tex.albedo(texture).clamp(0, 1), app_images)
-    _, texture, lighting, _ = _fit_batch(scene, app_init, app_images, lmk_all[sel], texture, lighting,
-                                         cfg.appearance_iterations, fit_appearance=True, per_frame_light=per_frame)
-    if per_frame:
-        # each frame's light starts from the appearance frames' average
-        lighting = lighting.mean(0)
-
-    # Stage 2: all valid frames in batches, texture fixed.
-    refined = p_all.clone()
-    light_frames = lighting.expand(T, 9, 3).clone()
-    err_before = torch.full((T,), float("nan"), device=dev)
-    npix = torch.zeros(T, device=dev)
+    texture, lighting = _fit_appearance(scene, frames, idx, p_all, lmk_all, size)
     batches = [idx[i:i + cfg.batch_size] for i in range(0, len(idx), cfg.batch_size)]
-    for b in progress_bar(batches, total=len(batches), desc="synthesis", enabled=progress, unit="batch"):
-        bt = torch.as_tensor(b, device=dev)
-        images = _load_batch(frames, b, size, dev)
-        out, _, light_b, before = _fit_batch(scene, p_all.select(bt), images, lmk_all[bt], texture,
-                                                    lighting, cfg.iterations, fit_appearance=False,
-                                                    per_frame_light=per_frame)
-        for name in ("rotation", "translation", "expression", "jaw"):
-            getattr(refined, name)[bt] = getattr(out, name)
-        if per_frame:
-            light_frames[bt] = light_b
-        err_before[bt] = before
+    refined, light_frames, err_before = _fit_frames(scene, frames, batches, p_all, lmk_all, texture, lighting, size,
+                                                    progress)
 
     # Smoothing, then the final error of what is returned.
     if cfg.smoothing is not None:
-        raw = {"rotation": refined.rotation.cpu().double().numpy(),
-               "translation": refined.translation.cpu().double().numpy(),
-               "expression": refined.expression.cpu().double().numpy(),
-               "jaw_pose": refined.jaw.cpu().double().numpy()}
-        if per_frame:
-            raw["lighting"] = light_frames.reshape(T, 27).cpu().double().numpy()
-        for k in raw:
-            raw[k][~valid] = np.nan
-        sm = smooth_tracking({k: v for k, v in raw.items() if k != "lighting"}, valid, fps, cfg.smoothing,
-                             timestamps=timestamps)
-        t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=dev)  # noqa: E731
-        refined = FrameParams(t(sm["rotation"]), t(sm["translation"]), t(sm["expression"]), t(sm["jaw_pose"]),
-                              refined.eyes, refined.shape)
+        # the eyes are not refined here: they keep the landmark track's smoothing
+        smoothed = smooth_track(Track.from_torch(refined, like=track), fps, cfg.smoothing, timestamps=timestamps,
+                                fields=("rotation", "translation", "expression", "jaw_pose"))
+        sm = smoothed.to_torch(device=dev)
+        refined = FrameParams(sm.rotation, sm.translation, sm.expression, sm.jaw, refined.eyes, refined.shape)
     err_after = torch.full((T,), float("nan"), device=dev)
+    npix = torch.zeros(T, device=dev)
     for b in batches:
         bt = torch.as_tensor(b, device=dev)
         images = _load_batch(frames, b, size, dev)
@@ -727,10 +749,8 @@ def refine(flame: FLAME, texture_space: TextureSpace, frames: Frames, params: Fr
         err_after[bt], npix[bt] = e, n
     vt = torch.as_tensor(idx, device=dev)
     pooled = lambda e: float((e[vt] * npix[vt]).sum() / npix[vt].sum().clamp(min=1))  # noqa: E731
-    out_params = FrameParams(*(x.cpu() for x in (refined.rotation, refined.translation, refined.expression,
-                                                 refined.jaw, refined.eyes, refined.shape)))
     return SynthesisResult(
-        params=out_params,
+        track=Track.from_torch(refined, like=track),
         texture=texture.cpu().numpy(),
         lighting=(light_frames if per_frame else lighting).cpu().numpy(),
         photometric_error_before=pooled(err_before),

@@ -36,8 +36,10 @@ import numpy as np
 import torch
 
 from .errors import LightningFTError, UsageError, VideoError
+from .posing import FramePoses
 from .progress import progress as progress_bar
 from .render import DisplayRenderer
+from .track import Camera, Track
 
 log = logging.getLogger(__name__)
 
@@ -175,24 +177,9 @@ def write_visualization(
     progress: show a progress bar (None: when stderr is a terminal).
     """
     out_path = Path(out_path)
-    if not (fps > 0 and np.isfinite(fps)):
-        raise UsageError(f"{out_path}: frame rate must be positive, got {fps}")
-    lmk_detected = np.asarray(lmk_detected, dtype=np.float64)
-    if not callable(lmk_fitted):
-        lmk_fitted = np.asarray(lmk_fitted, dtype=np.float64)
-    valid = np.asarray(valid, dtype=bool)
+    lmk_detected, lmk_fitted, valid = _per_frame_inputs(out_path, fps, vertices_cam, lmk_detected, lmk_fitted,
+                                                        valid)
     T = len(valid)
-    n_fitted = T if callable(lmk_fitted) else len(lmk_fitted)
-    if len(lmk_detected) != T or n_fitted != T:
-        raise LightningFTError(
-            f"{out_path}: {T} validity flags but {len(lmk_detected)} detected and "
-            f"{n_fitted} fitted landmark frames; pass one entry per frame")
-    if not callable(vertices_cam) and len(vertices_cam) != T:
-        raise LightningFTError(
-            f"{out_path}: {len(vertices_cam)} mesh frames for {T} video frames; "
-            f"pass one mesh per frame")
-    if T == 0:
-        raise VideoError(f"{out_path}: no tracked frames to visualize")
     K_all = _intrinsics(K)
     faces_t = torch.as_tensor(np.asarray(faces), dtype=torch.long)
     colours_t, texture_t, face_uvs_t = _texture_inputs(textures, face_uvs)
@@ -259,6 +246,50 @@ def write_visualization(
         raise
     log.debug("wrote %s (%d frames at %.3f fps)", out_path, T, fps)
     return out_path
+
+
+def _per_frame_inputs(out_path: Path, fps: float, vertices_cam, lmk_detected, lmk_fitted, valid):
+    """`write_visualization`'s per-frame inputs checked against each other
+    (one entry per frame, at least one frame, a positive frame rate):
+    (lmk_detected float64, lmk_fitted float64 or its callable, valid bool)."""
+    if not (fps > 0 and np.isfinite(fps)):
+        raise UsageError(f"{out_path}: frame rate must be positive, got {fps}")
+    lmk_detected = np.asarray(lmk_detected, dtype=np.float64)
+    if not callable(lmk_fitted):
+        lmk_fitted = np.asarray(lmk_fitted, dtype=np.float64)
+    valid = np.asarray(valid, dtype=bool)
+    T = len(valid)
+    n_fitted = T if callable(lmk_fitted) else len(lmk_fitted)
+    if len(lmk_detected) != T or n_fitted != T:
+        raise LightningFTError(
+            f"{out_path}: {T} validity flags but {len(lmk_detected)} detected and "
+            f"{n_fitted} fitted landmark frames; pass one entry per frame")
+    if not callable(vertices_cam) and len(vertices_cam) != T:
+        raise LightningFTError(
+            f"{out_path}: {len(vertices_cam)} mesh frames for {T} video frames; "
+            f"pass one mesh per frame")
+    if T == 0:
+        raise VideoError(f"{out_path}: no tracked frames to visualize")
+    return lmk_detected, lmk_fitted, valid
+
+
+def write_track_visualization(out_path: Path, frames: Iterable[np.ndarray], model, track: Track, camera: Camera,
+                              progress: Optional[bool] = None, albedo=None) -> Path:
+    """The -v video of a track: crop | mesh overlay with detected and fitted
+    landmarks | shaded mesh, the head posed by `posing.FramePoses` (the
+    model is evaluated once per chunk of frames).
+
+    frames: the T crops (RGB uint8 [H,W,3]); model: the head model tracked
+    with; albedo: synthesis's fitted `AlbedoTexture`, the mesh then rendered
+    with it under the track's SH `lighting` ([9,3] or [T,9,3]), as
+    synthesis saw it."""
+    poses = FramePoses(model, track, camera)
+    appearance = {}
+    if albedo is not None:
+        appearance = {"textures": albedo.image, "face_uvs": albedo.face_uvs, "lighting": track.lighting}
+    return write_visualization(out_path, frames, poses.vertices, model.faces.numpy(), camera.intrinsics(),
+                               lmk_detected=track.lmk68, lmk_fitted=poses.landmarks68, fps=float(track.fps),
+                               valid=track.valid, progress=progress, **appearance)
 
 
 class _RenderFailed:

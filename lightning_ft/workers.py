@@ -270,7 +270,7 @@ def _read_stream(worker: _Worker, kind: str, stream, events: "queue.Queue") -> N
 def _video_list(cfg) -> List[str]:
     """The names (as `pipeline.run` reports them) of the videos of this
     run, after the checks `run` makes before any work."""
-    from .output import check_writable
+    from .results import check_writable
     from .pipeline import input_videos
 
     if cfg.landmarks_file is not None:

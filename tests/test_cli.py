@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from lightning_ft.cli import track_main
-from lightning_ft.output import is_finished, load_tracking
+from lightning_ft.results import is_finished, load_tracking
 
 REPO = Path(__file__).resolve().parents[1]
 CROP = "96"
@@ -68,7 +68,7 @@ def test_four_files_with_one_stem_give_four_results(four_cars, cars_run):
     for n, suffix in enumerate((".mp4", ".avi", ".mkv", ".mov")):
         folder = out / f"car{suffix}"
         assert is_finished(folder)
-        assert len(load_tracking(folder)["frame_ids"]) == 6 + n
+        assert len(load_tracking(folder).track.frame_ids) == 6 + n
         meta = json.loads((folder / "meta.json").read_text())
         source = meta["sources"]["video"]
         assert source["path"] == str((four_cars / f"car{suffix}").resolve())
@@ -275,7 +275,7 @@ def test_fps_above_the_source_rate_is_capped_and_said(two_clips, assets_dir, tmp
     assert len(said) == 1 and "b.mp4" in said[0] and "29.970" in said[0]
     meta = json.loads((tmp_path / "out" / "b" / "meta.json").read_text())
     assert abs(meta["video"]["fps"] - 29.97) < 0.01 and meta["video"]["fps_requested"] == 1000
-    assert abs(float(load_tracking(tmp_path / "out" / "b")["fps"]) - 29.97) < 0.01
+    assert abs(float(load_tracking(tmp_path / "out" / "b").track.fps) - 29.97) < 0.01
 
 
 # ----------------------------------------------------------------------------

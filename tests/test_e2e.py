@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from lightning_ft.cli import track_main
-from lightning_ft.output import TRACKING_KEYS, is_finished, load_tracking
+from lightning_ft.results import TRACKING_KEYS, is_finished, load_tracking
 from lightning_ft.synthetic import clips
 
 REPO = Path(__file__).resolve().parents[1]
@@ -161,7 +161,7 @@ def test_carphone_result_contract(carphone_run, e2e_flame):
     rc, video, folder = carphone_run
     assert rc == 0
     assert is_finished(folder)
-    r = load_tracking(folder)
+    r = load_tracking(folder).arrays()
     T = _decoded_frame_count(video)
     assert set(TRACKING_KEYS) <= set(r)
     expected = {"frame_ids": (T,), "valid": (T,), "shape": (e2e_flame.n_shape,),
@@ -211,7 +211,7 @@ def test_carphone_saved_parameters_reproduce_the_fit(carphone_run, e2e_flame):
     camera) land where meta.json says the fit is; also the picture."""
     rc, video, folder = carphone_run
     assert rc == 0
-    r = load_tracking(folder)
+    r = load_tracking(folder).arrays()
     q = json.loads((folder / "meta.json").read_text())["quality"]
     fitted = _fitted_lmk68(r, e2e_flame)
     ok = r["valid"]
@@ -239,7 +239,7 @@ def test_still_face_holds_still(still_run, real_embedding_dir):
                     "(../shared/real-assets); the procedural head has no real facial layout (CI has ../shared)")
     rc, video, folder = still_run
     assert rc == 0 and is_finished(folder)
-    r = load_tracking(folder)
+    r = load_tracking(folder).arrays()
     q = json.loads((folder / "meta.json").read_text())["quality"]
     assert r["valid"].all()
     R, t = r["rotation"].astype(np.float64), r["translation"].astype(np.float64)
@@ -276,7 +276,7 @@ def test_frontal_photograph_is_fitted_frontal_with_a_plausible_identity(still_ru
     of the prior's standard deviation, sigma_shape = 1)."""
     rc, video, folder = still_run
     assert rc == 0
-    r = load_tracking(folder)
+    r = load_tracking(folder).arrays()
     forward = r["rotation"].astype(np.float64) @ np.array([0.0, 0.0, 1.0])  # FLAME +z: out of the face
     pitch = np.degrees(np.arctan2(forward[:, 1], -forward[:, 2])).mean()
     yaw = np.degrees(np.arctan2(forward[:, 0], -forward[:, 2])).mean()
@@ -345,7 +345,7 @@ def test_batch_goes_on_after_failures(batch, batch_first_run):
     assert "2 done, 0 skipped, 2 failed" in stdout
     for stem in ("a/clip", "b/clip"):
         assert is_finished(out / stem)
-        assert len(load_tracking(out / stem)["frame_ids"]) == SMALL_FRAMES
+        assert len(load_tracking(out / stem).track.frame_ids) == SMALL_FRAMES
     assert not (out / "c/broken").exists() and not (out / "d/empty").exists()
 
 
@@ -390,11 +390,11 @@ _KILL_WHILE_WRITING = """
 import os, signal, sys
 import lightning_ft.pipeline as pipeline
 real_write = pipeline.write_result
-def write_then_die(folder, tracking, meta, extra=None):
+def write_then_die(folder, track, camera, meta, extra=None):
     def die(tmp_folder):
         # tracking.npz is already in the temporary folder: the worst moment.
         os.kill(os.getpid(), signal.SIGKILL)
-    return real_write(folder, tracking, meta, extra=die)
+    return real_write(folder, track, camera, meta, extra=die)
 pipeline.write_result = write_then_die
 from lightning_ft.cli import track_main
 sys.exit(track_main(sys.argv[1:]))
@@ -424,7 +424,7 @@ def test_killed_run_leaves_nothing_finished_and_rerun_completes(killed_then_reru
     assert "clip" not in left
     assert rc == 0, "the rerun (with -v) failed"
     assert is_finished(folder)
-    assert len(load_tracking(folder)["frame_ids"]) == SMALL_FRAMES
+    assert len(load_tracking(folder).track.frame_ids) == SMALL_FRAMES
 
 
 # ----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from scipy.spatial.transform import Rotation
 from lightning_ft import export as ex
 from lightning_ft.errors import LightningFTError, UsageError
 from lightning_ft.flame import FLAME
+from lightning_ft.results import load_tracking
 from lightning_ft.synthetic.flame_files import write_synthetic_flame
 
 torch.set_num_threads(1)
@@ -437,14 +438,13 @@ def test_detect_flame_version(name, raw, expected):
     assert ex.detect_flame_version(raw, Path("/assets/FLAME") / name) == expected
 
 
-def test_flame_evaluation_in_chunks_matches_one_batch(tmp_path, flame):
+def test_flame_joints_in_chunks_match_one_batch(tmp_path, flame):
     result_dir, _ = make_result(tmp_path / "res", flame, neck=True)
-    result = ex.load_tracking(result_dir)
-    whole = ex.evaluate_flame(result, flame, chunk=128)
-    parts = ex.evaluate_flame(result, flame, chunk=2)
-    np.testing.assert_allclose(parts.vertices, whole.vertices, atol=1e-12)
+    result = load_tracking(result_dir)
+    whole = ex.evaluate_model(result, flame, chunk=128)
+    parts = ex.evaluate_model(result, flame, chunk=2)
     np.testing.assert_allclose(parts.neck, whole.neck, atol=1e-12)
-    assert ex.evaluate_flame(result, flame, need_vertices=False).vertices.size == 0
+    np.testing.assert_allclose(parts.root, whole.root, atol=1e-12)
     # The root joint does not move when the neck turns; the neck joint is where it turns.
     assert not np.allclose(whole.root[0], whole.neck[0])
 
@@ -485,21 +485,20 @@ def test_export_command_writes_every_image_its_transforms_name(tracked_clip, tmp
     import cv2
 
     from lightning_ft.cli import main
-    from lightning_ft.output import load_tracking as load_arrays
     from lightning_ft.video import crop_frame, iter_frames
 
     clip, result = tracked_clip
     rc = main(["export", str(result), "--format", "vhap,nerface", "--out", str(tmp_path / "exp")])
     assert rc == 0
-    r = load_arrays(result)
+    r = load_tracking(result).track
     decoded = {i: image for i, _, image in iter_frames(clip)}
     for fmt in ("vhap", "nerface"):
         named = _named_images(tmp_path / "exp" / fmt, fmt)
-        assert len(named) >= len(r["frame_ids"]) and all(p.is_file() for p in named), fmt
+        assert len(named) >= r.n_frames and all(p.is_file() for p in named), fmt
     # the images are the tracked crops: frame 3's crop box cut from frame 3
     image = cv2.cvtColor(cv2.imread(str(tmp_path / "exp" / "nerface" / "train" / "f_0003.png")), cv2.COLOR_BGR2RGB)
-    expected = crop_frame(decoded[3], r["crop_boxes"][3], 96)
-    other = crop_frame(decoded[9], r["crop_boxes"][9], 96)
+    expected = crop_frame(decoded[3], r.crop_boxes[3], 96)
+    other = crop_frame(decoded[9], r.crop_boxes[9], 96)
     assert np.abs(image.astype(int) - expected).mean() < 1.0 < np.abs(image.astype(int) - other).mean()
     # the FLAME version note is said once, not once per check
     notes = [rec.getMessage() for rec in caplog.records if "FLAME version" in rec.getMessage()]
@@ -543,3 +542,21 @@ def test_export_to_an_unwritable_folder_is_one_line(tracked_clip, tmp_path, caps
     rc = main(["export", str(result), "--format", "mesh", "--out", str(blocker / "exp")])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "--out" in err and "Traceback" not in err
+
+
+def test_mesh_with_a_neck_rotation_is_flames_own_neck(tmp_path, flame):
+    """A result with a neck rotation gives the meshes FLAME poses with it:
+    their landmarks land on the native projection, where the neck at rest
+    would be pixels away."""
+    result_dir, _ = make_result(tmp_path / "res", flame, neck=True)
+    ex.export(result_dir, ["mesh"], tmp_path / "out", flame=flame)
+    npz, native = native_projection(flame, result_dir)
+    faces_idx = torch.cat([flame.static_faces, flame.dense_faces]).numpy()
+    bary = torch.cat([flame.static_bary, flame.dense_bary]).numpy()
+    v, f = read_obj(tmp_path / "out" / "mesh" / "meshes" / f"{int(npz['frame_ids'][0]):05d}.obj")
+    lmk = np.einsum("lk,lkc->lc", bary, v[f[faces_idx]])
+    px = npz["focal_length"] * lmk[:, :2] / lmk[:, 2:] + npz["principal_point"]
+    assert np.abs(px - native[0]).max() < TOL_PX
+    at_rest = tracked_landmarks(flame, npz, neck=np.zeros_like(npz["neck_pose"]))[0]
+    x = at_rest @ npz["rotation"][0].astype(np.float64).T + npz["translation"][0]
+    assert np.abs(npz["focal_length"] * x[:, :2] / x[:, 2:] + npz["principal_point"] - native[0]).max() > 3.0

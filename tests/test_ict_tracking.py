@@ -18,7 +18,7 @@ from lightning_ft.export import ARKIT_NAMES, LIVE_LINK_FACE_COLUMNS, arkit_weigh
 from lightning_ft.head_model import HeadModel, ICTHeadModel
 from lightning_ft.fitter import (FitConfig, FrameParams, Targets, apply_step, build_basis, fit_config_for,
                                  fit_sequence, predict_landmarks)
-from lightning_ft.output import TRACKING_KEYS, write_result
+from lightning_ft.results import TRACKING_KEYS, track_from_arrays, write_result
 from lightning_ft.pipeline import TrackConfig, calibration_config_for, calibration_fit_config, select_model
 from lightning_ft.synthetic.ict_sequences import make_ict_sequence
 
@@ -170,7 +170,7 @@ def ict_result(tmp_path_factory, standin):
         "expression_names": np.asarray(standin.expression_names)}
     meta = {"model": standin.model_meta(), "video": {"path": "clip.mp4"}}
     folder = tmp_path_factory.mktemp("res") / "clip"
-    write_result(folder, tracking, meta)
+    write_result(folder, *track_from_arrays(tracking, folder), meta)
     return folder, seq
 
 
@@ -235,7 +235,7 @@ def test_flame_result_refuses_arkit(tmp_path):
                     focal_length=np.ones(2), principal_point=np.ones(2), image_size=np.array([8, 8]),
                     crop_boxes=np.zeros((T, 4)), lmk68=np.zeros((T, 68, 2)), lmk_dense=np.zeros((T, 478, 2)),
                     fps=np.float32(25))
-    write_result(tmp_path / "r", tracking, {"flame": {"version": "2020"}})
+    write_result(tmp_path / "r", *track_from_arrays(tracking, tmp_path / "r"), {"flame": {"version": "2020"}})
     with pytest.raises(UsageError, match="--model ict"):
         export(tmp_path / "r", ["arkit"])
 

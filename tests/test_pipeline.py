@@ -8,7 +8,7 @@ import torch
 
 from lightning_ft.cli import main, resolve_device, track_main
 from lightning_ft.errors import UsageError
-from lightning_ft.output import PER_FRAME_QUALITY_KEYS, TRACKING_KEYS, is_finished, load_tracking, write_result
+from lightning_ft.results import PER_FRAME_QUALITY_KEYS, TRACKING_KEYS, is_finished, load_tracking
 from lightning_ft.synthetic.sequences import make_sequence
 
 # One thread: two OpenMP threads spin against each other on the shared two cores.
@@ -49,20 +49,6 @@ def test_bad_shard_is_a_usage_error(capsys, tmp_path, assets_dir):
     assert rc == 2 and "--shard" in capsys.readouterr().err
 
 
-def test_write_result_is_atomic(tmp_path):
-    tracking = {k: np.zeros(1) for k in TRACKING_KEYS}
-
-    def boom(folder):
-        raise RuntimeError("killed while writing")
-
-    with pytest.raises(RuntimeError):
-        write_result(tmp_path / "clip", tracking, {}, extra=boom)
-    assert not (tmp_path / "clip").exists()
-    assert list(tmp_path.iterdir()) == []
-    write_result(tmp_path / "clip", tracking, {"a": 1})
-    assert is_finished(tmp_path / "clip")
-
-
 @pytest.fixture(scope="module")
 def gt_run(tmp_path_factory, flame_model, assets_dir):
     """A synthetic talking head (known focal, shape, motion) tracked from
@@ -93,6 +79,22 @@ def test_tracking_npz_has_exactly_the_contract_keys(gt_run):
     for k in ("jitter_68_fitted_px", "jitter_68_detected_px", "mean_error_dense_px"):
         assert np.isfinite(meta["quality"][k])
     assert set(meta["stage_seconds"]) >= {"calibration", "fitting", "smoothing", "total"}
+
+
+def test_meta_json_has_its_entries_with_the_runs_figures(gt_run):
+    seq, r, meta, _ = gt_run
+    T = seq.lmk68.shape[0]
+    assert list(meta) == ["video", "frames", "landmarks", "emoca", "model", "flame", "camera", "calibration",
+                          "quality", "synthesis", "settings", "sources", "result_settings", "settings_fingerprint",
+                          "versions", "stage_seconds", "complete"]
+    assert meta["frames"] == {"total": T, "valid": int(r["valid"].sum()), "invalid": int((~r["valid"]).sum())}
+    assert meta["landmarks"]["image_size"] == [512, 512] and meta["emoca"] == {"used": False}
+    assert meta["camera"]["convention"].startswith("OpenCV: x right, y down, z forward")
+    np.testing.assert_allclose(meta["camera"]["focal_length"], r["focal_length"], rtol=1e-6)
+    np.testing.assert_allclose(meta["camera"]["principal_point"], r["principal_point"], rtol=1e-6)
+    assert meta["model"]["name"] == "flame" and meta["flame"]["model_path"].endswith("generic_model.pkl")
+    assert meta["video"]["landmarks_file"].endswith("seq.npz") and meta["synthesis"] is None
+    assert meta["stage_seconds"]["total"] >= meta["stage_seconds"]["fitting"] > 0
 
 
 def _project(r, flame_model):
@@ -278,7 +280,8 @@ def test_visualization_after_synthesis_shows_the_fitted_appearance(synthesis_run
 
     status, assets, folder = synthesis_run
     assert status == ["done"]
-    r = load_tracking(folder)
+    result = load_tracking(folder)
+    r = {**result.track.arrays(), **result.camera.arrays()}
     with av.open(str(folder / "visualization.mp4")) as container:
         frame0 = next(container.decode(container.streams.video[0])).to_ndarray(format="rgb24")
     H, W = (int(v) for v in r["image_size"])

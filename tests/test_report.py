@@ -26,7 +26,7 @@ from scipy.spatial.transform import Rotation
 
 from lightning_ft.cli import main, track_main
 from lightning_ft.errors import UsageError
-from lightning_ft.output import failure_path, write_result
+from lightning_ft.results import failure_path, track_from_arrays, write_result
 from lightning_ft.pipeline import TrackConfig, find_videos, parse_shard, run, select_shard
 from lightning_ft.report import OUTLIER_Z, collect, flag_outliers, head_angles_deg, robust_z, write_report
 from lightning_ft.synthetic import clips
@@ -95,7 +95,8 @@ def _write_synthetic(out: Path, name: str, figures, seed: int, visualization: bo
             f[:, 64:128] = (0, 200, 0)  # the middle panel is green: the thumbnail's colour is checked
         clips.write_clip(tmp / "visualization.mp4", frames, fps=FPS_SYN)
 
-    return write_result(out / name, tracking, meta, extra=write_video if visualization else None)
+    return write_result(out / name, *track_from_arrays(tracking, out / name), meta,
+                        extra=write_video if visualization else None)
 
 
 # ----------------------------------------------------------------------------

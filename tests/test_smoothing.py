@@ -15,9 +15,11 @@ from lightning_ft.smoothing import (
     rts_smooth,
     second_difference_jitter,
     smooth_rotations,
+    smooth_track,
     smooth_tracking,
     track_noise_std,
 )
+from lightning_ft.track import Track
 
 
 def _pykalman_smooth(x, valid, q, r, model, dt, mean0, cov0):
@@ -394,3 +396,30 @@ def test_track_noise_std_finds_white_noise_under_motion():
     valid = np.ones(2000, bool)
     valid[500:520] = False
     np.testing.assert_allclose(track_noise_std(x, valid), [0.01, 0.05], rtol=0.1)
+
+
+def test_smooth_track_smooths_its_fields_ignores_invalid_values_and_keeps_the_rest():
+    fps, T = 25.0, 50
+    rng = np.random.default_rng(4)
+    t = np.arange(T) / fps
+    valid = np.ones(T, bool)
+    valid[20:23] = False
+    rotation = Rotation.from_rotvec(_head_motion(t)).as_matrix()
+    translation = _head_motion(t) * 0.1 + rng.normal(scale=0.002, size=(T, 3))
+    track = Track(frame_ids=np.arange(T), valid=valid, shape=np.ones(10), expression=rng.normal(size=(T, 5)),
+                  jaw_pose=rng.normal(scale=0.05, size=(T, 3)), neck_pose=rng.normal(scale=0.05, size=(T, 3)),
+                  eye_pose=rng.normal(scale=0.05, size=(T, 6)), rotation=rotation, translation=translation,
+                  crop_boxes=np.zeros((T, 4)), lmk68=np.zeros((T, 68, 2)), lmk_dense=np.zeros((T, 478, 2)), fps=fps)
+    # what the fit left on invalid frames is not a measurement
+    track.translation[~valid] = 5.0
+    smoothed = smooth_track(track, fps)
+    measured = {k: np.where(valid.reshape((T,) + (1,) * (getattr(track, k).ndim - 1)), getattr(track, k), np.nan)
+                for k in ("rotation", "translation", "expression", "jaw_pose", "eye_pose")}
+    expected = smooth_tracking(measured, valid, fps)
+    for key, value in expected.items():
+        np.testing.assert_allclose(getattr(smoothed, key), value, atol=1e-12, err_msg=key)
+    assert np.abs(smoothed.translation[20:23]).max() < 0.2  # interpolated, not the 5 m left there
+    assert smoothed.neck_pose is track.neck_pose and smoothed.lmk68 is track.lmk68  # not among its fields
+    only_jaw = smooth_track(track, fps, fields=("jaw_pose",))
+    assert only_jaw.expression is track.expression
+    assert second_difference_jitter(only_jaw.jaw_pose) < 0.5 * second_difference_jitter(track.jaw_pose)

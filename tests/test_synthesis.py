@@ -13,6 +13,7 @@ from lightning_ft.errors import AssetError, UsageError
 from lightning_ft.render import render_shaded
 from lightning_ft.synthesis import (SynthesisConfig, face_region_mask, load_texture_space, refine,
                                     render_appearance)
+from lightning_ft.track import Camera, Track
 from lightning_ft.synthetic.texture_files import (perturb_params, recovery_errors, render_textured_sequence,
                                                   write_synthetic_bfm_albedo, write_synthetic_texture,
                                                   write_synthetic_texture_for_mesh)
@@ -126,6 +127,21 @@ def test_render_appearance_matches_render_shaded_in_the_region(flame_model, head
 # Fitting
 
 
+def landmark_track(sequence, params, valid=None):
+    """The landmark track and camera `refine` starts from: `params` on every
+    frame, the sequence's detected 68 landmarks."""
+    T = len(sequence.frames)
+    base = Track(frame_ids=np.arange(T), valid=np.ones(T, bool) if valid is None else valid, shape=None,
+                 expression=None, jaw_pose=None, neck_pose=np.zeros((T, 3), np.float32), eye_pose=None,
+                 rotation=None, translation=None, crop_boxes=np.zeros((T, 4), np.float32),
+                 lmk68=np.asarray(sequence.lmk68, np.float32), lmk_dense=np.full((T, 478, 2), np.nan, np.float32),
+                 fps=np.float32(25.0))
+    H, W = sequence.frames[0].shape[:2]
+    return Track.from_torch(params, like=base), Camera(np.asarray(sequence.focal, np.float32),
+                                                      np.asarray(sequence.principal_point, np.float32),
+                                                      np.array([H, W], np.int64))
+
+
 def test_photometric_fit_recovers_perturbed_pose_and_expression(flame_model, head_texture, sequence):
     """Landmark term off: only the rendering can bring the parameters back.
     The frames have one light, so the per-video lighting model is exact."""
@@ -133,10 +149,11 @@ def test_photometric_fit_recovers_perturbed_pose_and_expression(flame_model, hea
     cfg = SynthesisConfig(image_size=64, texture_size=64, w_landmark=0.0, smoothing=None, iterations=80,
                           lighting="per_video", appearance_iterations=60, batch_size=4)
     T = len(sequence.frames)
-    res = refine(flame_model, head_texture, list(sequence.frames), init, sequence.focal,
-                 sequence.principal_point, sequence.lmk68, np.ones(T, bool), cfg)
+    res = refine(flame_model, head_texture, list(sequence.frames), *landmark_track(sequence, init), cfg)
+    assert res.track.n_frames == T
     rot0, _, px0 = recovery_errors(flame_model, init, sequence.params, sequence.region_vertices, sequence.focal)
-    rot1, _, px1 = recovery_errors(flame_model, res.params, sequence.params, sequence.region_vertices, sequence.focal)
+    rot1, _, px1 = recovery_errors(flame_model, res.track.to_torch(), sequence.params, sequence.region_vertices,
+                                   sequence.focal)
     assert rot1 < rot0 / 2, (rot0, rot1)
     assert px1 < px0 / 2, (px0, px1)
     assert res.photometric_error_after < res.photometric_error_before / 2
@@ -157,30 +174,29 @@ def test_per_frame_lighting_invalid_frames_and_smoothing(flame_model, head_textu
 
     cfg = SynthesisConfig(image_size=48, texture_size=32, lighting="per_frame", iterations=3,
                           appearance_iterations=3, batch_size=2)
-    res = refine(flame_model, head_texture, frames, init, sequence.focal, sequence.principal_point,
-                 sequence.lmk68, valid, cfg)
+    res = refine(flame_model, head_texture, frames, *landmark_track(sequence, init, valid), cfg)
     assert 2 not in calls  # invalid frames are never read
     assert res.image_size == (48, 48)
     assert res.lighting.shape == (T, 9, 3)
     assert np.isnan(res.photometric_error_per_frame[2]) and np.isfinite(res.photometric_error_per_frame[valid]).all()
     # the smoother fills the invalid frame between its neighbours
-    assert torch.isfinite(res.params.rotation[2]).all()
-    t = res.params.translation
+    refined = res.track.to_torch()
+    assert torch.isfinite(refined.rotation[2]).all()
+    t = refined.translation
     assert (t[2] - 0.5 * (t[1] + t[3])).norm() < 0.5 * (t[1] - t[3]).norm() + 1e-3
     assert not torch.allclose(t[2], init.translation[2])  # the input value was not kept
 
 
 def test_refine_rejects_mismatched_texture_and_frames(flame_model, head_texture, sequence, tmp_path):
-    T = len(sequence.frames)
     other = load_texture_space(write_synthetic_texture(tmp_path / "t.npz", size=8, n_comp=2, n_faces=17))
     with pytest.raises(AssetError, match="17 faces"):
-        refine(flame_model, other, list(sequence.frames), sequence.params, sequence.focal,
-               sequence.principal_point, sequence.lmk68, np.ones(T, bool), SynthesisConfig())
+        refine(flame_model, other, list(sequence.frames), *landmark_track(sequence, sequence.params),
+               SynthesisConfig())
     frames = list(sequence.frames)
     frames[1] = frames[1][:32]
     with pytest.raises(UsageError, match="one size"):
-        refine(flame_model, head_texture, frames, sequence.params, sequence.focal, sequence.principal_point,
-               sequence.lmk68, np.ones(T, bool), replace(SynthesisConfig(), iterations=1, appearance_iterations=1))
+        refine(flame_model, head_texture, frames, *landmark_track(sequence, sequence.params),
+               replace(SynthesisConfig(), iterations=1, appearance_iterations=1))
 
 
 def test_real_template_uvs_and_face_region(real_embedding_dir, tmp_path):

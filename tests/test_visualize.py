@@ -213,3 +213,34 @@ def test_video_is_the_same_with_the_numba_and_the_pytorch_renderer(tmp_path, mon
     _, b = decode(plain)
     assert a.shape == b.shape == (T, H, 3 * W, 3)
     assert np.abs(a.astype(int) - b.astype(int)).mean() < 0.05
+
+
+def test_track_visualization_draws_the_posed_head_where_posing_projects_it(tmp_path, flame_model):
+    """`write_track_visualization`: a FLAME track posed by `posing` lands in
+    the right panel (shaded mesh) around its projected nose, not elsewhere."""
+    from scipy.spatial.transform import Rotation
+
+    from lightning_ft.posing import FramePoses
+    from lightning_ft.track import Camera, Track
+    from lightning_ft.visualize import write_track_visualization
+
+    n, size = 4, 96
+    f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+    rotation = np.diag([1.0, -1.0, -1.0]) @ Rotation.from_rotvec([[0.0, 0.1 * t, 0.0] for t in range(n)]).as_matrix()
+    track = Track(frame_ids=np.arange(n), valid=np.ones(n, bool), shape=np.zeros(flame_model.n_shape, np.float32),
+                  expression=np.zeros((n, flame_model.n_exp), np.float32), jaw_pose=np.zeros((n, 3), np.float32),
+                  neck_pose=np.zeros((n, 3), np.float32), eye_pose=np.zeros((n, 6), np.float32),
+                  rotation=f32(rotation), translation=f32(np.tile([0.0, 0.0, 0.8], (n, 1))),
+                  crop_boxes=np.zeros((n, 4), np.float32), lmk68=np.full((n, 68, 2), np.nan, np.float32),
+                  lmk_dense=np.full((n, 478, 2), np.nan, np.float32), fps=np.float32(25.0))
+    camera = Camera(f32([200.0, 200.0]), f32([(size - 1) / 2] * 2), np.array([size, size]))
+    frames = [np.full((size, size, 3), 30, np.uint8) for _ in range(n)]
+    out = write_track_visualization(tmp_path / "v.mp4", iter(frames), flame_model, track, camera, progress=False)
+    _, video = decode(out)
+    assert video.shape == (n, size, 3 * size, 3)
+    poses = FramePoses(flame_model, track, camera)
+    for t in range(n):
+        u, v = poses.landmarks68(t)[30].round().astype(int)  # nose tip
+        shaded = video[t, :, 2 * size:].astype(int)
+        assert shaded[v, u].sum() > 3 * 60  # the lit mesh, not the dark background
+        assert shaded[2, 2].sum() < 3 * 40 and shaded[-3, -3].sum() < 3 * 40  # corners: background

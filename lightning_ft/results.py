@@ -1,4 +1,5 @@
-"""Results on disk: `<out>/<video stem>/tracking.npz` and `meta.json`.
+"""Results on disk: `<out>/<video stem>/tracking.npz` and `meta.json`: their
+schema, writing and reading (the one place that knows the file layout).
 
 A result folder is written under a temporary name and renamed into place
 only when complete, so a killed run never leaves a folder that looks
@@ -15,9 +16,13 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
+
+from .errors import UsageError
+from .track import Camera, Track
 
 # The tracking.npz contract: exactly these keys (optional ones are added by
 # later stages, e.g. synthesis's texture and lighting).
@@ -28,6 +33,11 @@ TRACKING_KEYS = ("frame_ids", "valid", "shape", "expression", "jaw_pose", "neck_
 # on invalid frames): mean reprojection error of the landmark fit, for the
 # dataset report's plots over time.
 PER_FRAME_QUALITY_KEYS = ("reprojection_error_68_px", "reprojection_error_dense_px")
+CAMERA_KEYS = ("focal_length", "principal_point", "image_size")
+
+
+class ResultFileError(UsageError):
+    """A tracking result folder is missing files or they are unreadable."""
 
 
 def result_dir(out_dir: Path, video_stem: str) -> Path:
@@ -120,8 +130,6 @@ def check_writable(folder: Path, what: str, keep: bool = True) -> None:
     file; root bypasses only permission bits) is reported before any work:
     UsageError naming `what` (e.g. '--out') and the folder. keep=False
     removes the folders it created."""
-    from .errors import UsageError
-
     folder = Path(folder)
     created = [p for p in [folder, *folder.parents] if not os.path.lexists(p)]
     try:
@@ -150,13 +158,16 @@ def _json_default(o: Any):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def write_result(folder: Path, tracking: Dict[str, np.ndarray], meta: Dict[str, Any],
+def write_result(folder: Path, track: Track, camera: Camera, meta: Dict[str, Any],
                  extra: Callable[[Path], None] = None) -> Path:
-    """Write tracking.npz and meta.json (and whatever `extra(tmp_folder)`
-    writes, e.g. the visualization) atomically as one folder."""
-    missing = [k for k in TRACKING_KEYS if k not in tracking]
-    if missing:
-        raise ValueError(f"tracking result lacks keys {missing}")
+    """Write tracking.npz (the track and camera as they are, see
+    `Track.stored`) and meta.json (with "complete": true), and whatever
+    `extra(tmp_folder)` writes, e.g. the visualization, atomically as one
+    folder. ValueError for a track whose shapes do not fit together."""
+    problems = track.shape_problems()
+    if problems:
+        raise ValueError(f"{folder}: track not written: {'; '.join(problems)}")
+    tracking = {**track.arrays(), **camera.arrays()}
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.partial-{uuid.uuid4().hex[:8]}"
@@ -184,9 +195,74 @@ def write_result(folder: Path, tracking: Dict[str, np.ndarray], meta: Dict[str, 
     return folder
 
 
-def load_tracking(folder: Path) -> Dict[str, np.ndarray]:
-    with np.load(Path(folder) / "tracking.npz") as d:
-        return {k: d[k] for k in d.files}
+@dataclass
+class LoadedResult:
+    """A result folder as read: its track, camera and meta.json (a dict)."""
+
+    path: Path
+    track: Track
+    camera: Camera
+    meta: Dict[str, Any]
+
+    @property
+    def flame_info(self) -> Dict[str, Any]:
+        return dict(self.meta.get("flame", {}))
+
+    @property
+    def model_name(self) -> str:
+        """'flame' or 'ict' (results written before the 'model' entry are FLAME's)."""
+        return str(self.meta.get("model", {}).get("name", "flame"))
+
+    def arrays(self) -> Dict[str, np.ndarray]:
+        """tracking.npz's entries, as read (keys of the schema only)."""
+        return {**self.track.arrays(), **self.camera.arrays()}
+
+    @property
+    def video_name(self) -> str:
+        video = self.meta.get("video", {})
+        return Path(video.get("path", "video")).stem or "video"
+
+
+def track_from_arrays(arrays: Dict[str, np.ndarray], source: Path) -> Tuple[Track, Camera]:
+    """tracking.npz's entries as a Track and Camera; ResultFileError naming
+    `source` where a key is missing or a shape is wrong. Keys outside the
+    schema are ignored."""
+    missing = [k for k in TRACKING_KEYS if k not in arrays]
+    if missing:
+        raise ResultFileError(f"{source}: missing keys {', '.join(missing)}; re-run tracking")
+    camera = Camera(**{k: arrays[k] for k in CAMERA_KEYS})
+    bad = [f"'{k}' has shape {camera.arrays()[k].shape}, expected (2,)" for k in CAMERA_KEYS
+           if tuple(arrays[k].shape) != (2,)]
+    known = {f for f in Track.__dataclass_fields__}
+    track = Track(**{k: v for k, v in arrays.items() if k in known})
+    bad += track.shape_problems()
+    if bad:
+        raise ResultFileError(f"{source}: {bad[0]}; re-run tracking")
+    track.valid = track.valid.astype(bool)
+    return track, camera
+
+
+def load_tracking(folder: Path) -> LoadedResult:
+    """Read FOLDER/tracking.npz and FOLDER/meta.json, checking keys and
+    shapes: ResultFileError, one line naming the file, for a file that is
+    missing, unreadable or not of the schema."""
+    folder = Path(folder)
+    npz_path, meta_path = folder / "tracking.npz", folder / "meta.json"
+    if not npz_path.is_file():
+        raise ResultFileError(f"{npz_path}: not found; pass the folder that `lightning-ft track` wrote")
+    try:
+        with np.load(npz_path, allow_pickle=False) as d:
+            arrays = {k: d[k] for k in d.files}
+    except Exception as exc:  # zipfile/ValueError/OSError for truncated or foreign files
+        raise ResultFileError(f"{npz_path}: unreadable ({type(exc).__name__}: {exc}); re-run tracking") from None
+    track, camera = track_from_arrays(arrays, npz_path)
+    try:
+        meta = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        raise ResultFileError(f"{meta_path}: not found; it is written beside tracking.npz by tracking") from None
+    except (OSError, ValueError) as exc:
+        raise ResultFileError(f"{meta_path}: not valid JSON ({exc}); re-run tracking") from None
+    return LoadedResult(path=folder, track=track, camera=camera, meta=meta)
 
 
 def failure_path(out_dir: Path, video_stem: str) -> Path:
