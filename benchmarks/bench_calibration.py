@@ -9,7 +9,8 @@ profile points (focal px, cost) of each run; then how often |z| < 1 and < 2
 (about 68 % and 95 % if the prediction holds).
 """
 
-import lightning_ft  # first: it sets OpenMP's waiting before torch loads, as in a run
+from lightning_ft.runtime import configure_threads, openmp_settings  # noqa: I001
+configure_threads()  # before torch loads, as a run does
 import argparse
 import tempfile
 import time
@@ -31,7 +32,7 @@ def main():
     ap.add_argument("--frames", type=int, default=120)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    print(lightning_ft.openmp_settings(), flush=True)
+    print(openmp_settings(), flush=True)
     torch.set_num_threads(args.threads)
     files = write_synthetic_flame(Path(tempfile.mkdtemp()))
     flame = FLAME(files.model, files.landmark_embedding, files.mediapipe_embedding)

@@ -13,7 +13,8 @@ uses a 5023-vertex procedural model (FLAME's size) instead of 1200.
 
 from __future__ import annotations
 
-import lightning_ft  # first: it sets OpenMP's waiting before torch loads, as in a run
+from lightning_ft.runtime import configure_threads, openmp_settings  # noqa: I001
+configure_threads()  # before torch loads, as a run does
 import argparse
 import tempfile
 import time
@@ -82,7 +83,7 @@ def main():
     ap.add_argument("--repeat", type=int, default=3, help="timed runs of ours per length; the fastest is shown")
     ap.add_argument("--baseline-frames", type=int, default=256, help="frames the Adam baseline runs on")
     args = ap.parse_args()
-    print(lightning_ft.openmp_settings(), flush=True)
+    print(openmp_settings(), flush=True)
     torch.set_num_threads(args.threads)
     d = Path(tempfile.mkdtemp())
     files = write_synthetic_flame(d, n_vertices=5023 if args.full_size else 1200)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -19,7 +18,6 @@ from .runtime import configure_threads
 
 log = logging.getLogger("lightning_ft")
 # Largest --image-size: a crop of 4096x4096 RGB is 48 MB per frame already.
-MAX_IMAGE_SIZE = 4096
 
 
 def resolve_device(spec: Optional[str]) -> str:
@@ -92,30 +90,9 @@ def _track(args: argparse.Namespace) -> int:
 
     from .assets import ENV_ASSETS, resolve_assets_dir
     from .pipeline import TrackConfig, parse_shard, run
-    from .video import MIN_IMAGE_SIZE
-
-    if args.data is None and args.landmarks is None:
-        raise UsageError("--data PATH is required (a video or a folder), or --landmarks FILE")
-    if args.data is not None and not args.data.exists():
-        raise UsageError(f"{args.data}: no such file or folder")
-    if args.landmarks is not None and not args.landmarks.exists():
-        raise UsageError(f"{args.landmarks}: no such file")
-    if not MIN_IMAGE_SIZE <= args.image_size <= MAX_IMAGE_SIZE:
-        raise UsageError(f"--image-size {args.image_size}: choose {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} pixels")
-    if args.fps is not None and not (math.isfinite(args.fps) and args.fps > 0):
-        raise UsageError(f"--fps {args.fps}: a positive frame rate, e.g. 25")
-    if args.focal is not None and not (math.isfinite(args.focal) and args.focal > 0):
-        raise UsageError(f"--focal {args.focal}: must be a positive number of source-video pixels")
-    if args.fov is not None and not 1.0 <= args.fov <= 170.0:
-        raise UsageError(f"--fov {args.fov}: must be a horizontal field of view between 1 and 170 degrees")
-    exports = [x.strip() for x in args.export.split(",") if x.strip()]
-    if exports:
-        from .export import FORMATS
-
-        unknown = [x for x in exports if x not in FORMATS]
-        if unknown:
-            raise UsageError(f"--export {','.join(unknown)}: unknown format; choose from {', '.join(FORMATS)}")
     from .workers import resolve_devices, run_workers
+
+    exports = [x.strip() for x in args.export.split(",") if x.strip()]
 
     devices = resolve_devices(args.device, args.workers)
     cfg = TrackConfig(

@@ -39,12 +39,17 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import torch
 
 from . import cameras as cam
-from .errors import UsageError
+from .assets import FLAME_LANDMARK_EMBEDDING, FLAME_MEDIAPIPE_EMBEDDING
+from .errors import UsageError, VideoError
+from .flame import FLAME
+from .head_model import load_ict
 from .posing import posed_frames
 from .progress import progress
 from .results import LoadedResult, ResultFileError, load_tracking, same_source, source_identity
+from .video import crop_frame, iter_frames
 
 log = logging.getLogger(__name__)
 
@@ -136,23 +141,15 @@ class ModelEvaluation:
 
 def load_flame_for(result: LoadedResult):
     """Build `flame.FLAME` from the paths recorded in meta.json ('flame' entry)."""
-    from .flame import FLAME
-
     info = result.flame_info
     model_path = info.get("model_path")
     if not model_path:
         raise ResultFileError(f"{result.path / 'meta.json'}: no flame.model_path; pass the FLAME model explicitly")
     folder = Path(model_path).parent
-    lmk = Path(info.get("landmark_embedding_path", folder / "landmark_embedding.npy"))
-    mp = Path(info.get("mediapipe_embedding_path", folder / "mediapipe_landmark_embedding.npz"))
+    lmk = Path(info.get("landmark_embedding_path", folder / Path(FLAME_LANDMARK_EMBEDDING).name))
+    mp = Path(info.get("mediapipe_embedding_path", folder / Path(FLAME_MEDIAPIPE_EMBEDDING).name))
     return FLAME(Path(model_path), lmk, mp, n_shape=int(info.get("n_shape", result.track.shape.shape[0])),
-                 n_exp=int(info.get("n_exp", result.track.expression.shape[1])), dtype=_torch().float64)
-
-
-def _torch():
-    import torch
-
-    return torch
+                 n_exp=int(info.get("n_exp", result.track.expression.shape[1])), dtype=torch.float64)
 
 
 def load_model_for(result: LoadedResult):
@@ -160,8 +157,6 @@ def load_model_for(result: LoadedResult):
     meta.json; ICT, built in, checked against the recorded sha256)."""
     if result.model_name == "flame":
         return load_flame_for(result)
-    from .head_model import load_ict
-
     model = load_ict()
     recorded = result.meta.get("model", {}).get("sha256")
     if recorded and model.sha256 and recorded != model.sha256:
@@ -174,7 +169,6 @@ def evaluate_model(result: LoadedResult, model, chunk: int = 128) -> ModelEvalua
     """The joints (FLAME's root and neck, in chunks of frames; zero for a
     model without joints) and the neutral identity of `result` under
     `model`, refusing a FLAME file other than the one tracked with."""
-    torch = _torch()
     track = result.track
     dtype = model.v_template.dtype
     t = lambda a: torch.as_tensor(np.asarray(a), dtype=dtype)  # noqa: E731
@@ -288,9 +282,6 @@ class SourceFrames:
         self._last = None  # (source index, RGB frame)
 
     def __call__(self, i: int) -> np.ndarray:
-        from .errors import VideoError
-        from .video import crop_frame, iter_frames
-
         want = int(self.frame_ids[i])
         if self._last is None or self._last[0] != want:
             if self._decoded is None or self._last is None or want < self._last[0]:
@@ -531,7 +522,6 @@ def export_metrical(result: LoadedResult, out_dir: Path, evaluation: ModelEvalua
     principal point, plus the same camera in OpenCV form (R, t, K) with K's
     principal point in corner-origin pixels, as metrical-tracker writes it.
     """
-    torch = _torch()
     out_dir = Path(out_dir)
     idx = _valid_indices(result, notes, "metrical")
     R, t = _fold_neck(result, evaluation, notes, "metrical")
@@ -710,7 +700,7 @@ def export_mesh(result: LoadedResult, out_dir: Path, evaluation: ModelEvaluation
     written = [_atomic_write(out_dir / "identity.obj", _obj_text(evaluation.neutral_vertices, faces).encode())]
     # posed 128 frames at a time: [T,V,3] of a long video would take gigabytes
     posed = ((i, verts) for chunk in posed_frames(evaluation.model, result.track, frames=idx, chunk=128,
-                                                  dtype=_torch().float64)
+                                                  dtype=torch.float64)
              for i, verts in zip(chunk.frames, chunk.vertices))
     for i, verts in progress(posed, total=len(idx), desc="export mesh"):
         written.append(_atomic_write(out_dir / "meshes" / f"{int(result.track.frame_ids[i]):05d}.obj",

@@ -10,34 +10,50 @@ meta.json.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import importlib.metadata as md
 import json
 import logging
+import math
 import os
 import platform
+import shutil
 import socket
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Dict, List, Optional, Tuple
 
+import lmdb
 import numpy as np
 import torch
 
 from . import __version__
+from . import landmarks as landmarks_stage
+from . import video as video_stage
+from .assets import flame_files, require, texture_space_files, tiers_for
 from .claims import claim, clear_stale
-from .errors import (AssetError, DiskFullError, LightningFTError, OutputError, UsageError, VideoError,
+from .emoca import EmocaEncoder, emoca_pose_to_opencv, regress
+from .errors import (AssetError, DiskFullError, LightningFTError, NoFaceError, OutputError, UsageError, VideoError,
                      disk_full_reason)
+from .export import FORMATS as EXPORT_FORMATS
+from .export import export
 from .fitter import (CalibrationConfig, FitConfig, FrameParams, SourceView, Targets, build_basis, calibrate,
                      combine_focals, fit_config_for, fit_sequence, fov_deg_to_focal, predict_landmarks)
 from .flame import FLAME
-from .head_model import MODEL_NAMES, HeadModel
+from .head_model import MODEL_NAMES, HeadModel, load_ict
+from .landmarks import load_landmarks_file
+from .progress import elapsed_bar
 from .results import (check_writable, clear_failure, is_finished, result_differences, result_dir, source_identity,
                       write_failure, write_result)
 from .smoothing import SmoothingConfig, second_difference_jitter, smooth_track
-from .synthesis import AlbedoTexture, SynthesisConfig
+from .synthesis import AlbedoTexture, SynthesisConfig, load_texture_space, refine
 from .track import Camera, Track
+from .video import FALLBACK_FPS, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, count_frames, remove_stale_cache_temporaries
+from .visualize import write_track_visualization
 
 log = logging.getLogger("lightning_ft")
 # Predicted relative std of the calibrated focal above which a run warns:
@@ -107,7 +123,6 @@ RESULT_SETTINGS = ("image_size", "fps", "lmk68", "no_emoca", "synthesis", "visua
 
 def result_settings(cfg: TrackConfig) -> dict:
     """The RESULT_SETTINGS of `cfg` as plain JSON values."""
-    import dataclasses
 
     out = {}
     for name in RESULT_SETTINGS:
@@ -230,8 +245,6 @@ def result_names(videos: List[Path], root: Optional[Path]) -> List[str]:
     case-insensitively) or a result inside another one (`a.mp4` beside
     `a/clip.mp4`). Computed over the whole folder, before sharding, so
     every shard names a video alike."""
-    from collections import Counter
-    from pathlib import PurePosixPath
 
     if root is None:  # a single file
         return [Path(v).stem for v in videos]
@@ -281,18 +294,16 @@ def read_inputs(video: Optional[Path], cfg: TrackConfig, sources: dict, timer: S
     """The landmarks of `video` (decoded, cropped around the face and
     detected, or read from --landmarks) and the crops' geometry."""
     if cfg.landmarks_file is not None:
-        from .landmarks import load_landmarks_file
 
         with timer("landmarks"):
             lm = load_landmarks_file(cfg.landmarks_file)
         T = lm.lmk68.shape[0]
         H, W = lm.image_size
-        return VideoInputs(landmarks=lm, frame_ids=np.arange(T), fps=float(cfg.fps or 25.0), timestamps=None,
+        return VideoInputs(landmarks=lm, frame_ids=np.arange(T), fps=float(cfg.fps or FALLBACK_FPS), timestamps=None,
                            crop_boxes=np.tile(np.array([0.0, 0.0, W, H]), (T, 1)), image_size=(H, W),
                            source_width=W, frames=None,
                            video_meta={"path": str(video) if video else None,
                                        "landmarks_file": str(cfg.landmarks_file)})
-    from . import video as video_stage
 
     cache_dir = cfg.cache_dir or (Path(cfg.out_dir) / ".cache")
     # without a frame cache, "decode_crop" times the face-box pass and the
@@ -340,7 +351,6 @@ def fit_landmarks(model: HeadModel, inputs: VideoInputs, cfg: TrackConfig, timer
     """Calibrate, fit every valid frame, interpolate invalid ones, smooth.
     label: the video's name, for messages; calibrate_only: return the
     calibration's `describe` dict after calibrating."""
-    from .progress import elapsed_bar
 
     H, W = inputs.image_size
     lm, valid = inputs.landmarks, inputs.valid
@@ -395,7 +405,6 @@ def _fit_valid_frames(model: HeadModel, basis, targets, idx: np.ndarray, focal, 
     sub = targets.select(torch.as_tensor(idx))
     rot0 = exp0 = jaw0 = None
     if emoca is not None:
-        from .emoca import emoca_pose_to_opencv
 
         ok = emoca.valid[idx]
         if ok.all():
@@ -508,14 +517,8 @@ def _break_runs(x: np.ndarray, cont: np.ndarray) -> np.ndarray:
 # One video
 
 
-def _flame_paths(assets_dir: Path) -> Dict[str, Path]:
-    d = Path(assets_dir) / "FLAME"
-    return {"model": d / "generic_model.pkl", "landmark_embedding": d / "landmark_embedding.npy",
-            "mediapipe_embedding": d / "mediapipe_landmark_embedding.npz"}
-
-
 def load_flame(assets_dir: Path) -> FLAME:
-    p = _flame_paths(assets_dir)
+    p = flame_files(assets_dir)
     return FLAME(p["model"], p["landmark_embedding"], p["mediapipe_embedding"])
 
 
@@ -532,7 +535,7 @@ def select_model(cfg: TrackConfig) -> str:
         if cfg.model not in MODEL_NAMES:
             raise UsageError(f"--model {cfg.model}: choose from {', '.join(MODEL_NAMES)}")
         return cfg.model
-    if all(p.exists() for p in _flame_paths(cfg.assets_dir).values()) or cfg.assets_named:
+    if all(p.exists() for p in flame_files(cfg.assets_dir).values()) or cfg.assets_named:
         return "flame"
     log.info("no FLAME model under %s: tracking with the built-in ICT-FaceKit head model (MIT licence; "
              "--model flame with FLAME's files to use FLAME)", cfg.assets_dir)
@@ -542,7 +545,6 @@ def select_model(cfg: TrackConfig) -> str:
 def load_model(name: str, assets_dir: Path) -> HeadModel:
     if name == "flame":
         return load_flame(assets_dir)
-    from .head_model import load_ict
 
     return load_ict()
 
@@ -561,7 +563,6 @@ def _check_model_options(name: str, cfg: TrackConfig) -> None:
 
 
 def _versions() -> dict:
-    import importlib.metadata as md
 
     out = {"lightning_ft": __version__, "python": platform.python_version(), "torch": torch.__version__,
            "numpy": np.__version__}
@@ -580,7 +581,6 @@ def cached_landmarks(face_video, cfg: TrackConfig, sources: Optional[dict]):
     a few tenths of a pixel apart, which a flat focal profile turned into a
     focal 47-80 % apart (benchmarks/RESULTS.md, issue 20). Keyed by the
     source file, the crops' boxes and the 68-point source asked for."""
-    from . import landmarks as landmarks_stage
 
     key = hashlib.sha256(json.dumps({
         "version": __version__, "lmk68": cfg.lmk68, "image_size": list(face_video.image_size),
@@ -628,7 +628,6 @@ def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: HeadMod
     inputs = read_inputs(video, cfg, sources, timer)
     label = str(video or cfg.landmarks_file)
     if not inputs.valid.any():
-        from .errors import NoFaceError
 
         raise NoFaceError(f"{label}: no valid landmarks in any frame")
     if calibrate_only:
@@ -652,7 +651,6 @@ def track_one(video: Optional[Path], stem: str, cfg: TrackConfig, flame: HeadMod
     if extra is not None:
         log.info("%s: wrote %s", label, folder / "visualization.mp4")
     if cfg.export:
-        from .export import export
 
         export(folder, cfg.export, frames=(inputs.frames.frame if inputs.frames is not None else None), model=flame)
     return folder
@@ -664,7 +662,6 @@ def _regress_emoca(emoca_model, inputs: VideoInputs, cfg: TrackConfig, timer: St
         return None
     if inputs.frames is None:
         raise UsageError("EMOCA needs the video frames: pass --data with --landmarks, or --no-emoca")
-    from .emoca import regress
 
     lm = inputs.landmarks
     with timer("emoca"):
@@ -695,7 +692,7 @@ def _model_meta(model: HeadModel, cfg: TrackConfig) -> dict:
         out["flame"] = {"version": model.version, "sha256": model.sha256, "n_shape": model.n_shape,
                         "n_exp": model.n_exp, "n_vertices": model.n_vertices,
                         **{f"{k}_path" if k != "model" else "model_path": str(v)
-                           for k, v in _flame_paths(cfg.assets_dir).items()}}
+                           for k, v in flame_files(cfg.assets_dir).items()}}
     return out
 
 
@@ -734,39 +731,18 @@ def _check_fit_quality(quality: dict, image_size, label: str) -> None:
                     "--landmarks belong to it", label, error, limit)
 
 
-def _texture_space_files(assets_dir: Path) -> Tuple[Path, Optional[Path]]:
-    """The texture space --synthesis reads and, for one without UVs, the OBJ
-    they come from. FLAME_texture.npz carries its UVs; DECA's
-    FLAME_albedo_from_BFM.npz, which `assets check` accepts as well, is laid
-    out in FLAME's UV map and takes the UVs from head_template_mesh.obj (as
-    DECA does). Called before any work, so a missing piece costs no fitting."""
-    d = Path(assets_dir) / "FLAME"
-    flame_texture, bfm, obj = d / "FLAME_texture.npz", d / "FLAME_albedo_from_BFM.npz", d / "head_template_mesh.obj"
-    if flame_texture.exists():
-        return flame_texture, None
-    if bfm.exists():
-        if obj.exists():
-            return bfm, obj
-        raise AssetError(f"{bfm}: has no UVs of its own and {obj} is not there to give them (it comes with "
-                         f"FLAME_embedding.zip); add it, or FLAME_texture.npz, or run without --synthesis")
-    raise AssetError(f"{flame_texture}: not found; --synthesis reads FLAME's texture space (unzip TextureSpace.zip "
-                     f"into assets/FLAME or run 'lightning-ft assets fetch --item texture'), or run without "
-                     f"--synthesis")
-
-
 def _run_synthesis(flame: FLAME, inputs: VideoInputs, track: Track, camera: Camera, cfg: TrackConfig,
                    timer: StageTimer) -> Tuple[Track, dict, AlbedoTexture]:
     """Photometric refinement of the smoothed landmark track: the refined
     track (with `texture` and `lighting`), the meta.json entry and the
     fitted albedo (computed here, so the texture space, ~600 MB for FLAME's,
     is not kept for the -v video)."""
-    from .synthesis import load_texture_space, refine
 
     if inputs.frames is None:
         raise UsageError("--synthesis needs the video frames (--data)")
     with timer("synthesis"):
         scfg = replace(cfg.synthesis_config, smoothing=cfg.smoothing)
-        texture_path, uv_obj = _texture_space_files(cfg.assets_dir)
+        texture_path, uv_obj = texture_space_files(cfg.assets_dir)
         space = load_texture_space(texture_path, n_components=scfg.n_texture, uv_obj=uv_obj)
         res = refine(flame, space, inputs.frames.frame, track, camera, scfg, device=cfg.device,
                      progress=cfg.progress, fps=inputs.fps, timestamps=inputs.timestamps)
@@ -791,7 +767,6 @@ def _visualization_writer(face_video, track: Track, camera: Camera, model: HeadM
     if face_video is None:
         log.warning("-v needs video frames; with --landmarks alone no visualization is written")
         return None
-    from .visualize import write_track_visualization
 
     def write(tmp_folder: Path):
         with timer("visualization"):
@@ -808,7 +783,6 @@ def _remove_stale_partials(folder: Path) -> None:
     """Temporary folders a killed run left for this video (they never look
     finished, but they take disk space). Called while holding the video's
     claim, so none is another process's work in progress."""
-    import shutil
 
     for stale in Path(folder).parent.glob(f".{Path(folder).name}.partial-*"):
         shutil.rmtree(stale, ignore_errors=True)
@@ -833,8 +807,6 @@ def _finished_detail(folder: Path, sources: dict, settings: dict, stem: str, out
 def _check_landmarks_match(landmarks_file: Path, video: Path, fps: Optional[float]) -> None:
     """--landmarks and --data must describe the same frames: UsageError
     before any work when their frame counts differ."""
-    from .landmarks import load_landmarks_file
-    from .video import count_frames
 
     n_landmarks = load_landmarks_file(landmarks_file).lmk68.shape[0]
     n_video = count_frames(video, fps)
@@ -846,7 +818,6 @@ def _check_landmarks_match(landmarks_file: Path, video: Path, fps: Optional[floa
 def _expected_failure(exc: Exception, name: str, folder: Path) -> Optional[LightningFTError]:
     """An OS or LMDB error met while tracking `name` as the one-line error
     to report (a full disk: DiskFullError), or None for anything else."""
-    import lmdb
 
     reason = disk_full_reason(exc, getattr(exc, "filename", None))
     if reason is not None:
@@ -908,7 +879,6 @@ def input_videos(cfg: TrackConfig) -> Tuple[List[Optional[Path]], List[str]]:
 def resolve_model(cfg: TrackConfig) -> TrackConfig:
     """`cfg` with its head model chosen (`select_model`), after the checks
     that model needs before any work: its options, and FLAME's files."""
-    from .assets import require, tiers_for
 
     model_name = select_model(cfg)
     _check_model_options(model_name, cfg)
@@ -919,6 +889,37 @@ def resolve_model(cfg: TrackConfig) -> TrackConfig:
         cfg = replace(cfg, no_emoca=True)  # said once, also where workers resolve it again
     # the result's settings name the model it was tracked with
     return replace(cfg, model=model_name)
+
+
+def check_config(cfg: TrackConfig) -> TrackConfig:
+    """Every check of a run's settings, made before any work, for the CLI
+    and the Python API alike: one line naming the option and the problem
+    (UsageError, AssetError). Returns `cfg` with its head model resolved."""
+    if cfg.data is None and cfg.landmarks_file is None:
+        raise UsageError("--data PATH is required (a video or a folder), or --landmarks FILE")
+    if cfg.data is not None and not Path(cfg.data).exists():
+        raise UsageError(f"{cfg.data}: no such file or folder")
+    if cfg.landmarks_file is not None and not Path(cfg.landmarks_file).exists():
+        raise UsageError(f"{cfg.landmarks_file}: no such file")
+    if not MIN_IMAGE_SIZE <= cfg.image_size <= MAX_IMAGE_SIZE:
+        raise UsageError(f"--image-size {cfg.image_size}: choose {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} pixels")
+    if cfg.fps is not None and not (math.isfinite(cfg.fps) and cfg.fps > 0):
+        raise UsageError(f"--fps {cfg.fps}: a positive frame rate, e.g. 25")
+    if cfg.focal_px is not None and not (math.isfinite(cfg.focal_px) and cfg.focal_px > 0):
+        raise UsageError(f"--focal {cfg.focal_px}: must be a positive number of source-video pixels")
+    if cfg.fov_deg is not None and not 1.0 <= cfg.fov_deg <= 170.0:
+        raise UsageError(f"--fov {cfg.fov_deg}: must be a horizontal field of view between 1 and 170 degrees")
+    unknown = [x for x in cfg.export if x not in EXPORT_FORMATS]
+    if unknown:
+        raise UsageError(f"--export {','.join(unknown)}: unknown format; choose from {', '.join(EXPORT_FORMATS)}")
+    if cfg.synthesis and cfg.landmarks_file is not None and cfg.data is None:
+        raise UsageError("--synthesis fits the video frames: pass --data with --landmarks")
+    cfg = resolve_model(cfg)
+    if cfg.synthesis:
+        texture_space_files(cfg.assets_dir)
+    check_writable(cfg.out_dir, "--out")
+    check_writable(cfg.cache_dir or Path(cfg.out_dir) / ".cache", "--cache")
+    return cfg
 
 
 def run(cfg: TrackConfig, events=None) -> List[VideoOutcome]:
@@ -933,19 +934,12 @@ def run(cfg: TrackConfig, events=None) -> List[VideoOutcome]:
     `failing(name)` when tracking it fails, before the claim is released,
     `finished(outcome)` for every outcome.
     """
-    cfg = resolve_model(cfg)
+    cfg = check_config(cfg)
     model_name = cfg.model
-    if cfg.synthesis:
-        _texture_space_files(cfg.assets_dir)
-    if cfg.synthesis and cfg.landmarks_file is not None and cfg.data is None:
-        raise UsageError("--synthesis fits the video frames: pass --data with --landmarks")
     videos, stems = input_videos(cfg)
     if cfg.landmarks_file is not None and videos[0] is not None:
         _check_landmarks_match(cfg.landmarks_file, videos[0], cfg.fps)
-    check_writable(cfg.out_dir, "--out")
-    check_writable(cfg.cache_dir or Path(cfg.out_dir) / ".cache", "--cache")
     if cfg.landmarks_file is None:
-        from .video import remove_stale_cache_temporaries
 
         freed = remove_stale_cache_temporaries(cfg.cache_dir or Path(cfg.out_dir) / ".cache")
         if freed:
@@ -953,7 +947,6 @@ def run(cfg: TrackConfig, events=None) -> List[VideoOutcome]:
     flame = load_model(model_name, cfg.assets_dir)
     emoca_model = None
     if not cfg.no_emoca and model_name == "flame":
-        from .emoca import EmocaEncoder
 
         # Inference only: BatchNorm folded into the convolutions, channels_last
         # (faster on CPU, benchmarks/bench_emoca.py).
@@ -1050,7 +1043,6 @@ def _shared_camera(videos, stems, cfg: TrackConfig, flame: FLAME) -> dict:
                           "prior_focal_source_px": cal["prior"]["focal_px"] / cal["crop_scale"],
                           "prior_sigma_log": cal["prior"]["sigma_log"]})
     if not estimates:
-        from .errors import NoFaceError
 
         raise NoFaceError(f"{cfg.data}: no video could be calibrated for --shared-camera")
     focal, rel_std = combine_focals(estimates)

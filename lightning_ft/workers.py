@@ -268,25 +268,21 @@ def _read_stream(worker: _Worker, kind: str, stream, events: "queue.Queue") -> N
 
 
 def _video_list(cfg) -> List[str]:
-    """The names (as `pipeline.run` reports them) of the videos of this
-    run, after the checks `run` makes before any work."""
-    from .results import check_writable
+    """The names (as `pipeline.run` reports them) of the videos of this run."""
     from .pipeline import input_videos
 
     if cfg.landmarks_file is not None:
         raise UsageError("--landmarks tracks one video: run it without --workers or a device list")
     videos, _ = input_videos(cfg)
-    check_writable(cfg.out_dir, "--out")
-    check_writable(cfg.cache_dir or Path(cfg.out_dir) / ".cache", "--cache")
     return [str(v) for v in videos]
 
 
 def run_workers(cfg, devices: List[str], quiet: bool = False):
     """Track the videos of `cfg` with one worker process per entry of
     `devices`; returns one `pipeline.VideoOutcome` per video, in order."""
-    from .pipeline import VideoOutcome, resolve_model
+    from .pipeline import VideoOutcome, check_config
 
-    cfg = resolve_model(cfg)  # chosen once, here, for every worker
+    cfg = check_config(cfg)  # the model chosen once, here, for every worker
     names = _video_list(cfg)
     threads = threads_per_worker(len(devices))
     run_dir = Path(tempfile.mkdtemp(prefix="lightning_ft-workers-"))

@@ -1,6 +1,9 @@
 """End-to-end behaviour through the CLI: errors, --landmarks ground truth, resume."""
 
 import json
+import re
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -354,3 +357,23 @@ def test_poor_fit_is_warned_and_recorded(gt_run, flame_model, assets_dir, tmp_pa
     warned = [r.getMessage() for r in caplog.records if "poor fit" in r.getMessage()]
     assert len(warned) == 1 and "bad.npz" in warned[0]
     assert not [r for r in caplog.records if "poor fit" in r.getMessage() and "seq.npz" in r.getMessage()]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"fps": -5.0}, "--fps -5.0: a positive frame rate"),
+    ({"image_size": 32}, "--image-size 32: choose 64 to 4096 pixels"),
+    ({"export": ["vhap", "obj"]}, "--export obj: unknown format"),
+    ({"fov_deg": 0.5}, "--fov 0.5: must be a horizontal field of view"),
+    ({"data": Path("/nonexistent/clip.mp4")}, "/nonexistent/clip.mp4: no such file or folder"),
+])
+def test_the_python_api_gets_the_clis_checks(tmp_path, change, message):
+    """pipeline.run checks its settings itself (check_config), so a script that
+    builds a TrackConfig gets the one-line errors the CLI gives, before any work."""
+    from lightning_ft.pipeline import TrackConfig, run
+
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"not read: the check comes first")
+    cfg = TrackConfig(data=video, out_dir=tmp_path / "out", assets_dir=tmp_path / "assets", model="ict")
+    with pytest.raises(UsageError, match=re.escape(message)):
+        run(replace(cfg, **change))
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -21,6 +21,7 @@ from .decode import frame_rotation, frame_to_rgb, is_even_yuv420, upright_size, 
 # Smallest crop side (pixels) the tracker accepts (--image-size): below it the
 # landmark detectors, which work at 192-256 px, see too few pixels of a face.
 MIN_IMAGE_SIZE = 64
+MAX_IMAGE_SIZE = 4096
 
 
 def smooth_crop_boxes(face_boxes: np.ndarray, found: np.ndarray, fps: float, *,

@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 # Above 1080p one frame's decoding nears the landmark detector's time per
 # frame, and ffmpeg's own threads are worth their overhead.
 _THREADED_DECODE_PIXELS = 1920 * 1088
+# The frame rate assumed where a video (or a --landmarks file) states none:
+# the rate of the talking-head datasets (HDTF, VFHQ) and of PAL video.
+FALLBACK_FPS = 25.0
 
 
 @dataclass
@@ -136,7 +139,7 @@ def decoded_frames(path: Path, fps: Optional[float]):
         # stamps, out of order where there are B-frames; its rate is constant
         if "avi" in container.format.name.split(","):
             time_base = None
-        frame_period = 1.0 / float(stream.average_rate or stream.guessed_rate or 30)
+        frame_period = 1.0 / float(stream.average_rate or stream.guessed_rate or FALLBACK_FPS)
         last_t = None
         start_time = None
         last_tick = -1

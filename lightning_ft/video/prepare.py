@@ -13,7 +13,7 @@ from ..errors import NoFaceError, UsageError, VideoError
 from ..progress import progress as progress_bar
 from .cache import CACHE_VERSION, CacheFill, FaceVideo, cache_file, load_cache, source_identity
 from .crop import MIN_IMAGE_SIZE, smooth_crop_boxes
-from .decode import decoded_frames, frame_to_rgb, in_background, probe
+from .decode import FALLBACK_FPS, decoded_frames, frame_to_rgb, in_background, probe
 from .faceboxes import DETECT_MAX_SIDE, FaceBoxDetector, find_face_box
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def prepare(path, *, cache_dir, image_size: int = 512, fps: Optional[float] = No
     if own_detector:
         detector = FaceBoxDetector()
     last_box = None  # the last face box found, where the next is looked for first
-    source_fps = fps if fps else (info.fps or 30.0)
+    source_fps = fps if fps else (info.fps or FALLBACK_FPS)
     fine = max(1, int(round(source_fps / box_rate))) if box_rate else 1
     coarse = max(1, int(round(source_fps / still_box_rate)) // fine) * fine if still_box_rate else fine
     between: list = []  # (position, decoded frame) every `fine`-th since the last coarse one
@@ -180,7 +180,7 @@ def _output_fps(timestamps: np.ndarray, source_fps: float, requested: Optional[f
     if len(timestamps) > 1 and timestamps[-1] > timestamps[0]:
         measured = (len(timestamps) - 1) / (timestamps[-1] - timestamps[0])
     else:
-        measured = source_fps or (requested or 30.0)
+        measured = source_fps or (requested or FALLBACK_FPS)
     if requested is not None:
         return float(min(requested, measured)) if measured > 0 else float(requested)
     return float(measured)
