@@ -335,7 +335,9 @@ def fit_landmarks(model: HeadModel, lmk68: np.ndarray, lmk_dense: np.ndarray, va
            "expression": full(p.expression, (model.n_exp,)), "jaw_pose": full(p.jaw, (3,)),
            "eye_pose": full(p.eyes, (6,))}
     with timer("smoothing"):
-        smoothed = smooth_tracking(raw, valid, fps, cfg.smoothing, timestamps=timestamps)
+        # translation smoothed at the face (the mean of the inner 68 points), not the model's origin
+        face_centre = basis.M0[:basis.n_static].double().mean(0).numpy()
+        smoothed = smooth_tracking(raw, valid, fps, cfg.smoothing, timestamps=timestamps, pivot=face_centre)
         if fit_cfg.expression_bounds is not None:  # the smoother may overshoot a bound
             smoothed["expression"] = np.clip(smoothed["expression"], *fit_cfg.expression_bounds)
     with timer("quality"):

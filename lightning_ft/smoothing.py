@@ -521,6 +521,7 @@ def smooth_tracking(
     fps: float,
     config: SmoothingConfig | None = None,
     timestamps: np.ndarray | None = None,
+    pivot: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Smooth a track of per-frame FLAME parameters.
 
@@ -533,6 +534,13 @@ def smooth_tracking(
         fps: frames per second (used when `timestamps` is None).
         config: noise models; None uses the defaults.
         timestamps: [T] frame times in seconds, for variable frame rate.
+        pivot: [3] a model-space point (m), e.g. the face's centre: with
+            'rotation' and 'translation' (X_cam = R X + t), the pivot's camera
+            position R pivot + t is smoothed in place of t, and t recovered
+            from it. A fit's rotation and translation errors are coupled
+            through the lever arm between the model's origin and the face
+            (ICT's origin lies 9 cm behind it): smoothed apart, a rotation
+            error the translation had compensated moves the face.
 
     Returns:
         A new dict with the same keys; the known ones smoothed. Invalid
@@ -557,6 +565,12 @@ def smooth_tracking(
     # array (each with its own noise model): its cost is per frame, not per channel.
     blocks = []  # (key, [T, D] values, NoiseModel)
     reference = None
+    use_pivot = pivot is not None and "rotation" in params and "translation" in params
+    if use_pivot:
+        pivot = np.asarray(pivot, dtype=np.float64)
+        params = dict(params)
+        params["translation"] = np.asarray(params["translation"], np.float64) + \
+            np.asarray(params["rotation"], np.float64) @ pivot
     if "rotation" in params:
         rotations = np.asarray(params["rotation"], dtype=np.float64)
         if rotations.shape != (n_frames, 3, 3):
@@ -589,6 +603,8 @@ def smooth_tracking(
         if key == "rotation":
             part = (reference * Rotation.from_rotvec(part)).as_matrix()
         smoothed[key] = part
+    if use_pivot:
+        smoothed["translation"] = smoothed["translation"] - smoothed["rotation"] @ pivot
     return smoothed
 
 
