@@ -362,8 +362,11 @@ def calibration_fit_config(fit_cfg: FitConfig) -> FitConfig:
 
 def calibration_config_for(model: HeadModel, ccfg: CalibrationConfig) -> CalibrationConfig:
     """`ccfg` with the model's identity prior (its sd relative to the
-    calibration's own N(0, sigma_shape^2))."""
-    return replace(ccfg, sigma_shape=ccfg.sigma_shape * model.parameter_blocks()["shape"].sigma)
+    calibration's own N(0, sigma_shape^2)) and at least the number of
+    frames the model asks to estimate it from."""
+    block = model.parameter_blocks()["shape"]
+    return replace(ccfg, sigma_shape=ccfg.sigma_shape * block.sigma,
+                   n_frames=max(ccfg.n_frames, block.calibration_frames or 0))
 
 
 def _params_from(d: Dict[str, np.ndarray], shape: torch.Tensor) -> FrameParams:

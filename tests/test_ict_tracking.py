@@ -56,6 +56,10 @@ def test_both_models_implement_the_interface(flame_model, ict):
     assert ict.parameter_blocks()["expression"].bounds == (0.0, 1.0)
     assert flame_model.parameter_blocks()["expression"].bounds is None
     assert build_basis(flame_model).has_jaw and not build_basis(ict).has_jaw
+    # ICT's identity is calibrated from more frames than the default; FLAME's from the default
+    default = CalibrationConfig()
+    assert calibration_config_for(ict, default).n_frames == 64 > default.n_frames
+    assert calibration_config_for(flame_model, default).n_frames == default.n_frames
 
 
 def test_landmark_basis_reproduces_the_model_with_gaze(ict):
