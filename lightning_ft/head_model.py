@@ -142,13 +142,6 @@ class ICTHeadModel(nn.Module):
 
     name = "ict"
     rotation_parameters = ("eye_pose",)
-    # Weights the landmark fit holds at 0: ICT's eyeLook* shapes lift or
-    # lower both lids of an eye with the gaze, and with them free the fit
-    # used them to place the lids (carphone: eyeLookUp_L/R 0.7 on average,
-    # a gaze up that the eyes did not make, in the arkit export). The lids
-    # are placed by eyeBlink/eyeWide/eyeSquint; the gaze is `eye_pose`.
-    held_expressions = ("eyeLookDown_L", "eyeLookDown_R", "eyeLookIn_L", "eyeLookIn_R", "eyeLookOut_L",
-                        "eyeLookOut_R", "eyeLookUp_L", "eyeLookUp_R")
 
     def __init__(self, ict: nn.Module):
         super().__init__()
@@ -228,11 +221,6 @@ class ICTHeadModel(nn.Module):
             # sphere fit is linear).
             for c in range(C):
                 joint_dirs[k, :, c] = sphere_centre(v_t[centre_ids] + dirs[centre_ids, :, c]) - joints[k]
-        # zero columns: no landmark moves with a held weight, so its prior keeps it at 0
-        held = [self.n_shape + self.expression_names.index(n) for n in self.held_expressions
-                if n in self.expression_names]
-        dirs[:, :, held] = 0.0
-        joint_dirs[:, :, held] = 0.0
         return LinearParts(v_template=v_t, dirs=dirs, posedirs=None, weights=weights, joints=joints,
                            joint_dirs=joint_dirs)
 

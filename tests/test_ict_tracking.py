@@ -297,9 +297,6 @@ def test_carphone_tracks_with_ict(carphone_ict, ict):
     assert list(r["expression_names"]) == list(ict.expression_names)
     assert r["expression"].min() >= 0 and r["expression"].max() <= 1
     assert np.all(r["jaw_pose"] == 0)
-    # the lids are placed by the lid shapes, not by eyeLook* (gaze is eye_pose)
-    held = [list(ict.expression_names).index(n) for n in ict.held_expressions if n in ict.expression_names]
-    assert held and np.all(r["expression"][:, held] == 0)
     q = meta["quality"]
     assert r["valid"].mean() >= 0.95
     assert q["jitter_68_fitted_px"] < q["jitter_68_detected_px"]

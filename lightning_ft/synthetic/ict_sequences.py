@@ -63,10 +63,10 @@ def make_ict_sequence(model, T: int = 120, focal: float = 1200.0, image_size: in
                       seed: int = 0, yaw_deg: float = 25.0, pitch_deg: float = 10.0,
                       eye_rad: float = 0.15) -> ICTSequence:
     """Smooth head motion (yaw +-yaw_deg, pitch +-pitch_deg, roll +-5 deg),
-    a bounded expression track (the model's `held_expressions` at 0), rigid
-    gaze, identity ~ N(0, 1) clipped to 2 sd, seen by a pinhole camera with
-    `focal` px at image_size^2 (the face ~60 % of the image); `noise_px`
-    Gaussian noise on the 68 and 478 points. `model`: a `head_model.HeadModel` without a jaw joint (ICT)."""
+    a bounded expression track, rigid gaze, identity ~ N(0, 1) clipped to
+    2 sd, seen by a pinhole camera with `focal` px at image_size^2 (the face
+    ~60 % of the image); `noise_px` Gaussian noise on the 68 and 478 points.
+    `model`: a `head_model.HeadModel` without a jaw joint (ICT)."""
     rng = np.random.default_rng(seed)
     tt = np.arange(T) / 25.0
     ph = rng.uniform(0, 2 * np.pi, size=8)
@@ -77,10 +77,7 @@ def make_ict_sequence(model, T: int = 120, focal: float = 1200.0, image_size: in
     R_head = batch_rodrigues(t(np.stack([pitch, yaw, roll], 1)))
     R_cv = frontal_rotation(R_head) @ R_head
     shape = np.clip(rng.normal(size=model.n_shape), -2.0, 2.0)
-    names = list(model.expression_names)
-    expr = bounded_expression_track(T, model.n_exp, rng, names=names)
-    # weights the tracker holds at 0 (ICT's eyeLook*: its gaze is the eyeballs' rotation) rest here too
-    expr[:, [names.index(n) for n in model.held_expressions if n in names]] = 0.0
+    expr = bounded_expression_track(T, model.n_exp, rng, names=getattr(model, "expression_names", None))
     eyes = np.zeros((T, 6))
     eyes[:, 1] = eyes[:, 4] = eye_rad * np.sin(2 * np.pi * 0.4 * tt + ph[7])
     eyes[:, 0] = eyes[:, 3] = 0.5 * eye_rad * np.sin(2 * np.pi * 0.3 * tt + ph[6])
