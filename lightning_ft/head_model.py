@@ -195,9 +195,9 @@ class ICTHeadModel(nn.Module):
         # (0.1 mm rms per sd), fitting the detector's own idea of the
         # landmarks. sd 0.3 is N(0, 1) against ~3.3 px noise.
         # 64 calibration frames, not 32: on synthetic heads (bench_ict.py)
-        # seeds 1 / 4 had focal errors 4.2 / 2.5 % and face errors 3.5 / 2.5
-        # mm with 32, 2.5 / 1.9 % and 2.1 / 1.8 mm with 64 (all 120: 0.8 /
-        # 1.1 % and 0.8 / 1.1 mm, at about 4x the calibration's time).
+        # seeds 1 / 4 had focal errors 3.2 / 2.3 % and face errors 2.7 / 2.3
+        # mm with 32, 2.7 / 2.1 % and 2.2 / 2.0 mm with 64; the six seeds'
+        # means 1.2 % and 1.2 mm (benchmarks/RESULTS.md, "ICT, issue 19").
         return {"shape": ParameterBlock("shape", self.n_shape, 0.3, calibration_frames=64),
                 "expression": ParameterBlock("expression", self.n_exp, 0.5, (0.0, 1.0),
                                              tuple(self.expression_names), temporal_sigma=0.1)}
