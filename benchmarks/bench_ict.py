@@ -57,7 +57,8 @@ def run_seed(model, basis, seed: int, frames: int) -> dict:
     raw = {"rotation": p.rotation.double().numpy(), "translation": p.translation.double().numpy(),
            "expression": p.expression.double().numpy(), "jaw_pose": p.jaw.double().numpy(),
            "eye_pose": p.eyes.double().numpy()}
-    sm = smooth_tracking(raw, valid, 25.0, SmoothingConfig())
+    face_centre = basis.M0[:basis.n_static].double().mean(0).numpy()  # as pipeline.fit_landmarks smooths
+    sm = smooth_tracking(raw, valid, 25.0, SmoothingConfig(), pivot=face_centre)
     sm["expression"] = np.clip(sm["expression"], *cfg.expression_bounds)
     seconds = time.perf_counter() - t0
     params = FrameParams(t(sm["rotation"]), t(sm["translation"]), t(sm["expression"]), t(sm["jaw_pose"]),

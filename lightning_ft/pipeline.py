@@ -378,7 +378,9 @@ def fit_landmarks(model: HeadModel, inputs: VideoInputs, cfg: TrackConfig, timer
         res = _fit_valid_frames(model, basis, targets, idx, focal, pp, shape, fit_cfg, emoca)
     raw = _raw_track(model, inputs, res.params, idx, cal.shape)
     with timer("smoothing"):
-        smoothed = smooth_track(raw, inputs.fps, cfg.smoothing, timestamps=inputs.timestamps)
+        # translation smoothed at the face (the mean of the inner 68 points), not the model's origin
+        face_centre = basis.M0[:basis.n_static].double().mean(0).numpy()
+        smoothed = smooth_track(raw, inputs.fps, cfg.smoothing, timestamps=inputs.timestamps, pivot=face_centre)
         if fit_cfg.expression_bounds is not None:  # the smoother may overshoot a bound
             smoothed.expression = np.clip(smoothed.expression, *fit_cfg.expression_bounds)
     with timer("quality"):
@@ -449,8 +451,11 @@ def calibration_fit_config(fit_cfg: FitConfig) -> FitConfig:
 
 def calibration_config_for(model: HeadModel, ccfg: CalibrationConfig) -> CalibrationConfig:
     """`ccfg` with the model's identity prior (its sd relative to the
-    calibration's own N(0, sigma_shape^2))."""
-    return replace(ccfg, sigma_shape=ccfg.sigma_shape * model.parameter_blocks()["shape"].sigma)
+    calibration's own N(0, sigma_shape^2)) and at least the number of
+    frames the model asks to estimate it from."""
+    block = model.parameter_blocks()["shape"]
+    return replace(ccfg, sigma_shape=ccfg.sigma_shape * block.sigma,
+                   n_frames=max(ccfg.n_frames, block.calibration_frames or 0))
 
 
 def _quality(basis, smoothed: Track, focal, pp, lmk68, lmk_dense, valid, idx, res) -> Tuple[dict, dict]:

@@ -522,6 +522,7 @@ def smooth_tracking(
     fps: float,
     config: SmoothingConfig | None = None,
     timestamps: np.ndarray | None = None,
+    pivot: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Smooth a track of per-frame FLAME parameters.
 
@@ -534,6 +535,13 @@ def smooth_tracking(
         fps: frames per second (used when `timestamps` is None).
         config: noise models; None uses the defaults.
         timestamps: [T] frame times in seconds, for variable frame rate.
+        pivot: [3] a model-space point (m), e.g. the face's centre: with
+            'rotation' and 'translation' (X_cam = R X + t), the pivot's camera
+            position R pivot + t is smoothed in place of t, and t recovered
+            from it. A fit's rotation and translation errors are coupled
+            through the lever arm between the model's origin and the face
+            (ICT's origin lies 9 cm behind it): smoothed apart, a rotation
+            error the translation had compensated moves the face.
 
     Returns:
         A new dict with the same keys; the known ones smoothed. Invalid
@@ -558,6 +566,12 @@ def smooth_tracking(
     # array (each with its own noise model): its cost is per frame, not per channel.
     blocks = []  # (key, [T, D] values, NoiseModel)
     reference = None
+    use_pivot = pivot is not None and "rotation" in params and "translation" in params
+    if use_pivot:
+        pivot = np.asarray(pivot, dtype=np.float64)
+        params = dict(params)
+        params["translation"] = np.asarray(params["translation"], np.float64) + \
+            np.asarray(params["rotation"], np.float64) @ pivot
     if "rotation" in params:
         rotations = np.asarray(params["rotation"], dtype=np.float64)
         if rotations.shape != (n_frames, 3, 3):
@@ -590,6 +604,8 @@ def smooth_tracking(
         if key == "rotation":
             part = (reference * Rotation.from_rotvec(part)).as_matrix()
         smoothed[key] = part
+    if use_pivot:
+        smoothed["translation"] = smoothed["translation"] - smoothed["rotation"] @ pivot
     return smoothed
 
 
@@ -603,18 +619,19 @@ def smooth_track(
     config: SmoothingConfig | None = None,
     timestamps: np.ndarray | None = None,
     fields: tuple[str, ...] = SMOOTHED_FIELDS,
+    pivot: np.ndarray | None = None,
 ) -> Track:
     """`track` with `fields` smoothed by `smooth_tracking` (float64, all T
     frames). The values of frames not in `track.valid` are not measurements:
     the smoother interpolates them. fps is used when `timestamps` [T]
-    (seconds) is None."""
+    (seconds) is None; pivot: see `smooth_tracking`."""
     valid = np.asarray(track.valid, dtype=bool)
     measured = {}
     for name in fields:
         values = np.array(getattr(track, name), dtype=np.float64)
         values[~valid] = np.nan
         measured[name] = values
-    return replace(track, **smooth_tracking(measured, valid, fps, config, timestamps=timestamps))
+    return replace(track, **smooth_tracking(measured, valid, fps, config, timestamps=timestamps, pivot=pivot))
 
 
 def second_difference_jitter(x: np.ndarray, valid: np.ndarray | None = None) -> float:
