@@ -37,7 +37,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from lightning_ft import pipeline  # noqa: E402
+from lightning_ft import batch, pipeline  # noqa: E402
 from lightning_ft.synthetic import clips  # noqa: E402
 from run import make_assets  # noqa: E402  (benchmarks/run.py: the same stand-in as the speed figures)
 
@@ -63,7 +63,7 @@ def track(video: Path, assets: Path, work: Path, cfg_changes: dict = None) -> di
     cfg = pipeline.TrackConfig(data=video, out_dir=work / "out", assets_dir=assets, device="cpu", no_emoca=True,
                                cache_dir=work / "cache", progress=False, overwrite=True, **(cfg_changes or {}))
     t0 = time.perf_counter()
-    outcomes = pipeline.run(cfg)
+    outcomes = batch.run(cfg)
     if [o.status for o in outcomes] != ["done"]:
         raise SystemExit(f"{video}: {outcomes}")
     folder = Path(outcomes[0].detail)

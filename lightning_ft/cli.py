@@ -89,7 +89,8 @@ def _track(args: argparse.Namespace) -> int:
     import os
 
     from .assets import ENV_ASSETS, resolve_assets_dir
-    from .pipeline import TrackConfig, parse_shard, run
+    from .batch import parse_shard, run
+    from .pipeline import TrackConfig
     from .workers import resolve_devices, run_workers
 
     exports = [x.strip() for x in args.export.split(",") if x.strip()]

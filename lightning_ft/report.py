@@ -189,7 +189,7 @@ def collect(out_dir: Path, data: Optional[Path] = None) -> List[VideoEntry]:
 def expected_results(data: Path) -> Dict[str, Path]:
     """Result name -> input video for a tracking run over `data` (the names
     the tracker gives, so a folder's clips map onto their results)."""
-    from .pipeline import find_videos, result_names
+    from .batch import find_videos, result_names
 
     data = Path(data)
     videos = find_videos(data)

@@ -1,7 +1,7 @@
 """Several worker processes over one folder of videos: one per device
 (`-d 0,1,2,3`, `-d all`) or `--workers N` on one device (the CPU).
 
-Every worker runs the ordinary folder loop (`pipeline.run`) with its own
+Every worker runs the ordinary folder loop (`batch.run`) with its own
 device; the per-video claims (`claims.py`) do the dividing: a worker passes
 over a video another live process holds and takes the next one, so each
 takes the next unclaimed video when it is free. A video one worker failed is
@@ -100,7 +100,7 @@ def threads_per_worker(n_workers: int, cores: Optional[int] = None) -> int:
 
 
 class WorkerEvents:
-    """`pipeline.run` hooks of one worker: events to the parent as JSON
+    """`batch.run` hooks of one worker: events to the parent as JSON
     lines on `stream`; failure markers shared by the workers of one run."""
 
     def __init__(self, run_dir: Path, stream: TextIO):
@@ -157,7 +157,7 @@ def worker_main(argv: Optional[List[str]] = None) -> int:
     with open(Path(run_dir) / "config.pickle", "rb") as f:
         cfg, quiet = pickle.load(f)
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
-    from .pipeline import run
+    from .batch import run
 
     try:
         run(replace(cfg, device=device, progress=False), events=WorkerEvents(Path(run_dir), sys.stdout))
@@ -268,8 +268,8 @@ def _read_stream(worker: _Worker, kind: str, stream, events: "queue.Queue") -> N
 
 
 def _video_list(cfg) -> List[str]:
-    """The names (as `pipeline.run` reports them) of the videos of this run."""
-    from .pipeline import input_videos
+    """The names (as `batch.run` reports them) of the videos of this run."""
+    from .batch import input_videos
 
     if cfg.landmarks_file is not None:
         raise UsageError("--landmarks tracks one video: run it without --workers or a device list")
@@ -279,8 +279,8 @@ def _video_list(cfg) -> List[str]:
 
 def run_workers(cfg, devices: List[str], quiet: bool = False):
     """Track the videos of `cfg` with one worker process per entry of
-    `devices`; returns one `pipeline.VideoOutcome` per video, in order."""
-    from .pipeline import VideoOutcome, check_config
+    `devices`; returns one `batch.VideoOutcome` per video, in order."""
+    from .batch import VideoOutcome, check_config
 
     cfg = check_config(cfg)  # the model chosen once, here, for every worker
     names = _video_list(cfg)

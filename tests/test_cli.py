@@ -243,7 +243,7 @@ def test_one_list_of_video_suffixes_for_files_and_folders(tmp_path, assets_dir, 
     another suffix is refused alone as it is passed over in a folder."""
     import av
 
-    from lightning_ft.pipeline import VIDEO_SUFFIXES, find_videos
+    from lightning_ft.batch import VIDEO_SUFFIXES, find_videos
 
     gif = tmp_path / "data" / "anim.gif"
     gif.parent.mkdir()

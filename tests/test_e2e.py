@@ -126,7 +126,7 @@ def e2e_assets(tmp_path_factory, real_embedding_dir, assets_dir):
 
 @pytest.fixture(scope="module")
 def e2e_flame(e2e_assets):
-    from lightning_ft.pipeline import load_flame
+    from lightning_ft.batch import load_flame
 
     return load_flame(e2e_assets)
 

@@ -19,7 +19,8 @@ from lightning_ft.head_model import HeadModel, ICTHeadModel
 from lightning_ft.fitter import (FitConfig, FrameParams, Targets, apply_step, build_basis, fit_config_for,
                                  fit_sequence, predict_landmarks)
 from lightning_ft.results import TRACKING_KEYS, track_from_arrays, write_result
-from lightning_ft.pipeline import TrackConfig, calibration_config_for, calibration_fit_config, select_model
+from lightning_ft.batch import select_model
+from lightning_ft.pipeline import TrackConfig, calibration_config_for, calibration_fit_config
 from lightning_ft.synthetic.ict_sequences import make_ict_sequence
 
 from ict_standin import StandInICT

@@ -1,9 +1,6 @@
 """End-to-end behaviour through the CLI: errors, --landmarks ground truth, resume."""
 
 import json
-import re
-from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,16 +22,6 @@ def test_missing_video_is_one_line_and_nonzero(capsys, tmp_path):
     assert err.strip().count("\n") == 0 and "missing.mp4" in err and "Traceback" not in err
 
 
-def test_run_without_assets_stops_before_work(capsys, tmp_path):
-    video = tmp_path / "clip.mp4"
-    video.write_bytes(b"not looked at")
-    rc = track_main(["--data", str(video), "--assets", str(tmp_path / "assets"), "--out", str(tmp_path / "out")])
-    err = capsys.readouterr().err
-    assert rc == 3
-    assert "generic_model.pkl" in err and "--no-emoca" in err
-    assert not (tmp_path / "out").exists()
-
-
 def test_device_parsing():
     assert resolve_device("cpu") == "cpu"
     if not torch.cuda.is_available():
@@ -43,13 +30,6 @@ def test_device_parsing():
             resolve_device("7")
     with pytest.raises(UsageError):
         resolve_device("gpu-seven")
-
-
-def test_bad_shard_is_a_usage_error(capsys, tmp_path, assets_dir):
-    (tmp_path / "v").mkdir()
-    (tmp_path / "v" / "a.mp4").write_bytes(b"x")
-    rc = track_main(["--data", str(tmp_path / "v"), "--assets", str(assets_dir), "--no-emoca", "--shard", "3/2"])
-    assert rc == 2 and "--shard" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -189,15 +169,6 @@ def test_export_subcommand_writes_meshes(gt_run, capsys):
     assert info and "sha256" in json.dumps(info)
 
 
-def test_unknown_export_format_is_refused_before_work(tmp_path, assets_dir, capsys):
-    lm = tmp_path / "lm.npz"
-    np.savez(lm, lmk68=np.zeros((2, 68, 2)), lmk_dense=np.zeros((2, 478, 2)), image_size=np.array([64, 64]))
-    rc = track_main(["--landmarks", str(lm), "--no-emoca", "--assets", str(assets_dir), "--out",
-                     str(tmp_path / "out"), "--export", "blender"])
-    assert rc == 2 and "blender" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
-
-
 def test_emoca_tier_runs_end_to_end(tmp_path, assets_dir):
     """With an EMOCA release present (synthetic weights of the real structure)
     the tracker initialises from it and records that in meta.json."""
@@ -234,11 +205,12 @@ def _assets_with(assets_dir, tmp_path, texture_files):
 
 @pytest.fixture(scope="module")
 def synthesis_run(tmp_path_factory, assets_dir, flame_model):
-    """A few carphone frames tracked with --synthesis -v (`pipeline.run`, as
+    """A few carphone frames tracked with --synthesis -v (`batch.run`, as
     the CLI calls it, with few Adam steps: what is checked here is the
     plumbing, not the fit): the procedural FLAME and a smooth skin-coloured
     texture space whose UVs fit it."""
-    from lightning_ft.pipeline import TrackConfig, run
+    from lightning_ft.batch import run
+    from lightning_ft.pipeline import TrackConfig
     from lightning_ft.synthesis import SynthesisConfig
     from lightning_ft.synthetic.clips import carphone_path, write_excerpt
     from lightning_ft.synthetic.texture_files import write_synthetic_texture_for_mesh
@@ -357,23 +329,3 @@ def test_poor_fit_is_warned_and_recorded(gt_run, flame_model, assets_dir, tmp_pa
     warned = [r.getMessage() for r in caplog.records if "poor fit" in r.getMessage()]
     assert len(warned) == 1 and "bad.npz" in warned[0]
     assert not [r for r in caplog.records if "poor fit" in r.getMessage() and "seq.npz" in r.getMessage()]
-
-
-@pytest.mark.parametrize("change, message", [
-    ({"fps": -5.0}, "--fps -5.0: a positive frame rate"),
-    ({"image_size": 32}, "--image-size 32: choose 64 to 4096 pixels"),
-    ({"export": ["vhap", "obj"]}, "--export obj: unknown format"),
-    ({"fov_deg": 0.5}, "--fov 0.5: must be a horizontal field of view"),
-    ({"data": Path("/nonexistent/clip.mp4")}, "/nonexistent/clip.mp4: no such file or folder"),
-])
-def test_the_python_api_gets_the_clis_checks(tmp_path, change, message):
-    """pipeline.run checks its settings itself (check_config), so a script that
-    builds a TrackConfig gets the one-line errors the CLI gives, before any work."""
-    from lightning_ft.pipeline import TrackConfig, run
-
-    video = tmp_path / "clip.mp4"
-    video.write_bytes(b"not read: the check comes first")
-    cfg = TrackConfig(data=video, out_dir=tmp_path / "out", assets_dir=tmp_path / "assets", model="ict")
-    with pytest.raises(UsageError, match=re.escape(message)):
-        run(replace(cfg, **change))
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

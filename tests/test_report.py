@@ -24,10 +24,11 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from lightning_ft.cli import main, track_main
+from lightning_ft.cli import main
 from lightning_ft.errors import UsageError
 from lightning_ft.results import failure_path, track_from_arrays, write_result
-from lightning_ft.pipeline import TrackConfig, find_videos, parse_shard, run, select_shard
+from lightning_ft.batch import run
+from lightning_ft.pipeline import TrackConfig
 from lightning_ft.report import OUTLIER_Z, collect, flag_outliers, head_angles_deg, robust_z, write_report
 from lightning_ft.synthetic import clips
 
@@ -422,54 +423,3 @@ def test_report_bad_folder_is_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty")]) == UsageError.exit_code
     assert "no results" in capsys.readouterr().err
-
-
-# ----------------------------------------------------------------------------
-# --shard auto
-
-
-def _slurm(monkeypatch, task_id, count, first, step=None, last=None):
-    """The variables Slurm sets in an array task (None: not set)."""
-    for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP",
-                 "SLURM_ARRAY_TASK_MAX"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in (("SLURM_ARRAY_TASK_ID", task_id), ("SLURM_ARRAY_TASK_COUNT", count),
-                        ("SLURM_ARRAY_TASK_MIN", first), ("SLURM_ARRAY_TASK_STEP", step),
-                        ("SLURM_ARRAY_TASK_MAX", last)):
-        if value is not None:
-            monkeypatch.setenv(name, str(value))
-
-
-@pytest.mark.parametrize("first,step", [(0, None), (1, None), (10, 1), (0, 3)])
-def test_shard_auto_partitions_the_videos_over_an_array(monkeypatch, tmp_path, first, step):
-    for k in range(7):
-        clips.write_empty(tmp_path / f"part{k % 2}" / f"v{k}.mp4")
-    videos = find_videos(tmp_path)
-    n = 3
-    seen = []
-    for task in range(n):
-        _slurm(monkeypatch, first + task * (step or 1), n, first, step, last=first + (n - 1) * (step or 1))
-        assert parse_shard("auto") == (task, n)
-        seen.append(select_shard(videos, parse_shard("auto")))
-    assert sorted(v for s in seen for v in s) == videos
-    assert sum(len(s) for s in seen) == len(videos)
-
-
-def test_shard_auto_without_slurm_is_one_line(monkeypatch, capsys, tmp_path):
-    _slurm(monkeypatch, None, None, None)
-    with pytest.raises(UsageError, match="SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT, SLURM_ARRAY_TASK_MIN"):
-        parse_shard("auto")
-    _slurm(monkeypatch, 5, 3, 1)  # --array=1,5,7: not evenly spaced
-    with pytest.raises(UsageError, match="not evenly spaced"):
-        parse_shard("auto")
-    _slurm(monkeypatch, 3, 2, 3, last=17)  # --array=3,17: task 3 alone looks like shard 0/2
-    with pytest.raises(UsageError, match="not evenly spaced"):
-        parse_shard("auto")
-    _slurm(monkeypatch, "x", 3, 0)
-    with pytest.raises(UsageError, match="not integers"):
-        parse_shard("auto")
-    _slurm(monkeypatch, None, None, None)
-    clips.write_empty(tmp_path / "v.mp4")
-    rc = track_main(["--data", str(tmp_path), "--shard", "auto", "--out", str(tmp_path / "out"), "-d", "cpu"])
-    err = capsys.readouterr().err.strip()
-    assert rc == UsageError.exit_code and err.count("\n") == 0 and "SLURM_ARRAY_TASK_ID" in err

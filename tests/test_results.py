@@ -10,7 +10,7 @@ import pytest
 
 from lightning_ft.results import (HASH_SPAN, TRACKING_KEYS, ResultFileError, is_finished, load_tracking,
                                   result_differences, same_source, source_identity, write_result)
-from lightning_ft.pipeline import RESULT_SETTINGS, TrackConfig, result_names, result_settings, settings_fingerprint
+from lightning_ft.pipeline import RESULT_SETTINGS, TrackConfig, result_settings, settings_fingerprint
 from lightning_ft.track import Camera, Track
 
 
@@ -104,22 +104,6 @@ def test_missing_or_broken_files_are_one_line_naming_the_file(tmp_path):
     (tmp_path / "clip" / "tracking.npz").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(ResultFileError, match="tracking.npz: unreadable"):
         load_tracking(tmp_path / "clip")
-
-
-def test_result_names_mirror_the_folder_and_keep_the_suffix_where_stems_collide(tmp_path):
-    root = tmp_path / "data"
-    files = ["car.mp4", "car.avi", "car.MKV", "car.mov", "solo.mp4", "a.mp4", "a/clip.mp4", "b/clip.mp4",
-             "b/deep/x.webm"]
-    videos = [root / f for f in files]
-    names = dict(zip(files, result_names(videos, root)))
-    assert [names[f] for f in ("car.mp4", "car.avi", "car.MKV", "car.mov")] == ["car.mp4", "car.avi", "car.MKV",
-                                                                                "car.mov"]
-    assert names["solo.mp4"] == "solo"  # a flat folder keeps the stem
-    assert names["a/clip.mp4"] == "a/clip" and names["b/clip.mp4"] == "b/clip" and names["b/deep/x.webm"] == "b/deep/x"
-    assert names["a.mp4"] == "a.mp4"  # its stem is the folder of a/clip's result
-    assert len(set(n.casefold() for n in names.values())) == len(files)
-    # a single file keeps its stem, as before
-    assert result_names([tmp_path / "clip.mp4"], None) == ["clip"]
 
 
 def test_source_identity_follows_the_content_not_the_mtime(tmp_path):
