@@ -26,6 +26,7 @@ import logging
 import os
 import queue
 import threading
+from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence, Tuple, Union
@@ -180,22 +181,48 @@ def write_visualization(
     lmk_detected, lmk_fitted, valid = _per_frame_inputs(out_path, fps, vertices_cam, lmk_detected, lmk_fitted,
                                                         valid)
     T = len(valid)
+    render_frame = _frame_renderer(out_path, T, vertices_cam, lmk_fitted, faces, K, textures, face_uvs, lighting)
+    with _replaced_when_complete(out_path) as container:
+        stream = None
+        n_written = 0
+        rendered = _render_ahead(frames, render_frame)
+        for t, (crop, mesh_image, mask, fitted) in enumerate(
+                progress_bar(rendered, total=T, desc="visualization", enabled=progress)):
+            H, W = crop.shape[:2]
+            frame = _pad_even(compose_frame(crop, mesh_image, mask, lmk_detected[t],
+                                            np.asarray(fitted, dtype=np.float64), bool(valid[t]), overlay_alpha))
+            if stream is None:
+                stream = _add_h264_stream(container, frame.shape, fps, crf, preset)
+            elif (frame.shape[1], frame.shape[0]) != (stream.width, stream.height):
+                raise VideoError(f"{out_path}: frame {t} is {W}x{H}, unlike the first; "
+                                 f"crops must share one size")
+            _encode_rgb(container, stream, frame)
+            n_written += 1
+        if n_written != T:
+            raise VideoError(f"{out_path}: got {n_written} frames for {T} tracked ones; "
+                             f"pass the frames that were tracked")
+        for packet in stream.encode():
+            container.mux(packet)
+    log.debug("wrote %s (%d frames at %.3f fps)", out_path, T, fps)
+    return out_path
+
+
+def _frame_renderer(out_path: Path, T: int, vertices_cam, lmk_fitted, faces, K, textures, face_uvs,
+                    lighting) -> Callable[[int, np.ndarray], tuple]:
+    """`write_visualization`'s inputs checked and made tensors (before any
+    file is opened), and the function that renders frame t from its crop:
+    (crop, mesh_image, mask, fitted landmarks [68,2] crop px)."""
     K_all = _intrinsics(K)
     faces_t = torch.as_tensor(np.asarray(faces), dtype=torch.long)
     colours_t, texture_t, face_uvs_t = _texture_inputs(textures, face_uvs)
     lighting_t = _lighting_input(lighting, T, out_path)
+    renderer = None
 
     def render_frame(t: int, crop: np.ndarray):
         """Frame t's parts (runs in the render thread, which alone calls the
         vertex and landmark callables: they may share state such as a chunk)."""
         nonlocal renderer
-        if t >= T:
-            raise VideoError(f"{out_path}: more frames than the {T} tracked ones; "
-                             f"pass the frames that were tracked")
-        crop = np.ascontiguousarray(crop)
-        if crop.dtype != np.uint8 or crop.ndim != 3 or crop.shape[2] != 3:
-            raise VideoError(f"{out_path}: frame {t} must be RGB uint8 [H,W,3], "
-                             f"got {crop.dtype} {crop.shape}")
+        crop = _checked_crop(out_path, t, T, crop)
         H, W = crop.shape[:2]
         verts = vertices_cam(t) if callable(vertices_cam) else vertices_cam[t]
         fitted = lmk_fitted(t) if callable(lmk_fitted) else lmk_fitted[t]
@@ -206,46 +233,55 @@ def write_visualization(
                                    lighting_t)
         return crop, mesh_image, mask, fitted
 
-    renderer = None
+    return render_frame
+
+
+def _checked_crop(out_path: Path, t: int, T: int, crop) -> np.ndarray:
+    """Crop t as a contiguous RGB uint8 [H,W,3] array; VideoError for a
+    frame beyond the T tracked ones or of another kind."""
+    if t >= T:
+        raise VideoError(f"{out_path}: more frames than the {T} tracked ones; "
+                         f"pass the frames that were tracked")
+    crop = np.ascontiguousarray(crop)
+    if crop.dtype != np.uint8 or crop.ndim != 3 or crop.shape[2] != 3:
+        raise VideoError(f"{out_path}: frame {t} must be RGB uint8 [H,W,3], "
+                         f"got {crop.dtype} {crop.shape}")
+    return crop
+
+
+@contextmanager
+def _replaced_when_complete(out_path: Path) -> Iterator[av.container.OutputContainer]:
+    """An mp4 container writing to a temporary file beside `out_path`, moved
+    onto it when the block completes; removed, leaving any old file
+    untouched, when the block raises."""
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = out_path.with_name(f".{out_path.stem}.{os.getpid()}.tmp{out_path.suffix or '.mp4'}")
     container = av.open(str(tmp_path), mode="w", format="mp4")
     try:
-        stream = None
-        n_written = 0
-        rendered = _render_ahead(frames, render_frame)
-        for t, (crop, mesh_image, mask, fitted) in enumerate(
-                progress_bar(rendered, total=T, desc="visualization", enabled=progress)):
-            H, W = crop.shape[:2]
-            frame = compose_frame(crop, mesh_image, mask, lmk_detected[t],
-                                  np.asarray(fitted, dtype=np.float64), bool(valid[t]), overlay_alpha)
-            frame = _pad_even(frame)
-            if stream is None:
-                stream = container.add_stream("libx264", rate=_fps_fraction(fps))
-                stream.width, stream.height = frame.shape[1], frame.shape[0]
-                stream.pix_fmt = "yuv420p"
-                stream.options = {"crf": str(crf), "preset": preset}
-            elif (frame.shape[1], frame.shape[0]) != (stream.width, stream.height):
-                raise VideoError(f"{out_path}: frame {t} is {W}x{H}, unlike the first; "
-                                 f"crops must share one size")
-            # BT.601 limited range, as swscale would convert rgb24 for x264
-            video_frame = av.VideoFrame.from_ndarray(cv2.cvtColor(frame, cv2.COLOR_RGB2YUV_I420), format="yuv420p")
-            for packet in stream.encode(video_frame):
-                container.mux(packet)
-            n_written += 1
-        if n_written != T:
-            raise VideoError(f"{out_path}: got {n_written} frames for {T} tracked ones; "
-                             f"pass the frames that were tracked")
-        for packet in stream.encode():
-            container.mux(packet)
+        yield container
         container.close()
         os.replace(tmp_path, out_path)
     except BaseException:
         container.close()
         tmp_path.unlink(missing_ok=True)
         raise
-    log.debug("wrote %s (%d frames at %.3f fps)", out_path, T, fps)
-    return out_path
+
+
+def _add_h264_stream(container, frame_shape: Tuple[int, ...], fps: float, crf: int, preset: str):
+    """The container's libx264 yuv420p stream for frames [H,W,3] at `fps`."""
+    stream = container.add_stream("libx264", rate=_fps_fraction(fps))
+    stream.width, stream.height = frame_shape[1], frame_shape[0]
+    stream.pix_fmt = "yuv420p"
+    stream.options = {"crf": str(crf), "preset": preset}
+    return stream
+
+
+def _encode_rgb(container, stream, frame: np.ndarray) -> None:
+    """Encode and mux one RGB uint8 [H,W,3] frame (H, W even)."""
+    # BT.601 limited range, as swscale would convert rgb24 for x264
+    video_frame = av.VideoFrame.from_ndarray(cv2.cvtColor(frame, cv2.COLOR_RGB2YUV_I420), format="yuv420p")
+    for packet in stream.encode(video_frame):
+        container.mux(packet)
 
 
 def _per_frame_inputs(out_path: Path, fps: float, vertices_cam, lmk_detected, lmk_fitted, valid):
