@@ -46,7 +46,7 @@ VIDEO_SUFFIXES = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpe
 
 
 # ----------------------------------------------------------------------------
-# Inputs
+# The videos of a run: files, shards, result names
 
 
 def find_videos(path: Path) -> List[Path]:
