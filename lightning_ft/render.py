@@ -461,78 +461,21 @@ def antialias(
     B, H, W, C = color.shape
     device = color.device
     faces = faces.to(device=device, dtype=torch.long)
-    F_ = faces.shape[0]
     if adjacency is None:
         adjacency = face_adjacency(faces)
     adjacency = adjacency.to(device)
-    face_idx = fragments.face_idx
     flat_color = color.reshape(B * H * W, C)
     with torch.no_grad():
         tri_all = verts_screen.detach()[:, faces]  # [B,F,3,3]
-        facing = torch.sign(_signed_area(tri_all))  # [B,F]
-        opposite_facing = facing.gather(1, adjacency.clamp(min=0).view(1, -1).expand(B, -1))
-        silhouette_edge = (adjacency < 0) | (opposite_facing.view(B, F_, 3) != facing[..., None])
-        # Only pixels of triangles with a silhouette edge can start a blend;
-        # this skips the many pairs across interior edges cheaply.
-        flag = torch.cat([silhouette_edge.any(-1).reshape(-1),
-                          torch.zeros(1, dtype=torch.bool, device=device)])
-        batch_base = (torch.arange(B, device=device) * F_).view(B, 1, 1)
-        lookup = torch.where(face_idx >= 0, face_idx + batch_base,
-                             torch.full_like(face_idx, B * F_))
-        starts_blend = flag[lookup]  # [B,H,W]
-        depth = torch.where(face_idx >= 0, fragments.zbuf.detach(),
-                            torch.full_like(fragments.zbuf, float("inf")))
+        silhouette_edge, starts_blend, depth = _silhouette_starts(tri_all, adjacency, fragments)
     delta = None
     for axis in (2, 1):
-        n = face_idx.shape[axis]
-        if n < 2:
-            continue
         with torch.no_grad():
-            fa, fb = face_idx.narrow(axis, 0, n - 1), face_idx.narrow(axis, 1, n - 1)
-            sa, sb = starts_blend.narrow(axis, 0, n - 1), starts_blend.narrow(axis, 1, n - 1)
-            candidate = (fa != fb) & (sa | sb)
-            pos = torch.nonzero(candidate.reshape(-1)).squeeze(1)
-            if pos.numel() == 0:
-                continue
-            # flat index of the first pixel of each pair in the full image
-            shape = candidate.shape
-            b = torch.div(pos, shape[1] * shape[2], rounding_mode="floor")
-            rem = pos - b * (shape[1] * shape[2])
-            r = torch.div(rem, shape[2], rounding_mode="floor")
-            c = rem - r * shape[2]
-            ia = (b * H + r) * W + c
-            ib = ia + (1 if axis == 2 else W)
-            flat_face = face_idx.reshape(-1)
-            flat_depth = depth.reshape(-1)
-            fa, fb = flat_face[ia], flat_face[ib]
-            a_front = flat_depth[ia] <= flat_depth[ib]
-            near_idx = torch.where(a_front, ia, ib)
-            far_idx = torch.where(a_front, ib, ia)
-            near_face = torch.where(a_front, fa, fb)
-            far_face = torch.where(a_front, fb, fa)
-            tri = tri_all[b, near_face]
-            pn, pf = near_idx - b * (H * W), far_idx - b * (H * W)
-            ln = _barycentric(tri, (pn % W).to(tri.dtype),
-                              torch.div(pn, W, rounding_mode="floor").to(tri.dtype))
-            lf = _barycentric(tri, (pf % W).to(tri.dtype),
-                              torch.div(pf, W, rounding_mode="floor").to(tri.dtype))
-            t_all = torch.where(lf < 0, ln / (ln - lf).clamp(min=1e-12),
-                                torch.full_like(ln, float("inf")))
-            t_min, edge = t_all.min(-1)
-            opposite = adjacency[near_face, edge]
-            keep = silhouette_edge[b, near_face, edge] & torch.isfinite(t_min)
-            # the neighbour across the edge being what the far pixel shows
-            # means the edge is a crease, not a silhouette
-            keep &= (opposite < 0) | (opposite != far_face)
-            rows = torch.arange(tri.shape[0], device=device)
-            e0, e1 = tri[rows, (edge + 1) % 3], tri[rows, (edge + 2) % 3]
-            du, dv = (e1[:, 0] - e0[:, 0]).abs(), (e1[:, 1] - e0[:, 1]).abs()
-            keep &= (du <= dv) if axis == 2 else (dv < du)
-            keep = torch.nonzero(keep).squeeze(1)
-        if keep.numel() == 0:
+            pairs = _silhouette_pairs(axis, fragments.face_idx, depth, starts_blend, tri_all, adjacency,
+                                      silhouette_edge)
+        if pairs is None:
             continue
-        b, near_idx, far_idx = b[keep], near_idx[keep], far_idx[keep]
-        near_face, edge = near_face[keep], edge[keep]
+        b, near_idx, far_idx, near_face, edge = pairs
         pn, pf = near_idx - b * (H * W), far_idx - b * (H * W)
         tri = _gather_corners(verts_screen, faces, b, near_face)  # differentiable
         dtype = tri.dtype
@@ -555,6 +498,90 @@ def antialias(
     if delta is None:
         return color
     return (flat_color + delta).view(B, H, W, C)
+
+
+def _silhouette_starts(tri_all: torch.Tensor, adjacency: torch.Tensor, fragments: Fragments):
+    """For `antialias`, from the rasterized triangles tri_all [B,F,3,3]
+    (screen): silhouette_edge [B,F,3] bool (an edge without a neighbour or
+    whose neighbour faces the other way), starts_blend [B,H,W] bool (the
+    pixel shows a triangle with such an edge) and depth [B,H,W] (the
+    z-buffer, inf on the background)."""
+    B, F_ = tri_all.shape[:2]
+    device = tri_all.device
+    face_idx = fragments.face_idx
+    facing = torch.sign(_signed_area(tri_all))  # [B,F]
+    opposite_facing = facing.gather(1, adjacency.clamp(min=0).view(1, -1).expand(B, -1))
+    silhouette_edge = (adjacency < 0) | (opposite_facing.view(B, F_, 3) != facing[..., None])
+    # Only pixels of triangles with a silhouette edge can start a blend;
+    # this skips the many pairs across interior edges cheaply.
+    flag = torch.cat([silhouette_edge.any(-1).reshape(-1),
+                      torch.zeros(1, dtype=torch.bool, device=device)])
+    batch_base = (torch.arange(B, device=device) * F_).view(B, 1, 1)
+    lookup = torch.where(face_idx >= 0, face_idx + batch_base,
+                         torch.full_like(face_idx, B * F_))
+    starts_blend = flag[lookup]  # [B,H,W]
+    depth = torch.where(face_idx >= 0, fragments.zbuf.detach(),
+                        torch.full_like(fragments.zbuf, float("inf")))
+    return silhouette_edge, starts_blend, depth
+
+
+def _silhouette_pairs(axis: int, face_idx: torch.Tensor, depth: torch.Tensor, starts_blend: torch.Tensor,
+                      tri_all: torch.Tensor, adjacency: torch.Tensor, silhouette_edge: torch.Tensor):
+    """The pixel pairs along `axis` (2: horizontal, 1: vertical neighbours of
+    face_idx [B,H,W]) that `antialias` blends: (batch index, flat pixel
+    index of the near and the far pixel, the near pixel's face, the index
+    0-2 of its silhouette edge between them), each [P]; None when there is
+    none. depth, starts_blend [B,H,W], silhouette_edge [B,F,3] from
+    `_silhouette_starts`."""
+    _, H, W = face_idx.shape
+    device = face_idx.device
+    n = face_idx.shape[axis]
+    if n < 2:
+        return None
+    fa, fb = face_idx.narrow(axis, 0, n - 1), face_idx.narrow(axis, 1, n - 1)
+    sa, sb = starts_blend.narrow(axis, 0, n - 1), starts_blend.narrow(axis, 1, n - 1)
+    candidate = (fa != fb) & (sa | sb)
+    pos = torch.nonzero(candidate.reshape(-1)).squeeze(1)
+    if pos.numel() == 0:
+        return None
+    # flat index of the first pixel of each pair in the full image
+    shape = candidate.shape
+    b = torch.div(pos, shape[1] * shape[2], rounding_mode="floor")
+    rem = pos - b * (shape[1] * shape[2])
+    r = torch.div(rem, shape[2], rounding_mode="floor")
+    c = rem - r * shape[2]
+    ia = (b * H + r) * W + c
+    ib = ia + (1 if axis == 2 else W)
+    flat_face = face_idx.reshape(-1)
+    flat_depth = depth.reshape(-1)
+    fa, fb = flat_face[ia], flat_face[ib]
+    a_front = flat_depth[ia] <= flat_depth[ib]
+    near_idx = torch.where(a_front, ia, ib)
+    far_idx = torch.where(a_front, ib, ia)
+    near_face = torch.where(a_front, fa, fb)
+    far_face = torch.where(a_front, fb, fa)
+    tri = tri_all[b, near_face]
+    pn, pf = near_idx - b * (H * W), far_idx - b * (H * W)
+    ln = _barycentric(tri, (pn % W).to(tri.dtype),
+                      torch.div(pn, W, rounding_mode="floor").to(tri.dtype))
+    lf = _barycentric(tri, (pf % W).to(tri.dtype),
+                      torch.div(pf, W, rounding_mode="floor").to(tri.dtype))
+    t_all = torch.where(lf < 0, ln / (ln - lf).clamp(min=1e-12),
+                        torch.full_like(ln, float("inf")))
+    t_min, edge = t_all.min(-1)
+    opposite = adjacency[near_face, edge]
+    keep = silhouette_edge[b, near_face, edge] & torch.isfinite(t_min)
+    # the neighbour across the edge being what the far pixel shows
+    # means the edge is a crease, not a silhouette
+    keep &= (opposite < 0) | (opposite != far_face)
+    rows = torch.arange(tri.shape[0], device=device)
+    e0, e1 = tri[rows, (edge + 1) % 3], tri[rows, (edge + 2) % 3]
+    du, dv = (e1[:, 0] - e0[:, 0]).abs(), (e1[:, 1] - e0[:, 1]).abs()
+    keep &= (du <= dv) if axis == 2 else (dv < du)
+    keep = torch.nonzero(keep).squeeze(1)
+    if keep.numel() == 0:
+        return None
+    return b[keep], near_idx[keep], far_idx[keep], near_face[keep], edge[keep]
 
 
 def vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:

@@ -516,6 +516,30 @@ def _hold_ends(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return values
 
 
+def _channel_blocks(params: dict[str, np.ndarray], valid: np.ndarray,
+                    config: SmoothingConfig) -> tuple[list, Rotation | None]:
+    """The smoothed quantities as (key, [T, D] float64 values, NoiseModel)
+    blocks, in channel order: the rotation first, as axis-angle vectors
+    relative to the returned reference rotation (None without one), then
+    the `_VECTOR_KEYS` present in `params`."""
+    n_frames = valid.shape[0]
+    blocks = []
+    reference = None
+    if "rotation" in params:
+        rotations = np.asarray(params["rotation"], dtype=np.float64)
+        if rotations.shape != (n_frames, 3, 3):
+            raise ValueError(f"params['rotation'] must have shape ({n_frames}, 3, 3), got {rotations.shape}")
+        reference, relative = _rotations_to_tangent(rotations, valid)
+        blocks.append(("rotation", relative, config.rotation))
+    for key, field_name in _VECTOR_KEYS.items():
+        if key in params:
+            values = np.asarray(params[key], dtype=np.float64)
+            if values.ndim != 2 or values.shape[0] != n_frames:
+                raise ValueError(f"params[{key!r}] must have shape [{n_frames}, D], got {values.shape}")
+            blocks.append((key, values, getattr(config, field_name)))
+    return blocks, reference
+
+
 def smooth_tracking(
     params: dict[str, np.ndarray],
     valid: np.ndarray,
@@ -564,26 +588,13 @@ def smooth_tracking(
         timestamps = np.arange(n_frames) / float(fps)
     # All quantities go through one `rts_smooth` call as channels of one
     # array (each with its own noise model): its cost is per frame, not per channel.
-    blocks = []  # (key, [T, D] values, NoiseModel)
-    reference = None
     use_pivot = pivot is not None and "rotation" in params and "translation" in params
     if use_pivot:
         pivot = np.asarray(pivot, dtype=np.float64)
         params = dict(params)
         params["translation"] = np.asarray(params["translation"], np.float64) + \
             np.asarray(params["rotation"], np.float64) @ pivot
-    if "rotation" in params:
-        rotations = np.asarray(params["rotation"], dtype=np.float64)
-        if rotations.shape != (n_frames, 3, 3):
-            raise ValueError(f"params['rotation'] must have shape ({n_frames}, 3, 3), got {rotations.shape}")
-        reference, relative = _rotations_to_tangent(rotations, valid)
-        blocks.append(("rotation", relative, config.rotation))
-    for key, field_name in _VECTOR_KEYS.items():
-        if key in params:
-            values = np.asarray(params[key], dtype=np.float64)
-            if values.ndim != 2 or values.shape[0] != n_frames:
-                raise ValueError(f"params[{key!r}] must have shape [{n_frames}, D], got {values.shape}")
-            blocks.append((key, values, getattr(config, field_name)))
+    blocks, reference = _channel_blocks(params, valid, config)
     smoothed = dict(params)
     if not blocks:
         return smoothed

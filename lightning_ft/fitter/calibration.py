@@ -23,6 +23,7 @@ what remains is the information in 32 noisy frames, not the solver.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Optional, Sequence
 
 import numpy as np
@@ -254,19 +255,9 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
     # evaluation. One mu for the whole joint system, in float64 like its solves.
     damping = Damping("nielsen", torch.tensor(1e-3, dtype=torch.float64))
     n_shared = S if fix_focal else S + 1
-    sigma_shape = ccfg.sigma_shape
-    prior_diag = torch.cat([torch.full((S,), 1 / sigma_shape ** 2, dtype=torch.float64),
+    prior_diag = torch.cat([torch.full((S,), 1 / ccfg.sigma_shape ** 2, dtype=torch.float64),
                             torch.tensor([1 / ccfg.focal_prior_sigma_log ** 2], dtype=torch.float64)])[:n_shared]
-
-    # Costs, normal equations and solves in float64: in float32 their sums
-    # depend on the summation order, i.e. on the thread count, and along the
-    # flat focal-shape valley that was enough to move the focal by 30 %
-    # between two runs of the same file (issue 20). The Jacobians stay float32.
-    def total(r, params, shape, log_f):
-        return float((r.double() ** 2).sum()
-                     + sum((w.double() * a.double() ** 2).sum() for a, w in prior_terms(params, cfg, None))
-                     + (shape.double() ** 2).sum() / sigma_shape ** 2
-                     + ((float(log_f) - log_f0) / ccfg.focal_prior_sigma_log) ** 2)
+    total = partial(_joint_cost, cfg=cfg, ccfg=ccfg, log_f0=log_f0)
 
     # The yaw-dependent contour correspondence is held fixed within a step and
     # updated between steps, as in fit_frames: a trial scored with its own
@@ -293,34 +284,14 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
     cost = total(r, params, shape, log_f)
     stale = False
     for _ in range(iters):
-        terms = [(a.double(), w.double()) for a, w in prior_terms(params, cfg, None)]  # identity Jacobians
-        A64, B64, r64 = A.double(), B.double(), r.double()
-        Hff, Hfs, Hss = _hessian_blocks(A64, B64, terms, prior_diag)
-        gf = (r64[:, None] @ A64)[:, 0]  # row vector times J: 5x faster than J^T r (strided)
-        for a, w in terms:
-            gf = gf + w * a
-        gf = gf[..., None]
-        gs = B64.reshape(-1, n_shared).T @ r64.reshape(-1) + torch.cat(
-            [shape.double() / sigma_shape ** 2,
-             torch.tensor([(float(log_f) - log_f0) / ccfg.focal_prior_sigma_log ** 2], dtype=torch.float64)])[:n_shared]
+        Hff, Hfs, Hss, gf, gs = _joint_normal_equations(A, B, r, params, shape, log_f, cfg, ccfg, log_f0, prior_diag)
         Hfs_gf = torch.cat([Hfs, gf], -1)
         Hfs_flat = Hfs.reshape(-1, n_shared)
         dff, dss = damping_scale(Hff), damping_scale(Hss)
         improved, converged = False, False
         for _ in range(6):
-            Hff_d, Hss_d = damping.damped(Hff, dff), damping.damped(Hss, dss)
-            X = _spd_solve(Hff_d, Hfs_gf)
-            Hinv_Hfs, Hinv_gf = X[..., :-1], X[..., -1:]
-            reduced = Hfs_flat.T @ X.reshape(-1, n_shared + 1)  # [Hfs' Hff^-1 Hfs | Hfs' Hff^-1 gf]
-            schur = Hss_d - reduced[:, :-1]
-            rhs = gs - reduced[:, -1]
-            ds = -torch.linalg.solve(schur, rhs)
-            df = -(Hinv_gf[..., 0] + Hinv_Hfs @ ds)
-            trial = apply_step(params, df.float(), E)
-            if not fix_focal:
-                trial.translation[:, 2] *= torch.exp(ds[S]).float()
-            shape_t = shape + ds[:S].float()
-            log_f_t = log_f if fix_focal else log_f + ds[S].float()
+            df, ds = _schur_step(damping.damped(Hff, dff), damping.damped(Hss, dss), Hfs_gf, Hfs_flat, gs)
+            trial, shape_t, log_f_t = _apply_joint_step(params, shape, log_f, df, ds, fix_focal)
             r_t = _joint_linearize(full, arrays, S, trial, shape_t, log_f_t, targets, pp, cfg, False)
             cost_t = total(r_t, trial, shape_t, log_f_t)
             if cost_t < cost:
@@ -337,19 +308,90 @@ def _joint_fit(basis: LandmarkBasis, targets: Targets, params: FrameParams, log_
         arrays, r, A, B = linearize(params, shape, log_f)
         cost = total(r, params, shape, log_f)  # under the new rows
     params.shape = shape
-    # residual noise variance per point coordinate (the weights assume 1 px),
-    # and the share of it that every frame repeats (see `calibrate`)
-    n_params = params.rotation.shape[0] * A.shape[-1] + n_shared
-    r64 = r.double()
-    noise_var = float((r64 ** 2).sum()) / max(1, r.numel() - n_params)
-    common = float((r64.mean(0) ** 2).sum() / ((r64 ** 2).sum() / r64.shape[0]).clamp_min(1e-30))
-    noise_var = (noise_var, common)
+    noise_var = _residual_noise(r, params.rotation.shape[0] * A.shape[-1] + n_shared)
     log_f_std = None
     if not fix_focal:  # at the final estimate
         if stale:
             _, r, A, B = linearize(params, shape, log_f)
         log_f_std = _log_focal_std(A, B, r, params, cfg, prior_diag)
     return params, log_f, cost, log_f_std, noise_var
+
+
+def _joint_cost(r: torch.Tensor, params: FrameParams, shape: torch.Tensor, log_f: torch.Tensor, cfg: FitConfig,
+                ccfg: CalibrationConfig, log_f0: float) -> float:
+    """The joint fit's cost: point residuals r [T,N], the per-frame priors,
+    the shape prior and the log-normal focal prior around log_f0.
+
+    Costs, normal equations and solves are in float64: in float32 their sums
+    depend on the summation order, i.e. on the thread count, and along the
+    flat focal-shape valley that was enough to move the focal by 30 %
+    between two runs of the same file (issue 20). The Jacobians stay float32."""
+    return float((r.double() ** 2).sum()
+                 + sum((w.double() * a.double() ** 2).sum() for a, w in prior_terms(params, cfg, None))
+                 + (shape.double() ** 2).sum() / ccfg.sigma_shape ** 2
+                 + ((float(log_f) - log_f0) / ccfg.focal_prior_sigma_log) ** 2)
+
+
+def _joint_normal_equations(A: torch.Tensor, B: torch.Tensor, r: torch.Tensor, params: FrameParams,
+                            shape: torch.Tensor, log_f: torch.Tensor, cfg: FitConfig, ccfg: CalibrationConfig,
+                            log_f0: float, prior_diag: torch.Tensor):
+    """The joint fit's Gauss-Newton system in float64 from the per-frame
+    Jacobian A [T,N,D], the shared one B [T,N,n] and residuals r [T,N]:
+    Hff [T,D,D], Hfs [T,D,n], Hss [n,n] (`_hessian_blocks`), the per-frame
+    gradient gf [T,D,1] and the shared gs [n], priors included."""
+    n_shared = prior_diag.shape[0]
+    terms = [(a.double(), w.double()) for a, w in prior_terms(params, cfg, None)]  # identity Jacobians
+    A64, B64, r64 = A.double(), B.double(), r.double()
+    Hff, Hfs, Hss = _hessian_blocks(A64, B64, terms, prior_diag)
+    gf = (r64[:, None] @ A64)[:, 0]  # row vector times J: 5x faster than J^T r (strided)
+    for a, w in terms:
+        gf = gf + w * a
+    gf = gf[..., None]
+    gs = B64.reshape(-1, n_shared).T @ r64.reshape(-1) + torch.cat(
+        [shape.double() / ccfg.sigma_shape ** 2,
+         torch.tensor([(float(log_f) - log_f0) / ccfg.focal_prior_sigma_log ** 2], dtype=torch.float64)])[:n_shared]
+    return Hff, Hfs, Hss, gf, gs
+
+
+def _schur_step(Hff_d: torch.Tensor, Hss_d: torch.Tensor, Hfs_gf: torch.Tensor, Hfs_flat: torch.Tensor,
+                gs: torch.Tensor):
+    """The damped step (df [T,D], ds [n]) of the joint system with the
+    per-frame blocks eliminated: Hff_d [T,D,D] and Hss_d [n,n] damped,
+    Hfs_gf [T,D,n+1] the coupling blocks beside the per-frame gradient,
+    Hfs_flat [T*D,n] the coupling blocks stacked, gs [n]."""
+    n_shared = Hss_d.shape[0]
+    X = _spd_solve(Hff_d, Hfs_gf)
+    Hinv_Hfs, Hinv_gf = X[..., :-1], X[..., -1:]
+    reduced = Hfs_flat.T @ X.reshape(-1, n_shared + 1)  # [Hfs' Hff^-1 Hfs | Hfs' Hff^-1 gf]
+    schur = Hss_d - reduced[:, :-1]
+    rhs = gs - reduced[:, -1]
+    ds = -torch.linalg.solve(schur, rhs)
+    df = -(Hinv_gf[..., 0] + Hinv_Hfs @ ds)
+    return df, ds
+
+
+def _apply_joint_step(params: FrameParams, shape: torch.Tensor, log_f: torch.Tensor, df: torch.Tensor,
+                      ds: torch.Tensor, fix_focal: bool):
+    """(trial params, shape [S], log focal) after the step df [T,D] of the
+    per-frame blocks and ds [S] or [S+1] of the shared ones; a focal step
+    scales every depth with it (`_joint_fit`'s dolly-zoom column)."""
+    S = shape.shape[0]
+    trial = apply_step(params, df.float(), params.expression.shape[1])
+    if not fix_focal:
+        trial.translation[:, 2] *= torch.exp(ds[S]).float()
+    shape_t = shape + ds[:S].float()
+    log_f_t = log_f if fix_focal else log_f + ds[S].float()
+    return trial, shape_t, log_f_t
+
+
+def _residual_noise(r: torch.Tensor, n_params: int):
+    """(noise variance per point coordinate, share of it common to all
+    frames) of residuals r [T,N] left by a fit of n_params unknowns; the
+    weights assume 1 px (`_prior_scale` says what the share is for)."""
+    r64 = r.double()
+    noise_var = float((r64 ** 2).sum()) / max(1, r.numel() - n_params)
+    common = float((r64.mean(0) ** 2).sum() / ((r64 ** 2).sum() / r64.shape[0]).clamp_min(1e-30))
+    return noise_var, common
 
 
 def _hessian_blocks(A: torch.Tensor, B: torch.Tensor, terms, prior_diag: torch.Tensor):
@@ -409,32 +451,67 @@ def calibrate(basis: LandmarkBasis, targets: Targets, valid: np.ndarray, image_s
         torch.set_num_threads(threads)
 
 
-def _calibrate(basis, targets, valid, image_size, cfg, ccfg, init_shape, source, fixed_focal_px) -> Calibration:
-    H, W = image_size
-    pp = torch.tensor([(W - 1) / 2.0, (H - 1) / 2.0], dtype=torch.float32)  # OpenCV: pixel centres at integer coordinates
-    frames = select_frames(valid, pose_features(targets.lmk68.numpy()), ccfg.n_frames, ccfg.seed)
-    sub = targets.select(torch.as_tensor(frames))
-    shape0 = torch.zeros(basis.n_shape) if init_shape is None else torch.as_tensor(init_shape, dtype=torch.float32)
+def _focal_prior(ccfg: CalibrationConfig, source: Optional[SourceView], width_px: float):
+    """The log-normal focal prior: (centre focal in crop px, sigma in log
+    focal, its description for meta.json); the real-lens field of view where
+    the source frame is known, else `ccfg.focal_prior_factor` crop widths."""
     if source is not None:
         f0 = source.crop_focal(fov_deg_to_focal(ccfg.fov_prior_deg, source.width_px))
         sigma_log = ccfg.fov_prior_sigma_log
         prior = {"kind": "field_of_view", "fov_deg": ccfg.fov_prior_deg, "sigma_log": sigma_log,
                  "focal_px": f0}
     else:
-        f0 = ccfg.focal_prior_factor * W
+        f0 = ccfg.focal_prior_factor * width_px
         sigma_log = ccfg.focal_prior_sigma_log
         prior = {"kind": "crop_width", "factor": ccfg.focal_prior_factor, "sigma_log": sigma_log, "focal_px": f0}
+    return f0, sigma_log, prior
+
+
+def _calibrate_fixed_focal(basis: LandmarkBasis, sub: Targets, frames: np.ndarray, pp: torch.Tensor,
+                           shape0: torch.Tensor, f: float, cfg: FitConfig, ccfg: CalibrationConfig,
+                           log_f0: float) -> Calibration:
+    """Calibration at a known focal f (crop px): the identity alone, fitted
+    on the sampled frames `sub` (indices `frames`)."""
+    focal = torch.tensor([f, f], dtype=torch.float32)
+    params = initial_params(basis, sub, focal, pp, shape=shape0, cfg=cfg)
+    params, _, cost, _, _ = _joint_fit(basis, sub, params, torch.tensor(float(np.log(f))), pp, cfg, ccfg, log_f0,
+                                       iters=ccfg.iters + ccfg.free_iters)
+    return Calibration(focal_px=np.array([f, f]), principal_point=pp.numpy().astype(np.float64),
+                       shape=params.shape.numpy().astype(np.float64), frames=frames,
+                       focal_costs=[(f, float(cost))], focal_rel_std=0.0, prior={"kind": "fixed", "focal_px": f})
+
+
+def _prior_scale(noise_var: float, common: float, K: int):
+    """(factor on the focal prior's weight, rho) for a fit on K frames whose
+    residuals show noise_var per coordinate, a share `common` of it repeated
+    by every frame; rho is that share in excess of independent noise.
+
+    The landmark term's weights assume 1 px noise; where the residuals show
+    more (detector noise, and a head model that cannot reach the face),
+    the landmarks know the focal that much less, so the prior keeps its
+    strength relative to them: its weight is scaled by the residual
+    variance (never weakened below its own sigma). Without this, a 7 px
+    misfit outweighed the field-of-view prior 50-fold and real clips ran off
+    towards 100-degree or 10-degree lenses. And what every frame repeats
+    (a misfit of the face's shape, the same photograph in every frame) is
+    not averaged out over K frames: with a share rho of the residual
+    variance common to all frames (rho = 1/K for independent noise), K
+    frames weigh as K / (1 + (K - 1) rho_excess) independent ones."""
+    rho = min(1.0, max(0.0, (common - 1.0 / K) * K / max(K - 1, 1)))
+    return max(1.0, noise_var) * (1.0 + (K - 1) * rho), rho
+
+
+def _calibrate(basis, targets, valid, image_size, cfg, ccfg, init_shape, source, fixed_focal_px) -> Calibration:
+    H, W = image_size
+    pp = torch.tensor([(W - 1) / 2.0, (H - 1) / 2.0], dtype=torch.float32)  # OpenCV: pixel centres at integer coordinates
+    frames = select_frames(valid, pose_features(targets.lmk68.numpy()), ccfg.n_frames, ccfg.seed)
+    sub = targets.select(torch.as_tensor(frames))
+    shape0 = torch.zeros(basis.n_shape) if init_shape is None else torch.as_tensor(init_shape, dtype=torch.float32)
+    f0, sigma_log, prior = _focal_prior(ccfg, source, W)
     ccfg = replace(ccfg, focal_prior_sigma_log=sigma_log)
     log_f0 = float(np.log(f0))
     if fixed_focal_px is not None:
-        f = float(fixed_focal_px)
-        focal = torch.tensor([f, f], dtype=torch.float32)
-        params = initial_params(basis, sub, focal, pp, shape=shape0, cfg=cfg)
-        params, _, cost, _, _ = _joint_fit(basis, sub, params, torch.tensor(float(np.log(f))), pp, cfg, ccfg, log_f0,
-                                           iters=ccfg.iters + ccfg.free_iters)
-        return Calibration(focal_px=np.array([f, f]), principal_point=pp.numpy().astype(np.float64),
-                           shape=params.shape.numpy().astype(np.float64), frames=frames,
-                           focal_costs=[(f, float(cost))], focal_rel_std=0.0, prior={"kind": "fixed", "focal_px": f})
+        return _calibrate_fixed_focal(basis, sub, frames, pp, shape0, float(fixed_focal_px), cfg, ccfg, log_f0)
     # A coarse profile of the focal first (every other unknown refitted at
     # each grid focal) finds the basin: LM with a free focal from a cold
     # start wanders along the long, flat focal-shape valley.
@@ -474,20 +551,7 @@ def _calibrate(basis, targets, valid, image_size, cfg, ccfg, init_shape, source,
     # by several percent on noiseless data: the profile is not a parabola
     # over a 1.4x focal step).
     best_f, _, start, (noise_var, common) = coarse[k]
-    # The landmark term's weights assume 1 px noise; where the residuals show
-    # more (detector noise, and a head model that cannot reach the face),
-    # the landmarks know the focal that much less, so the prior keeps its
-    # strength relative to them: its weight is scaled by the residual
-    # variance (never weakened below its own sigma). Without this, a 7 px
-    # misfit outweighed the field-of-view prior 50-fold and real clips ran off
-    # towards 100-degree or 10-degree lenses. And what every frame repeats
-    # (a misfit of the face's shape, the same photograph in every frame) is
-    # not averaged out over K frames: with a share rho of the residual
-    # variance common to all frames (rho = 1/K for independent noise), K
-    # frames weigh as K / (1 + (K - 1) rho_excess) independent ones.
-    K = len(frames)
-    rho = min(1.0, max(0.0, (common - 1.0 / K) * K / max(K - 1, 1)))
-    prior_scale = max(1.0, noise_var) * (1.0 + (K - 1) * rho)
+    prior_scale, rho = _prior_scale(noise_var, common, len(frames))
     prior["common_residual_share"] = rho
     ccfg = replace(ccfg, focal_prior_sigma_log=ccfg.focal_prior_sigma_log / np.sqrt(prior_scale))
     prior["residual_variance_px2"] = noise_var

@@ -4,7 +4,8 @@ blocks): `fit_frames`, its initialisation and `fit_sequence` in chunks."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Optional, Tuple
+from functools import partial
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 import torch
@@ -34,6 +35,10 @@ class FitResult:
     cost_history: list = field(default_factory=list)
 
 
+# trial params -> (cost per frame [T], per-point errors [T,N] crop px)
+TrialCost = Callable[[FrameParams], Tuple[torch.Tensor, torch.Tensor]]
+
+
 def _expression_entries(g: torch.Tensor, free_idx: torch.Tensor, L: FrameLayout) -> torch.Tensor:
     """The expression entries [T,E] of a gradient over the free columns."""
     pos = {int(c): i for i, c in enumerate(free_idx)}
@@ -53,8 +58,7 @@ def fit_frames(basis: LandmarkBasis, targets: Targets, init: FrameParams, focal:
     """
     params = init.clone()
     T = params.rotation.shape[0]
-    E = params.expression.shape[1]
-    L = FrameLayout(E)
+    L = FrameLayout(params.expression.shape[1])
     free = tuple(b for b in ALL_BLOCKS if b in free and (b != "jaw" or basis.has_jaw))
     free_idx = L.columns(free)
     contiguous = torch.ones(T, dtype=torch.bool) if contiguous is None else contiguous
@@ -80,67 +84,13 @@ def fit_frames(basis: LandmarkBasis, targets: Targets, init: FrameParams, focal:
                                                points)
         terms = prior_terms(params, cfg, nb)
         cost = (r ** 2).sum(1) + prior_cost(terms)
-        for a, w in terms:  # identity Jacobians: diagonal additions
-            H = H + torch.diag_embed(w[:, free_idx])
-            g = g + (w * a)[:, free_idx]
+        H, g = _add_identity_priors(H, g, terms, free_idx)
         at_bound = None
         if cfg.expression_bounds is not None and "exp" in free:
-            held = torch.zeros(T, L.width, dtype=torch.bool)
-            held[:, L["exp"]] = active_bounds(params.expression, _expression_entries(g, free_idx, L),
-                                              cfg.expression_bounds)
-            H, g = hold_coordinates(H, g, held[:, free_idx])
-            lo, hi = cfg.expression_bounds
-            at_bound = torch.zeros(T, L.width)  # -1 at the lower bound, +1 at the upper
-            at_bound[:, L["exp"]] = (params.expression >= hi - 1e-6).float() - (params.expression <= lo + 1e-6).float()
-            at_bound = at_bound[:, free_idx]
-        scale = damping_scale(H)
-        accepted = torch.zeros(T, dtype=torch.bool)
-        for _ in range(4):  # LM: retry rejected frames with more damping
-            A = damping.damped(H, scale)
-            step_f = -torch.linalg.solve(A, g[..., None])[..., 0]
-            if at_bound is not None:
-                # A coefficient at a bound whose gradient points inwards can
-                # still get a Newton step outwards (through its coupling to
-                # the others); clipped, the rest of the step is no longer a
-                # descent direction and every damping was rejected (the fit
-                # stopped after 3 iterations 13.7 px off on carphone). Hold
-                # those too and solve again.
-                out = at_bound * step_f > 0
-                if bool(out.any()):
-                    H2, g2 = hold_coordinates(H, g, out)
-                    A = damping.damped(H2)
-                    step_f = -torch.linalg.solve(A, g2[..., None])[..., 0]
-            step = torch.zeros(T, L.width)
-            step[:, free_idx] = step_f
-            trial = apply_step(params, step, E, free, cfg.expression_bounds)
-            r_new, _, err_new, _ = point_residuals(basis, arrays, trial, targets, focal, pp, cfg, (), robust, points)
-            cost_new = (r_new ** 2).sum(1) + prior_cost(prior_terms(trial, cfg, nb))
-            if at_bound is not None:
-                # Clipping a weight that crosses a bound bends the step: on
-                # carphone the clipped step raised the cost where the
-                # unclipped one lowered it 50x as much, and the fit stalled
-                # after 3 iterations (7.3 px). The step shortened to the
-                # first bound it meets is a descent direction: each frame
-                # keeps the better of the two.
-                trial_cut = apply_step(params, step * feasible_fraction(params.expression, step[:, L["exp"]],
-                                                                        cfg.expression_bounds)[:, None],
-                                       E, free, cfg.expression_bounds)
-                r_cut, _, err_cut, _ = point_residuals(basis, arrays, trial_cut, targets, focal, pp, cfg, (), robust,
-                                                       points)
-                cost_cut = (r_cut ** 2).sum(1) + prior_cost(prior_terms(trial_cut, cfg, nb))
-                cut = cost_cut < cost_new
-                if bool(cut.any()):
-                    for name in ("rotation", "translation", "expression", "jaw", "eyes"):
-                        getattr(trial, name)[cut] = getattr(trial_cut, name)[cut]
-                    cost_new, err_new = torch.where(cut, cost_cut, cost_new), torch.where(cut[:, None], err_cut, err_new)
-            ok = (cost_new < cost) & ~accepted
-            err[ok] = err_new[ok]
-            for name in ("rotation", "translation", "expression", "jaw", "eyes"):
-                getattr(params, name)[ok] = getattr(trial, name)[ok]
-            damping.update(ok, settled=accepted)
-            accepted |= ok
-            if accepted.all():
-                break
+            H, g, at_bound = _hold_expression_bounds(H, g, params.expression, free_idx, L, cfg.expression_bounds)
+        evaluate = partial(_trial_cost, basis, arrays, targets, focal, pp, cfg, robust, points, nb)
+        accepted, cost_new = _damped_trials(params, H, g, at_bound, cost, err, damping, free, free_idx, L, cfg,
+                                            evaluate)
         total_old = cost.sum().item()
         total_new = torch.where(accepted, cost_new, cost).sum().item()
         history.append(total_old)
@@ -148,9 +98,7 @@ def fit_frames(basis: LandmarkBasis, targets: Targets, init: FrameParams, focal:
         # plain first iteration, so a bad start does not discard good points;
         # weights from before the step lag behind and make the fit oscillate).
         if it <= cfg.robust_updates:
-            s2 = cfg.robust_scale_px ** 2
-            err512 = err * (512.0 / cfg.image_size)
-            robust = (s2 / (s2 + err512 ** 2)) ** 2
+            robust = _robust_weights(err, cfg)
         new_rows = contour_rows(head_rotation_flame(params.rotation), basis.n_rows)
         changed = new_rows != rows
         if changed.any():
@@ -163,13 +111,141 @@ def fit_frames(basis: LandmarkBasis, targets: Targets, init: FrameParams, focal:
         if it >= 3 and relative_decrease_below(total_old, total_new, cfg.tol):
             break
     _, _, err, valid = point_residuals(basis, arrays, params, targets, focal, pp, cfg, points=points)
+    rmse68, rmse_d = _rmse68_dense(basis, err, valid)
+    return FitResult(params=params, iterations=it, rmse68_px=rmse68, rmse_dense_px=rmse_d, cost_history=history)
+
+
+def _add_identity_priors(H: torch.Tensor, g: torch.Tensor, terms, free_idx: torch.Tensor):
+    """(H, g) [T,D,D], [T,D] over the free columns `free_idx` with the
+    per-frame prior `terms` (`prior_terms`: (a, w) pairs [T,W] of the full
+    layout) added; their Jacobians are the identity, so they add to the
+    diagonal."""
+    for a, w in terms:
+        H = H + torch.diag_embed(w[:, free_idx])
+        g = g + (w * a)[:, free_idx]
+    return H, g
+
+
+def _hold_expression_bounds(H: torch.Tensor, g: torch.Tensor, expression: torch.Tensor, free_idx: torch.Tensor,
+                            L: FrameLayout, bounds: Tuple[float, float]):
+    """Projected LM's normal equations: (H, g) over the free columns with the
+    expression coefficients at a bound whose gradient points out of the box
+    held (`solver.active_bounds`), and at_bound [T,D] over the free columns:
+    -1 at the lower bound, +1 at the upper, 0 elsewhere. expression [T,E]."""
+    T = expression.shape[0]
+    held = torch.zeros(T, L.width, dtype=torch.bool)
+    held[:, L["exp"]] = active_bounds(expression, _expression_entries(g, free_idx, L), bounds)
+    H, g = hold_coordinates(H, g, held[:, free_idx])
+    lo, hi = bounds
+    at_bound = torch.zeros(T, L.width)
+    at_bound[:, L["exp"]] = (expression >= hi - 1e-6).float() - (expression <= lo + 1e-6).float()
+    return H, g, at_bound[:, free_idx]
+
+
+def _trial_cost(basis: LandmarkBasis, arrays: dict, targets: Targets, focal: torch.Tensor, pp: torch.Tensor,
+                cfg: FitConfig, robust: Optional[torch.Tensor], points: Optional[torch.Tensor],
+                nb: Optional[FrameParams], trial: FrameParams) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A trial's cost per frame [T] (weighted point residuals plus priors,
+    the neighbour means `nb` held) and its per-point errors [T,N] (crop px)."""
+    r, _, err, _ = point_residuals(basis, arrays, trial, targets, focal, pp, cfg, (), robust, points)
+    return (r ** 2).sum(1) + prior_cost(prior_terms(trial, cfg, nb)), err
+
+
+def _damped_step(H: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, damping: Damping,
+                 at_bound: Optional[torch.Tensor]) -> torch.Tensor:
+    """The LM step [T,D] over the free columns from the damped normal
+    equations; with `at_bound` (`_hold_expression_bounds`), coefficients at a
+    bound whose step points out of the box are held and the step solved
+    again."""
+    A = damping.damped(H, scale)
+    step_f = -torch.linalg.solve(A, g[..., None])[..., 0]
+    if at_bound is not None:
+        # A coefficient at a bound whose gradient points inwards can
+        # still get a Newton step outwards (through its coupling to
+        # the others); clipped, the rest of the step is no longer a
+        # descent direction and every damping was rejected (the fit
+        # stopped after 3 iterations 13.7 px off on carphone). Hold
+        # those too and solve again.
+        out = at_bound * step_f > 0
+        if bool(out.any()):
+            H2, g2 = hold_coordinates(H, g, out)
+            A = damping.damped(H2)
+            step_f = -torch.linalg.solve(A, g2[..., None])[..., 0]
+    return step_f
+
+
+def _damped_trials(params: FrameParams, H: torch.Tensor, g: torch.Tensor, at_bound: Optional[torch.Tensor],
+                   cost: torch.Tensor, err: torch.Tensor, damping: Damping, free: Tuple[str, ...],
+                   free_idx: torch.Tensor, L: FrameLayout, cfg: FitConfig, evaluate: TrialCost):
+    """One LM iteration's trials: up to 4 damped steps, each frame taking the
+    first that lowers its cost [T] and the rejected ones retried with more
+    damping. Updates `params`, `err` [T,N] and `damping` in place. evaluate:
+    trial params -> (cost [T], err [T,N]) (`_trial_cost`). Returns the
+    frames that took a step [T] bool and the last trial's cost [T]."""
+    T, E = params.expression.shape
+    scale = damping_scale(H)
+    accepted = torch.zeros(T, dtype=torch.bool)
+    for _ in range(4):  # LM: retry rejected frames with more damping
+        step = torch.zeros(T, L.width)
+        step[:, free_idx] = _damped_step(H, g, scale, damping, at_bound)
+        trial = apply_step(params, step, E, free, cfg.expression_bounds)
+        cost_new, err_new = evaluate(trial)
+        if at_bound is not None:
+            cost_new, err_new = _keep_shortened_steps(params, step, trial, cost_new, err_new, free, L, cfg, evaluate)
+        ok = (cost_new < cost) & ~accepted
+        err[ok] = err_new[ok]
+        for name in ("rotation", "translation", "expression", "jaw", "eyes"):
+            getattr(params, name)[ok] = getattr(trial, name)[ok]
+        damping.update(ok, settled=accepted)
+        accepted |= ok
+        if accepted.all():
+            break
+    return accepted, cost_new
+
+
+def _keep_shortened_steps(params: FrameParams, step: torch.Tensor, trial: FrameParams, cost: torch.Tensor,
+                          err: torch.Tensor, free: Tuple[str, ...], L: FrameLayout, cfg: FitConfig,
+                          evaluate: TrialCost):
+    """Where it costs less, the step [T,D] shortened to the first expression
+    bound it meets in place of the clipped `trial` (updated in place).
+    Returns the chosen trials' cost [T] and errors [T,N]."""
+    # Clipping a weight that crosses a bound bends the step: on
+    # carphone the clipped step raised the cost where the
+    # unclipped one lowered it 50x as much, and the fit stalled
+    # after 3 iterations (7.3 px). The step shortened to the
+    # first bound it meets is a descent direction: each frame
+    # keeps the better of the two.
+    E = params.expression.shape[1]
+    trial_cut = apply_step(params, step * feasible_fraction(params.expression, step[:, L["exp"]],
+                                                            cfg.expression_bounds)[:, None],
+                           E, free, cfg.expression_bounds)
+    cost_cut, err_cut = evaluate(trial_cut)
+    cut = cost_cut < cost
+    if bool(cut.any()):
+        for name in ("rotation", "translation", "expression", "jaw", "eyes"):
+            getattr(trial, name)[cut] = getattr(trial_cut, name)[cut]
+        cost, err = torch.where(cut, cost_cut, cost), torch.where(cut[:, None], err_cut, err)
+    return cost, err
+
+
+def _robust_weights(err: torch.Tensor, cfg: FitConfig) -> torch.Tensor:
+    """Geman-McClure weights [T,N] of per-point errors [T,N] (crop px),
+    measured at 512 px so that `cfg.robust_scale_px` holds for any crop."""
+    s2 = cfg.robust_scale_px ** 2
+    err512 = err * (512.0 / cfg.image_size)
+    return (s2 / (s2 + err512 ** 2)) ** 2
+
+
+def _rmse68_dense(basis: LandmarkBasis, err: torch.Tensor, valid: torch.Tensor) -> Tuple[float, float]:
+    """RMSE (crop px) of the valid 68 landmarks and of the valid dense points,
+    from per-point errors and validity [T,N]; NaN where none is valid."""
     lay = active_point_layout(basis)
     v68 = torch.cat([valid[:, lay["contour"]], valid[:, lay["lmk68_inner"]]], 1)
     e68 = torch.cat([err[:, lay["contour"]], err[:, lay["lmk68_inner"]]], 1)
     rmse68 = float(e68[v68].pow(2).mean().sqrt()) if v68.any() else float("nan")
     vd, ed = valid[:, lay["dense"]], err[:, lay["dense"]]
     rmse_d = float(ed[vd].pow(2).mean().sqrt()) if vd.any() else float("nan")
-    return FitResult(params=params, iterations=it, rmse68_px=rmse68, rmse_dense_px=rmse_d, cost_history=history)
+    return rmse68, rmse_d
 
 
 def predict_landmarks(basis: LandmarkBasis, params: FrameParams, focal, pp) -> Tuple[torch.Tensor, torch.Tensor]:

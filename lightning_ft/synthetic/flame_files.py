@@ -331,6 +331,54 @@ def _contour_table(verts, faces, layout_jaw_xy, rng) -> Tuple[np.ndarray, np.nda
     return np.stack(rows_f), np.stack(rows_b)
 
 
+def _load_embeddings(folder: Path):
+    """FLAME's real landmark embeddings in `folder`: (the 68-point
+    landmark_embedding.npy dict, the mediapipe_landmark_embedding.npz
+    arrays), torch tensors as numpy arrays."""
+    lmk_path = folder / "landmark_embedding.npy"
+    mp_path = folder / "mediapipe_landmark_embedding.npz"
+    lmk = np.load(lmk_path, allow_pickle=True, encoding="latin1")[()]
+    lmk = {k: (v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)) for k, v in lmk.items()}
+    with np.load(mp_path) as d:
+        mp = {k: d[k] for k in d.files}
+    return lmk, mp
+
+
+def _placed_embeddings(verts: np.ndarray, faces: np.ndarray, left_eye: np.ndarray, rng: np.random.Generator):
+    """Landmark embeddings of the stand-in head verts [V,3] (m), faces [F,3]
+    whose eyeballs start at the vertices `left_eye`: (the 68-point dict in
+    landmark_embedding.npy's layout, the mediapipe embedding's arrays),
+    placed on the surface with a generic iBUG layout."""
+    layout = _ibug68_layout()
+    # Place the layout on the surface, scaled to the head and centred
+    # between the eyes.
+    eye_y = verts[left_eye, 1].mean()
+    pts = _surface_point(verts[: left_eye.min()], layout + [0, eye_y])
+    static_f, static_b = _nearest_faces(verts, faces[: _n_head_faces(faces, left_eye)], pts[17:], rng)
+    dyn_f, dyn_b = _contour_table(verts[: left_eye.min()], faces[: _n_head_faces(faces, left_eye)],
+                                  layout[:17] + [0, eye_y], rng)
+    full_f, full_b = _nearest_faces(verts, faces[: _n_head_faces(faces, left_eye)], pts, rng)
+    lmk = {
+        "static_lmk_faces_idx": static_f,
+        "static_lmk_bary_coords": static_b,
+        "dynamic_lmk_faces_idx": dyn_f,
+        "dynamic_lmk_bary_coords": dyn_b,
+        "full_lmk_faces_idx": full_f[None],
+        "full_lmk_bary_coords": full_b[None],
+    }
+    # 105 points around brows, eyes, nose and lips: jittered layout points.
+    base = np.concatenate([layout[17:], (layout[17:][:-1] + layout[17:][1:]) / 2])
+    base = np.concatenate([base, base[:105 - len(base)] + [0.003, 0.002]])[:105]
+    mp_pts = _surface_point(verts[: left_eye.min()], base + [0, eye_y])
+    mp_f, mp_b = _nearest_faces(verts, faces[: _n_head_faces(faces, left_eye)], mp_pts, rng)
+    mp = {
+        "lmk_face_idx": mp_f.astype(np.uint32),
+        "lmk_b_coords": mp_b,
+        "landmark_indices": rng.choice(468, size=105, replace=False).astype(np.int64),
+    }
+    return lmk, mp
+
+
 def write_synthetic_flame(
     folder: Path,
     n_vertices: int = 1200,
@@ -362,40 +410,9 @@ def write_synthetic_flame(
     model = synthetic_model_arrays(verts, faces, left_eye, right_eye, seed=seed)
 
     if real_embeddings is not None:
-        lmk_path = Path(real_embeddings) / "landmark_embedding.npy"
-        mp_path = Path(real_embeddings) / "mediapipe_landmark_embedding.npz"
-        lmk = np.load(lmk_path, allow_pickle=True, encoding="latin1")[()]
-        lmk = {k: (v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)) for k, v in lmk.items()}
-        with np.load(mp_path) as d:
-            mp = {k: d[k] for k in d.files}
+        lmk, mp = _load_embeddings(Path(real_embeddings))
     else:
-        layout = _ibug68_layout()
-        # Place the layout on the surface, scaled to the head and centred
-        # between the eyes.
-        eye_y = verts[left_eye, 1].mean()
-        pts = _surface_point(verts[: left_eye.min()], layout + [0, eye_y])
-        static_f, static_b = _nearest_faces(verts, faces[: _n_head_faces(faces, left_eye)], pts[17:], rng)
-        dyn_f, dyn_b = _contour_table(verts[: left_eye.min()], faces[: _n_head_faces(faces, left_eye)],
-                                      layout[:17] + [0, eye_y], rng)
-        full_f, full_b = _nearest_faces(verts, faces[: _n_head_faces(faces, left_eye)], pts, rng)
-        lmk = {
-            "static_lmk_faces_idx": static_f,
-            "static_lmk_bary_coords": static_b,
-            "dynamic_lmk_faces_idx": dyn_f,
-            "dynamic_lmk_bary_coords": dyn_b,
-            "full_lmk_faces_idx": full_f[None],
-            "full_lmk_bary_coords": full_b[None],
-        }
-        # 105 points around brows, eyes, nose and lips: jittered layout points.
-        base = np.concatenate([layout[17:], (layout[17:][:-1] + layout[17:][1:]) / 2])
-        base = np.concatenate([base, base[:105 - len(base)] + [0.003, 0.002]])[:105]
-        mp_pts = _surface_point(verts[: left_eye.min()], base + [0, eye_y])
-        mp_f, mp_b = _nearest_faces(verts, faces[: _n_head_faces(faces, left_eye)], mp_pts, rng)
-        mp = {
-            "lmk_face_idx": mp_f.astype(np.uint32),
-            "lmk_b_coords": mp_b,
-            "landmark_indices": rng.choice(468, size=105, replace=False).astype(np.int64),
-        }
+        lmk, mp = _placed_embeddings(verts, faces, left_eye, rng)
 
     files = FlameFiles(
         model=folder / "generic_model.pkl",

@@ -13,7 +13,7 @@ from ..errors import NoFaceError, UsageError, VideoError
 from ..progress import progress as progress_bar
 from .cache import CACHE_VERSION, CacheFill, FaceVideo, cache_file, load_cache, source_identity
 from .crop import MIN_IMAGE_SIZE, smooth_crop_boxes
-from .decode import FALLBACK_FPS, decoded_frames, frame_to_rgb, in_background, probe
+from .decode import FALLBACK_FPS, VideoInfo, decoded_frames, frame_to_rgb, in_background, probe
 from .faceboxes import DETECT_MAX_SIDE, FaceBoxDetector, find_face_box
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,52 @@ def prepare(path, *, cache_dir, image_size: int = 512, fps: Optional[float] = No
     if cached is not None:
         return cached
 
+    frame_ids, timestamps, face_boxes, examined = _face_box_pass(path, info, fps, box_rate, still_box_rate,
+                                                                 detector, progress)
+    found = _faces_found(path, face_boxes, examined)
+    out_fps = _output_fps(timestamps, info.fps, fps)
+    crop_boxes = smooth_crop_boxes(face_boxes, found, out_fps, scale=crop_scale)
+
+    meta = {"key": key, "fps": out_fps, "image_size": [image_size, image_size],
+            "source_size": [info.height, info.width], "n_frames": len(frame_ids)}
+    arrays = dict(frame_ids=frame_ids, timestamps=timestamps, crop_boxes=crop_boxes,
+                  face_found=found, face_boxes=face_boxes, face_examined=examined)
+    # pass 2 runs when the crops are first read (`FaceVideo.frames`), so the
+    # landmark detector gets them from memory while they go into the cache
+    fill = CacheFill.encode(fps=fps, cache_format=cache_format, meta=meta, arrays=arrays,
+                            progress=progress)
+    return FaceVideo(source=path, frame_ids=frame_ids, timestamps=timestamps, fps=out_fps,
+                     crop_boxes=crop_boxes, image_size=(image_size, image_size),
+                     cache_path=cache_path, face_boxes=face_boxes, face_found=found,
+                     face_examined=examined, source_size=(info.height, info.width), cache_fill=fill)
+
+
+# Boxes of two frames examined at the still rate that differ by more than
+# this fraction of the face's side (centre or size), or that found a face in
+# only one of them, have the frames between them examined too. carphone's
+# detector boxes move by a median 5 % over 5 frames (crop boxes at 5 boxes a
+# second stay within 1 % of their side of those at 15), by over 15 % in 5-9 %
+# of such spans.
+BOX_MOVED = 0.15
+
+
+def _boxes_differ(a: Optional[np.ndarray], b: Optional[np.ndarray]) -> bool:
+    if a is None or b is None:
+        return True
+    side = max(a[2] - a[0], a[3] - a[1])
+    moved = np.hypot((b[0] + b[2] - a[0] - a[2]) / 2, (b[1] + b[3] - a[1] - a[3]) / 2)
+    resized = abs(np.log(max(b[2] - b[0], b[3] - b[1]) / side))
+    return bool(moved > BOX_MOVED * side or resized > BOX_MOVED)
+
+
+def _face_box_pass(path: Path, info: VideoInfo, fps: Optional[float], box_rate: Optional[float],
+                   still_box_rate: Optional[float], detector: Optional[FaceBoxDetector],
+                   progress: Optional[bool]):
+    """Pass 1 of `prepare` (its docstring says which frames are examined):
+    frame_ids [T] int64, timestamps [T] float64 (s), face_boxes [T,4] float
+    xyxy in source pixels (NaN where no box was found or the frame was not
+    examined) and examined [T] bool. Raises VideoError when no frame
+    decodes."""
     # pass 1: face boxes on small frames. The crop track is smoothed over
     # ~0.15 s, and a talking head mostly stays put: boxes a few times a second
     # place it as well as boxes on every other frame (crop boxes within 1 % of
@@ -119,9 +165,14 @@ def prepare(path, *, cache_dir, image_size: int = 512, fps: Optional[float] = No
             detector.close()
     if not ids:
         raise VideoError(f"{path}: no decodable video frame; the file is corrupt or truncated.")
-    face_boxes = np.array(boxes)
+    return (np.array(ids, dtype=np.int64), np.array(times, dtype=np.float64), np.array(boxes),
+            np.array(examined))
+
+
+def _faces_found(path: Path, face_boxes: np.ndarray, examined: np.ndarray) -> np.ndarray:
+    """[T] bool, the frames with a face box; NoFaceError when there is none,
+    the count of examined frames without one logged."""
     found = np.isfinite(face_boxes).all(axis=1)
-    examined = np.array(examined)
     if not found.any():
         raise NoFaceError(f"{path}: no face found in any of {int(examined.sum())} examined "
                           f"frames; check that the video shows a face.")
@@ -129,41 +180,7 @@ def prepare(path, *, cache_dir, image_size: int = 512, fps: Optional[float] = No
     if n_missing:
         log.info("%s: no face box in %d of %d examined frames; their crop boxes are interpolated",
                  path, n_missing, int(examined.sum()))
-    frame_ids = np.array(ids, dtype=np.int64)
-    timestamps = np.array(times, dtype=np.float64)
-    out_fps = _output_fps(timestamps, info.fps, fps)
-    crop_boxes = smooth_crop_boxes(face_boxes, found, out_fps, scale=crop_scale)
-
-    meta = {"key": key, "fps": out_fps, "image_size": [image_size, image_size],
-            "source_size": [info.height, info.width], "n_frames": len(frame_ids)}
-    arrays = dict(frame_ids=frame_ids, timestamps=timestamps, crop_boxes=crop_boxes,
-                  face_found=found, face_boxes=face_boxes, face_examined=examined)
-    # pass 2 runs when the crops are first read (`FaceVideo.frames`), so the
-    # landmark detector gets them from memory while they go into the cache
-    fill = CacheFill.encode(fps=fps, cache_format=cache_format, meta=meta, arrays=arrays,
-                            progress=progress)
-    return FaceVideo(source=path, frame_ids=frame_ids, timestamps=timestamps, fps=out_fps,
-                     crop_boxes=crop_boxes, image_size=(image_size, image_size),
-                     cache_path=cache_path, face_boxes=face_boxes, face_found=found,
-                     face_examined=examined, source_size=(info.height, info.width), cache_fill=fill)
-
-
-# Boxes of two frames examined at the still rate that differ by more than
-# this fraction of the face's side (centre or size), or that found a face in
-# only one of them, have the frames between them examined too. carphone's
-# detector boxes move by a median 5 % over 5 frames (crop boxes at 5 boxes a
-# second stay within 1 % of their side of those at 15), by over 15 % in 5-9 %
-# of such spans.
-BOX_MOVED = 0.15
-
-
-def _boxes_differ(a: Optional[np.ndarray], b: Optional[np.ndarray]) -> bool:
-    if a is None or b is None:
-        return True
-    side = max(a[2] - a[0], a[3] - a[1])
-    moved = np.hypot((b[0] + b[2] - a[0] - a[2]) / 2, (b[1] + b[3] - a[1] - a[3]) / 2)
-    resized = abs(np.log(max(b[2] - b[0], b[3] - b[1]) / side))
-    return bool(moved > BOX_MOVED * side or resized > BOX_MOVED)
+    return found
 
 
 def _small_frames(path: Path, fps: Optional[float], every: int, skip_shrink: Callable[[], bool]):
