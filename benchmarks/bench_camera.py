@@ -33,7 +33,8 @@ spreads: what a calibration setting does to the spread, on the same
 landmarks.
 """
 
-import lightning_ft  # first: it sets OpenMP's waiting before torch loads, as in a run
+from lightning_ft.runtime import configure_threads  # noqa: I001
+configure_threads()  # before torch loads, as a run does
 import argparse
 import json
 import sys

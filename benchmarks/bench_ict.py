@@ -23,7 +23,8 @@ priors, fitting, smoothing) and prints per seed, then the mean:
 - focal_%: |focal / truth - 1| in percent.
 """
 
-import lightning_ft  # first: it sets OpenMP's waiting before torch loads, as in a run
+from lightning_ft.runtime import configure_threads  # noqa: I001
+configure_threads()  # before torch loads, as a run does
 import argparse
 import os
 import time
