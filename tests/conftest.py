@@ -56,3 +56,24 @@ def assets_dir(tmp_path_factory, flame_files):
     for p in (flame_files.model, flame_files.landmark_embedding, flame_files.mediapipe_embedding):
         shutil.copy(p, root / "FLAME" / p.name)
     return root
+
+
+def _shipped_ict():
+    from lightning_ft.head_model import load_ict
+
+    return load_ict()
+
+
+@pytest.fixture(scope="module")
+def ict(flame_model):
+    """The shipped ICT model (lightning_ft/data/ict)."""
+    return _shipped_ict()
+
+
+@pytest.fixture(scope="module")
+def standin(flame_model):
+    """An ICT-like model on the procedural FLAME head (tests/ict_standin.py)."""
+    from ict_standin import StandInICT
+    from lightning_ft.head_model import ICTHeadModel
+
+    return ICTHeadModel(StandInICT(flame_model))
