@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import lightning_ft
 from lightning_ft.head_model import load_ict
 from lightning_ft.pipeline import calibration_config_for, calibration_fit_config
 from lightning_ft.fitter import (CalibrationConfig, FitConfig, FrameParams, Targets, build_basis, calibrate,
