@@ -158,15 +158,14 @@ def bench_threads(assets: Path, work: Path, args) -> None:
 
 
 def bench_sweep(assets: Path, work: Path, args) -> None:
-    from lightning_ft.calibration import CalibrationConfig, SourceView, calibrate
-    from lightning_ft.optimize import FitConfig, Targets, build_basis, fit_config_for
+    from lightning_ft.fitter import CalibrationConfig, FitConfig, SourceView, Targets, build_basis, calibrate, fit_config_for
     from run import astronaut_clip
 
     def settings(pairs):
         return {k: float(v) if "." in v else int(v) for k, v in (p.split("=", 1) for p in pairs)}
 
     ccfg_changes, fit_changes = settings(args.calibration), settings(args.calibration_fit)
-    model = pipeline.load_model(args.model, assets)
+    model = batch.load_model(args.model, assets)
     basis = build_basis(model)
     print(f"calibration {ccfg_changes}, its fit {fit_changes}, against the defaults", flush=True)
     for name, src in (("carphone", clips.carphone_path()), ("astronaut250", astronaut_clip(250))):

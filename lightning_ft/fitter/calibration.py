@@ -57,14 +57,14 @@ class CalibrationConfig:
     fov_prior_deg: float = 55.0         # horizontal field of view of the source video, prior centre
     fov_prior_sigma_log: float = 0.5    # one sigma: 35-81 deg horizontal, two: 21-109 deg
     sigma_shape: float = 1.0
-    # The dense points' weight in calibration relative to fitting's: 478 of
-    # them outweighed the 68 seven-fold, and their misfit, the same in every
-    # frame, pulled the focal. 0.3 cut the spread over re-encodings, mirror
-    # and trims of carphone and a 512 px clip with ICT (17.5 -> 17.1 % and
-    # 16.3 -> 12.3 %; on other landmarks of the same clips 41.7 -> 22.6 % and
-    # 21.6 -> 12.0 %) at a synthetic median error of 1.7 % (1.8 % with 1.0;
-    # benchmarks/RESULTS.md, "Issue 20 with ICT").
-    dense_weight_scale: float = 0.3
+    # The dense points' weight in calibration relative to fitting's (a knob
+    # for `benchmarks/bench_camera.py sweep`). 0.3 narrowed the focal's spread
+    # over variants of carphone and a 512 px clip with ICT calibrated from 32
+    # frames (17.5 -> 17.1 %, 16.3 -> 12.3 %), but with the 64 frames ICT now
+    # calibrates from it widened carphone's (21.7 -> 34.6 %; the 512 px clip
+    # 21.2 -> 17.7 %), raised ICT's synthetic face error (1.19 -> 1.50 mm) and
+    # focal error (1.18 -> 1.55 %), and cost 0.4 s per run: full weight kept.
+    dense_weight_scale: float = 1.0
     alternations: int = 4
     iters_per_alternation: int = 6
 
