@@ -22,7 +22,7 @@ def test_both_models_implement_the_interface(flame_model, ict):
     assert build_basis(flame_model).has_jaw and not build_basis(ict).has_jaw
     # ICT's identity is calibrated from more frames than the default; FLAME's from the default
     default = CalibrationConfig()
-    assert calibration_config_for(ict, default).n_frames == 64 > default.n_frames
+    assert calibration_config_for(ict, default).n_frames == 48 > default.n_frames
     assert calibration_config_for(flame_model, default).n_frames == default.n_frames
 
 

@@ -60,8 +60,8 @@ class CalibrationConfig:
     # The dense points' weight in calibration relative to fitting's (a knob
     # for `benchmarks/bench_camera.py sweep`). 0.3 narrowed the focal's spread
     # over variants of carphone and a 512 px clip with ICT calibrated from 32
-    # frames (17.5 -> 17.1 %, 16.3 -> 12.3 %), but with the 64 frames ICT now
-    # calibrates from it widened carphone's (21.7 -> 34.6 %; the 512 px clip
+    # frames (17.5 -> 17.1 %, 16.3 -> 12.3 %), but with ICT calibrated from 64
+    # frames it widened carphone's (21.7 -> 34.6 %; the 512 px clip
     # 21.2 -> 17.7 %), raised ICT's synthetic face error (1.19 -> 1.50 mm) and
     # focal error (1.18 -> 1.55 %), and cost 0.4 s per run: full weight kept.
     dense_weight_scale: float = 1.0
