@@ -209,6 +209,12 @@ def frontal_rotation(like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(FRONTAL_ROTATION, dtype=like.dtype, device=like.device)
 
 
+def opencv_to_opengl_vectors(v: torch.Tensor) -> torch.Tensor:
+    """Directions [...,3] (e.g. normals) from OpenCV camera axes to OpenGL's
+    (x right, y up, z towards the viewer): `OPENCV_TO_OPENGL` applied."""
+    return v * v.new_tensor([1.0, -1.0, -1.0])
+
+
 def project_points(points_cam: torch.Tensor, focal: torch.Tensor, principal_point: torch.Tensor) -> torch.Tensor:
     """Pixels [...,2] of OpenCV camera-space points [...,3] (metres).
 

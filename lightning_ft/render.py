@@ -75,7 +75,7 @@ import torch
 import torch.nn.functional as F
 
 from . import render_jit
-from .cameras import project_screen
+from .cameras import opencv_to_opengl_vectors, project_screen
 from .errors import LightningFTError
 
 log = logging.getLogger(__name__)
@@ -619,7 +619,7 @@ def sh_shading(normals_cam: torch.Tensor, sh_coeffs: torch.Tensor) -> torch.Tens
         negated here; coefficients estimated by DECA/EMOCA apply unchanged.
     sh_coeffs: [B,9,3] (9 coefficients x RGB), DECA's layout.
     """
-    normals_sh = normals_cam * normals_cam.new_tensor([1.0, -1.0, -1.0])
+    normals_sh = opencv_to_opengl_vectors(normals_cam)
     basis = sh_basis(normals_sh)  # [B,...,9]
     B = basis.shape[0]
     flat = basis.reshape(B, -1, 9)
@@ -698,7 +698,7 @@ def render_shaded(
     pixel_batch = torch.div(sel, sel.new_tensor(fragments.face_idx[0].numel()),
                             rounding_mode="floor")
     if sh_coeffs is not None:
-        normals_sh = normal_px * normal_px.new_tensor([1.0, -1.0, -1.0])
+        normals_sh = opencv_to_opengl_vectors(normal_px)
         coeffs = sh_coeffs.to(normal_px.dtype).index_select(0, pixel_batch)  # [N,9,3]
         shading_px = torch.bmm(sh_basis(normals_sh)[:, None, :], coeffs)[:, 0]
     else:
@@ -935,7 +935,7 @@ class DisplayRenderer:
         normal_px = F.normalize(values[:, :3], dim=-1, eps=1e-12)
         if sh_coeffs is not None:
             coeffs = sh_coeffs.float().to(self.device).reshape(9, 3)
-            shading = sh_basis(normal_px * normal_px.new_tensor([1.0, -1.0, -1.0])) @ coeffs
+            shading = sh_basis(opencv_to_opengl_vectors(normal_px)) @ coeffs
         else:
             shading = lambert_shading(normal_px)
         if colors is not None:
