@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
-import threading
 from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
@@ -41,6 +39,7 @@ from .posing import FramePoses
 from .progress import progress as progress_bar
 from .render import DisplayRenderer
 from .track import Camera, Track
+from .video import in_background
 
 log = logging.getLogger(__name__)
 
@@ -328,58 +327,16 @@ def write_track_visualization(out_path: Path, frames: Iterable[np.ndarray], mode
                                valid=track.valid, progress=progress, **appearance)
 
 
-class _RenderFailed:
-    def __init__(self, error: BaseException):
-        self.error = error
-
-
-_DONE = object()
-
-
 def _render_ahead(frames: Iterable[np.ndarray], render_frame: Callable, depth: int = 4) -> Iterator[tuple]:
     """render_frame(t, crop) for each frame, run in a worker thread up to
-    `depth` frames ahead of the consumer.
+    `depth` frames ahead of the consumer (`video.in_background`).
 
     Rendering (numba or PyTorch kernels) and decoding release the GIL, so on
     a multi-core CPU it overlaps with the caller's compositing and encoding.
     An exception in the worker is raised here, in the caller's thread.
     """
-    results: "queue.Queue" = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def work():
-        try:
-            for t, crop in enumerate(frames):
-                item = render_frame(t, crop)
-                while not stop.is_set():
-                    try:
-                        results.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            results.put(_DONE)
-        except BaseException as error:  # handed to the consumer, which raises it
-            results.put(_RenderFailed(error))
-
-    worker = threading.Thread(target=work, name="visualization-render", daemon=True)
-    worker.start()
-    try:
-        while True:
-            item = results.get()
-            if item is _DONE:
-                return
-            if isinstance(item, _RenderFailed):
-                raise item.error
-            yield item
-    finally:
-        stop.set()
-        while worker.is_alive():
-            try:
-                results.get(timeout=0.05)
-            except queue.Empty:
-                pass
+    rendered = (render_frame(t, crop) for t, crop in enumerate(frames))
+    return in_background(rendered, depth, "visualization-render")
 
 
 def _texture_inputs(textures, face_uvs):
