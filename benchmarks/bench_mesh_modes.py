@@ -26,17 +26,15 @@ from lightning_ft.runtime import configure_threads  # noqa: I001
 configure_threads()
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import av
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_camera  # noqa: E402  (its still photograph and its `still` / `variants`)
 from lightning_ft import landmarks  # noqa: E402
-from lightning_ft.synthetic import clips  # noqa: E402
 
 MODES = ("track", "static", "double")
 
@@ -81,10 +79,7 @@ def main() -> None:
     ap.add_argument("--track", choices=("still", "variants"), help="also run bench_camera.py's still or variants")
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bench_mesh_modes_"))
-    still = clips.write_still_clip(work / "astronaut_still.mp4", n_frames=60, fps=25, noise_std=2.0, crf=23)
-    with av.open(str(still)) as c:
-        frames = [f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])]
+    frames, _ = bench_camera.decode(bench_camera.still_clip())
     print("| mode | points' 2nd difference (px) | scale alternation | seconds (60 frames, 512 px) |")
     print("| --- | ---: | ---: | ---: |")
     for mode in args.modes:
@@ -92,8 +87,6 @@ def main() -> None:
         print(f"| {mode} | {f['second_difference_px']:.3f} | {f['alternation_pct']:.3f} % | {f['seconds']:.2f} |",
               flush=True)
     if args.track:
-        import bench_camera
-
         for mode in args.modes:
             use_mode(mode)
             print(f"\n## mesh mode {mode}", flush=True)
